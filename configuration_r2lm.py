@@ -7,6 +7,13 @@ from transformers import PretrainedConfig
 
 ATTENTION_MODES = ("causal", "bidirectional")
 
+# Saved in every config.json, so that a saved folder loads through the Auto classes with trust_remote_code=True.
+AUTO_MAP = {
+    "AutoConfig": "configuration_r2lm.R2LMConfig",
+    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+    "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
+}
+
 # Fields that describe where a Qwen3Config came from rather than the model itself.
 _NOT_ARCHITECTURE = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype")
 
@@ -32,6 +39,7 @@ class R2LMConfig(PretrainedConfig):
     """
 
     model_type = "r2lm"
+    _auto_class = "AutoConfig"  # save_pretrained copies the code files next to config.json
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
@@ -102,6 +110,7 @@ class R2LMConfig(PretrainedConfig):
         self.block_size = block_size
         self.mask_token_id = mask_token_id
         self._validate_r2lm()
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

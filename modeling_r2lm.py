@@ -408,6 +408,7 @@ class R2LMModel(R2LMPreTrainedModel):
 
 
 class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
+    _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the three code files
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: R2LMConfig):
