@@ -1,0 +1,88 @@
+"""R2LMConfig: defaults, validation (each bad value raises a ValueError naming its field), Qwen3 conversion."""
+
+import pytest
+from transformers import LlamaConfig, Qwen3Config
+
+from r2lm import R2LMConfig
+
+
+TINY = dict(
+    vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+)
+
+
+def test_default_sidecars_follow_every_fourth_layer():
+    """DESIGN section 1: after layers 3, 7, 11, ...: seven sidecars on a 28-layer Qwen3-1.7B."""
+    assert R2LMConfig(num_hidden_layers=28).sidecar_layers == [3, 7, 11, 15, 19, 23, 27]
+    assert R2LMConfig(**{**TINY, "num_hidden_layers": 6}).sidecar_layers == [3]
+
+
+def test_bidirectional_and_causal_dllm_baselines_have_no_sidecar():
+    assert R2LMConfig(**TINY, attention="bidirectional").sidecar_layers == []
+    assert R2LMConfig(**TINY, sidecar_layers=[]).sidecar_layers == []
+
+
+def test_dt_rank_auto_is_mamba_ssm_rule():
+    """mamba-ssm: dt_rank = ceil(d_model / 16); 2048 -> 128, 33 -> 3."""
+    assert R2LMConfig(hidden_size=2048).sidecar_dt_rank_value == 128
+    assert R2LMConfig(**{**TINY, "hidden_size": 33}).sidecar_dt_rank_value == 3
+    assert R2LMConfig(**TINY, sidecar_dt_rank=5).sidecar_dt_rank_value == 5
+
+
+def test_save_and_load_keeps_r2lm_fields(tmp_path):
+    config = R2LMConfig(
+        **TINY, sidecar_layers=[0, 2], sidecar_d_state=8, sidecar_expand=3, sidecar_d_conv=2, sidecar_dt_rank=4,
+        block_size=7, mask_token_id=98,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = R2LMConfig.from_pretrained(tmp_path)
+    fields = ("sidecar_layers", "sidecar_d_state", "sidecar_expand", "sidecar_d_conv", "sidecar_dt_rank",
+              "attention", "block_size", "mask_token_id", "rope_parameters", "tie_word_embeddings")
+    assert {f: getattr(loaded, f) for f in fields} == {f: getattr(config, f) for f in fields}
+
+
+def test_from_qwen3_config_copies_architecture_and_applies_overrides():
+    qwen3 = Qwen3Config(**TINY, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 5000.0})
+    config = R2LMConfig.from_qwen3_config(qwen3, sidecar_layers=[1], mask_token_id=97, block_size=8)
+    assert config.model_type == "r2lm"
+    for field in (*TINY, "rms_norm_eps", "tie_word_embeddings", "rope_parameters", "hidden_act", "attention_bias"):
+        assert getattr(config, field) == getattr(qwen3, field), field
+    assert (config.sidecar_layers, config.mask_token_id, config.block_size) == ([1], 97, 8)
+
+
+def test_from_qwen3_config_rejects_another_architecture():
+    with pytest.raises(ValueError, match="qwen3"):
+        R2LMConfig.from_qwen3_config(LlamaConfig(**TINY))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"sidecar_layers": [4]}, "sidecar_layers"),  # 4 layers: indices 0..3
+        ({"sidecar_layers": [-1]}, "sidecar_layers"),
+        ({"sidecar_layers": [1, 3, 1]}, "sidecar_layers"),
+        ({"attention": "full"}, "attention"),
+        ({"attention": "bidirectional", "sidecar_layers": [1]}, "sidecar_layers"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": -4}, "block_size"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"vocab_size": -1}, "vocab_size"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers"),
+        ({"head_dim": 0}, "head_dim"),
+        ({"intermediate_size": 0}, "intermediate_size"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings"),
+        ({"sidecar_d_state": 0}, "sidecar_d_state"),
+        ({"sidecar_expand": 0}, "sidecar_expand"),
+        ({"sidecar_d_conv": 0}, "sidecar_d_conv"),
+        ({"sidecar_dt_rank": 0}, "sidecar_dt_rank"),
+        ({"sidecar_dt_rank": "big"}, "sidecar_dt_rank"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"mask_token_id": 99}, "mask_token_id"),
+        ({"layer_types": ["full_attention"] * 3}, "layer_types"),
+    ],
+)
+def test_invalid_value_raises_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        R2LMConfig(**{**TINY, **overrides})
