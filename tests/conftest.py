@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny Qwen3 checkpoint and its R2LM conversion (built once per test session)."""
+
+import pytest
+
+from helpers import make_tiny_qwen3, run_convert
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """A tiny Qwen3 checkpoint folder (tied embeddings, free embedding rows, apache-2.0 card): see make_tiny_qwen3."""
+    return make_tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_r2lm(tiny_qwen3, tmp_path_factory):
+    """`r2lm-convert` of `tiny_qwen3` (float32, block size 8, sidecar after layer 3, sharded): a `Conversion`."""
+    output = tmp_path_factory.mktemp("r2lm") / "tiny-r2lm"
+    conversion = run_convert(
+        tiny_qwen3, output, "--block-size", 8, "--dtype", "float32", "--max-shard-size", "40KB",
+        "--base-model", "Qwen/Qwen3-0.6B",
+    )
+    assert conversion.status == 0, conversion.errors
+    return conversion

@@ -1,0 +1,128 @@
+"""Helpers shared by the tests: tiny Qwen3 checkpoints and subprocesses that cannot import this repository."""
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(os.__file__).parent
+TOKENIZER_TRAINING_FILES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py")
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_SIZE = 400  # tokens the tiny tokenizer knows (256 bytes, merges and the EOS token)
+EMBEDDING_ROWS = 512  # rows of the tiny model's embedding: ids 400..511 are unused, as in real Qwen3 checkpoints
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_bpe(vocab_size: int) -> tuple[dict, tuple]:
+    """Byte-level BPE (Qwen's kind of tokenizer) trained on a few Python stdlib files; returns (vocab, merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(STDLIB / name) for name in TOKENIZER_TRAINING_FILES], trainer)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return tokenizer.get_vocab(), tuple(tuple(pair) for pair in merges)
+
+
+def tiny_qwen3_tokenizer(vocab_size: int = TOKENIZER_SIZE):
+    """A real `Qwen2Tokenizer` (the class Qwen3 checkpoints use) over a BPE vocabulary of `vocab_size` tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _trained_bpe(vocab_size)
+    return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def make_tiny_qwen3(path, tied: bool = True, embedding_rows: int = EMBEDDING_ROWS, license: str | None = "apache-2.0",
+                    seed: int = 0) -> Path:
+    """Saves a tiny random `Qwen3ForCausalLM` (4 layers, hidden 32) and its tokenizer into `path`, as a Qwen3 repo.
+
+    The tokenizer knows TOKENIZER_SIZE tokens; with the default `embedding_rows` the rows above are unused, so an added
+    `<|mask|>` lands on a free row. `embedding_rows=TOKENIZER_SIZE` leaves none (the converter must resize).
+    `initializer_range=0.2` gives logits of order one, so a wrong weight shows up in any logit comparison. A model
+    card with `license` (none when None) is written as README.md.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path = Path(path)
+    tokenizer = tiny_qwen3_tokenizer()
+    config = Qwen3Config(
+        vocab_size=embedding_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, initializer_range=0.2,
+        tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    model.save_pretrained(path, max_shard_size="40KB")  # several shards, as real checkpoints have
+    tokenizer.save_pretrained(path)
+    if license is not None:
+        ModelCard.from_template(ModelCardData(license=license), model_id="tiny-qwen3").save(path / "README.md")
+    return path
+
+
+_ISOLATION = """
+import sys
+from pathlib import Path
+
+# Hide this repository: drop the editable-install finder and any sys.path entry pointing into the repo.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
+sys.path[:] = [p for p in sys.path if p and not Path(p).resolve().is_relative_to({repo!r})]
+try:
+    import r2lm
+except ImportError:
+    pass
+else:
+    raise SystemExit("test isolation failed: r2lm is importable from " + r2lm.__file__)
+"""
+
+
+def run_isolated(code: str, cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python that cannot import this repository (nor `r2lm`), offline, in `cwd`.
+
+    The process checks that `import r2lm` fails before running `code`, so what it loads comes from the folders it is
+    given (e.g. remote code copied into a converted model). HF_HOME is `cwd/hf_home`. Returns the completed process;
+    callers assert on `returncode`, `stdout` and `stderr`.
+    """
+    cwd = Path(cwd)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
+    full_env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf_home"), PYTHONNOUSERSITE="1", **(env or {}))
+    script = _ISOLATION.format(repo=str(REPO)) + "\n" + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@dataclass
+class Conversion:
+    """What one `r2lm-convert` run returned and printed."""
+
+    status: int
+    folder: Path
+    log: str
+    errors: str
+
+
+def run_convert(source, output_dir, *options) -> Conversion:
+    """Runs `r2lm-convert SOURCE OUTPUT_DIR *options` in this process, capturing what it prints."""
+    from convert.qwen3_to_r2lm import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = main([str(source), str(output_dir), *map(str, options)])
+    return Conversion(status, Path(output_dir), out.getvalue(), err.getvalue())

@@ -1,0 +1,282 @@
+"""r2lm-convert: a tiny Qwen3 checkpoint becomes a verified R2LM checkpoint (DESIGN.md section 6)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
+from convert import qwen3_to_r2lm
+from helpers import REPO, TOKENIZER_SIZE, make_tiny_qwen3, run_convert, run_isolated
+
+
+SIDECAR_PARAMS = {
+    "mamba.in_proj.weight", "mamba.conv1d.weight", "mamba.conv1d.bias", "mamba.x_proj.weight",
+    "mamba.dt_proj.weight", "mamba.dt_proj.bias", "mamba.A_log", "mamba.D", "mamba.out_proj.weight",
+    "norm.weight", "norm.bias", "gate",
+}
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `folder`."""
+    tensors = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+def logged_difference(log: str) -> float:
+    return float(re.search(r"max abs logit difference vs source: (\S+)", log).group(1))
+
+
+# ---- the tied conversion of the session fixture: folder, weights, tokenizer, card ----
+
+
+def test_conversion_is_verified_through_remote_code(tiny_r2lm):
+    assert "transformers_modules" in tiny_r2lm.log  # the verifier loaded the folder's own code files
+    assert logged_difference(tiny_r2lm.log) <= 1e-4
+
+
+def test_output_folder_layout(tiny_r2lm):
+    folder = tiny_r2lm.folder
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "r2lm"
+    assert config["auto_map"] == qwen3_to_r2lm.AUTO_MAP
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((folder / shard).is_file() for shard in shards)
+    for name in qwen3_to_r2lm.CODE_FILES:  # exactly the package's code, which ships to the Hub
+        assert (folder / name).read_bytes() == (REPO / name).read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "r2lm_conversion.json"):
+        assert (folder / name).is_file(), name
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left beside it
+
+
+def test_backbone_weights_are_unchanged(tiny_r2lm, tiny_qwen3):
+    source, converted = read_tensors(tiny_qwen3), read_tensors(tiny_r2lm.folder)
+    assert "lm_head.weight" not in converted  # tied, as in the source
+    for key, tensor in source.items():
+        assert torch.equal(converted[key], tensor), key
+    sidecars = {key for key in converted if key not in source}
+    assert sidecars == {f"model.layers.3.sidecar.{name}" for name in SIDECAR_PARAMS}
+
+
+def test_sidecars_start_from_mamba_initialisation_with_closed_gate(tiny_r2lm):
+    tensors = read_tensors(tiny_r2lm.folder)
+    sidecar = {key.removeprefix("model.layers.3.sidecar."): t for key, t in tensors.items() if ".sidecar." in key}
+    assert all(torch.isfinite(t).all() for t in sidecar.values())
+    assert sidecar["gate"].item() == 0.0
+    assert torch.allclose(sidecar["mamba.A_log"], torch.log(torch.arange(1.0, 17.0)).expand(64, 16))
+    assert torch.equal(sidecar["mamba.D"], torch.ones(64))
+    dt = torch.nn.functional.softplus(sidecar["mamba.dt_proj.bias"])
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001  # mamba-ssm's dt range
+    assert torch.equal(sidecar["norm.weight"], torch.ones(32)) and torch.equal(sidecar["norm.bias"], torch.zeros(32))
+    assert 0.15 < sidecar["mamba.in_proj.weight"].std() < 0.25  # normal(0, initializer_range=0.2), not left empty
+
+
+def test_mask_token_lands_on_a_free_row(tiny_r2lm):
+    folder = tiny_r2lm.folder
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert config["mask_token_id"] == TOKENIZER_SIZE < config["vocab_size"] == 512  # no resize
+    assert generation["mask_token_id"] == config["mask_token_id"]
+    assert generation["block_size"] == config["block_size"] == 8
+    assert generation["eos_token_id"] == generation["pad_token_id"] == 0  # the tiny tokenizer's <|endoftext|>
+
+
+def test_round_trip_in_a_fresh_process_without_the_repo(tiny_r2lm, tiny_qwen3, tmp_path):
+    result = run_isolated(
+        f"""
+        import json, torch
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+        folder, source = {str(tiny_r2lm.folder)!r}, {str(tiny_qwen3)!r}
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        causal_lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        ids = tokenizer("def area(r):\\n    return 3.14159 * r ** 2\\n", return_tensors="pt").input_ids
+        with torch.no_grad():
+            diff = (model(ids).logits - Qwen3ForCausalLM.from_pretrained(source)(ids).logits).abs().max().item()
+        text = "x = <|mask|> + 1"
+        print(json.dumps(dict(
+            model_class=type(model).__module__ + "." + type(model).__name__,
+            causal_lm_class=type(causal_lm).__name__, config_mask=config.mask_token_id, diff=diff,
+            mask_token=tokenizer.mask_token, mask_id=tokenizer.mask_token_id, ids=tokenizer(text).input_ids,
+            decoded=tokenizer.decode(tokenizer(text).input_ids),
+            skipped=tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True),
+        )))
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["model_class"].startswith("transformers_modules.")
+    assert out["model_class"].endswith("modeling_r2lm.R2LMForDiffusionLM")
+    assert out["causal_lm_class"] == "R2LMForDiffusionLM"
+    assert out["diff"] <= 1e-4
+    assert out["mask_token"] == "<|mask|>" and out["mask_id"] == out["config_mask"] == TOKENIZER_SIZE
+    assert out["ids"].count(TOKENIZER_SIZE) == 1  # one token, never split
+    assert out["decoded"] == "x = <|mask|> + 1"
+    assert "<|mask|>" not in out["skipped"]  # a special token
+
+
+def test_model_card_metadata_and_body(tiny_r2lm):
+    card = ModelCard.load(tiny_r2lm.folder / "README.md")
+    data = card.data
+    assert data.base_model == "Qwen/Qwen3-0.6B" and data.base_model_relation == "finetune"
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert data.license == "apache-2.0"  # carried over from the source's card
+    assert set(data.tags) == {"r2lm", "diffusion", "text-diffusion", "qwen3", "custom_code"}
+    assert "eprint        = {2606.27732}" in card.text and "@misc{" in card.text
+    assert f"python -m train --model {tiny_r2lm.folder} --data" in card.text
+    assert "| block size | 8 |" in card.text and "| sidecar layers | 3 |" in card.text
+    assert "trust_remote_code=True" in card.text
+
+
+def test_model_card_snippet_runs(tiny_r2lm, tmp_path):
+    """The card's load-and-generate snippet, exactly as written, against the converted tiny model."""
+    card = (tiny_r2lm.folder / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f'model_id = "{tiny_r2lm.folder}"' in snippet
+    result = run_isolated(snippet, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ---- an untied source without a free embedding row, in bfloat16, replacing a folder, pushed ----
+
+
+@pytest.fixture(scope="module")
+def untied_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("untied")
+    source = make_tiny_qwen3(root / "qwen3", tied=False, embedding_rows=TOKENIZER_SIZE, license=None, seed=1)
+    output = root / "out"
+    output.mkdir()
+    (output / "stale.txt").write_text("from an earlier run")
+    pushes = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qwen3_to_r2lm, "push_folder", lambda *args, **kwargs: pushes.append((args, kwargs)))
+        conversion = run_convert(
+            source, output, "--dtype", "bfloat16", "--sidecar-layers", "1,3", "--overwrite", "--max-shard-size",
+            "40KB", "--push-to-hub", "someone/tiny-r2lm", "--private",
+        )
+    assert conversion.status == 0, conversion.errors
+    return source, conversion, pushes
+
+
+def test_untied_resized_conversion_keeps_the_head(untied_run):
+    source, conversion, _ = untied_run
+    before, after = read_tensors(source), read_tensors(conversion.folder)
+    config = json.loads((conversion.folder / "config.json").read_text())
+    assert config["mask_token_id"] == TOKENIZER_SIZE and config["vocab_size"] == 448  # 401 rows, rounded up to 64s
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert after[key].shape == (448, 32)
+        assert torch.equal(after[key][:TOKENIZER_SIZE], before[key].bfloat16())
+        assert torch.equal(after[key][TOKENIZER_SIZE:], before[key].bfloat16().float().mean(0).bfloat16().expand(48, 32))
+    assert not torch.equal(after["lm_head.weight"], after["model.embed_tokens.weight"])
+    assert logged_difference(conversion.log) <= 1e-4
+
+
+def test_dtype_and_sidecar_layers_are_applied(untied_run):
+    _, conversion, _ = untied_run
+    tensors = read_tensors(conversion.folder)
+    config = json.loads((conversion.folder / "config.json").read_text())
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16} and config["dtype"] == "bfloat16"
+    assert config["sidecar_layers"] == [1, 3]
+    assert {key.split(".")[2] for key in tensors if ".sidecar." in key} == {"1", "3"}
+
+
+def test_overwrite_replaces_the_folder_and_push_gets_it(untied_run):
+    _, conversion, pushes = untied_run
+    assert not (conversion.folder / "stale.txt").exists()
+    assert pushes == [((conversion.folder, "someone/tiny-r2lm"), {"private": True, "revision": None})]
+    card = ModelCard.load(conversion.folder / "README.md")
+    assert 'model_id = "someone/tiny-r2lm"' in card.text
+    assert card.data.license is None and card.data.base_model is None  # none in a local source without a card
+
+
+# ---- refusals and failures ----
+
+
+def test_wrong_weights_fail_verification_and_write_nothing(tiny_qwen3, tmp_path, monkeypatch):
+    build = qwen3_to_r2lm.build_r2lm
+
+    def build_with_a_bug(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.model.layers[0].mlp.down_proj.weight.data[0, 0] += 0.05
+        return model
+
+    monkeypatch.setattr(qwen3_to_r2lm, "build_r2lm", build_with_a_bug)
+    conversion = run_convert(tiny_qwen3, tmp_path / "out")
+    assert conversion.status == 1
+    assert "differ from the source's" in conversion.errors
+    assert list(tmp_path.iterdir()) == []  # neither OUTPUT_DIR nor a temporary folder
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_refuses_a_non_qwen3_source(model_type, tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1) if model_type == "llama" else GPT2Config(n_layer=1)
+    config.save_pretrained(tmp_path / "source")
+    conversion = run_convert(tmp_path / "source", tmp_path / "out")
+    assert conversion.status == 2
+    assert f"is a '{model_type}' checkpoint" in conversion.errors and "Qwen3" in conversion.errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_non_empty_output_dir_without_overwrite(tiny_qwen3, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    conversion = run_convert(tiny_qwen3, tmp_path / "out")
+    assert conversion.status == 2 and "--overwrite" in conversion.errors
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("output_is_source", "is the source folder"),
+        ("missing_folder", "neither an existing folder nor a valid Hub model id"),
+        ("bad_sidecar_layer", "invalid R2LM settings"),
+        ("pytorch_bin_only", "safetensors"),
+    ],
+)
+def test_refusals_name_the_problem(case, expected, tiny_qwen3, tmp_path):
+    source, output, options = tiny_qwen3, tmp_path / "out", []
+    if case == "output_is_source":
+        output = tiny_qwen3
+    elif case == "missing_folder":
+        source = tmp_path / "no" / "such" / "folder"
+    elif case == "bad_sidecar_layer":
+        options = ["--sidecar-layers", "1,9"]
+    elif case == "pytorch_bin_only":
+        source = tmp_path / "bin"
+        source.mkdir()
+        for path in tiny_qwen3.glob("*.json"):
+            if not path.name.startswith("model.safetensors"):
+                (source / path.name).write_bytes(path.read_bytes())
+        torch.save(read_tensors(tiny_qwen3), source / "pytorch_model.bin")
+    conversion = run_convert(source, output, *options)
+    assert conversion.status == 2, conversion.errors
+    assert expected in conversion.errors
+    assert "Traceback" not in conversion.errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_offline_hub_id_gives_a_clear_message(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "convert.qwen3_to_r2lm", "Qwen/Qwen3-0.6B", str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "offline" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
