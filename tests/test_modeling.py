@@ -1,0 +1,529 @@
+"""R2LM model: Hub round trip, Qwen3 equivalence, the sidecar against a sequential reference, block locality, cache
+exactness, training/inference agreement, the bidirectional baseline, bad inputs, gradients and backends.
+
+Tiny models (vocab 99, hidden 32, 4 layers, head_dim 8, sidecars after layers 1 and 3). `initializer_range=0.2`
+gives logits of order one, and `random_r2lm` perturbs every sidecar parameter and opens the gates, so a sidecar
+that is skipped, or reads the wrong columns, shows in any comparison.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+from r2lm import R2LMConfig, R2LMForDiffusionLM
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import run_isolated  # noqa: E402
+
+
+TINY = dict(
+    vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.2,
+)
+SIDECARS = [1, 3]
+MASK = 98
+AUTO_MAP = {
+    "AutoConfig": "configuration_r2lm.R2LMConfig",
+    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+    "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
+}
+CODE_FILES = ("configuration_r2lm.py", "modeling_r2lm.py", "generation_r2lm.py")
+
+
+def tiny_config(**overrides) -> R2LMConfig:
+    return R2LMConfig(**{**TINY, "sidecar_layers": SIDECARS, "mask_token_id": MASK, "block_size": 4, **overrides})
+
+
+def random_r2lm(gate=0.5, seed=0, **overrides) -> R2LMForDiffusionLM:
+    """A tiny R2LM in eval mode whose sidecar parameters are all perturbed away from their init, gates at `gate`."""
+    torch.manual_seed(seed)
+    model = R2LMForDiffusionLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".sidecar." in name:
+                param.add_(0.1 * torch.randn_like(param))
+        for layer in sidecar_layers(model):
+            layer.sidecar.gate.fill_(gate)
+    return model
+
+
+def sidecar_layers(model):
+    return [layer for layer in model.model.layers if layer.sidecar is not None]
+
+
+def random_ids(batch, length, seed=1):
+    return torch.randint(0, MASK, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded_mask(batch, length, pads):
+    """attention_mask (batch, length) whose row i starts with pads[i] zeros."""
+    return (torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]).long()
+
+
+def block_ends(length, block_size, block_offset):
+    """Column ends of the blocks [offset + k B, offset + (k + 1) B) cut to [0, length), the first may be partial."""
+    first = block_offset % block_size or block_size
+    return list(range(first, length, block_size)) + [length]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hub remote code
+
+
+def test_remote_code_round_trip_offline(tmp_path):
+    """save_pretrained -> AutoModel / AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in a process that
+    cannot import this repo (run_isolated checks `import r2lm` fails), offline: the same logits."""
+    model = random_r2lm()
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(tmp_path / "model")
+    for name in CODE_FILES:
+        assert (tmp_path / "model" / name).is_file(), f"{name} not saved next to the weights"
+    ids, mask = random_ids(2, 11), left_padded_mask(2, 11, [0, 3])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, block_offset=1).logits
+    torch.save({"ids": ids, "mask": mask, "logits": logits}, tmp_path / "expected.pt")
+
+    proc = run_isolated(
+        """
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+        expected = torch.load("expected.pt")
+        for auto in (AutoModel, AutoModelForCausalLM):
+            model = auto.from_pretrained("model", trust_remote_code=True).eval()
+            assert type(model).__name__ == "R2LMForDiffusionLM", type(model)
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            with torch.no_grad():
+                logits = model(expected["ids"], attention_mask=expected["mask"], block_offset=1).logits
+            torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+            print(auto.__name__, "ok")
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "AutoModel ok" in proc.stdout and "AutoModelForCausalLM ok" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen3 equivalence and parameter count
+
+
+def tiny_qwen3(seed=0):
+    torch.manual_seed(seed)
+    config = Qwen3Config(**TINY, tie_word_embeddings=False)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def test_qwen3_state_dict_loads_with_only_sidecars_missing():
+    qwen3 = tiny_qwen3()
+    model = R2LMForDiffusionLM(R2LMConfig.from_qwen3_config(qwen3.config, sidecar_layers=SIDECARS, mask_token_id=MASK))
+    missing, unexpected = model.load_state_dict(qwen3.state_dict(), strict=False)
+    assert unexpected == []
+    assert missing and all(key.split(".")[:2] == ["model", "layers"] and ".sidecar." in key for key in missing)
+    assert {int(key.split(".")[2]) for key in missing} == set(SIDECARS)
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 3]])
+def test_zero_gates_give_qwen3_logits(pads):
+    """A converted R2LM (gates at zero) computes what Qwen3 computes, at any block size and offset; with left padding
+    both get the same explicit position ids, and only non-pad positions are compared."""
+    qwen3 = tiny_qwen3()
+    model = R2LMForDiffusionLM(R2LMConfig.from_qwen3_config(qwen3.config, sidecar_layers=SIDECARS, mask_token_id=MASK))
+    model.load_state_dict(qwen3.state_dict(), strict=False)
+    model.eval()
+    ids, mask = random_ids(2, 12), left_padded_mask(2, 12, pads)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = qwen3(ids, attention_mask=mask, position_ids=positions).logits
+        got = model(ids, attention_mask=mask, position_ids=positions, block_size=3, block_offset=1).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_of_a_qwen3_folder_initialises_sidecars(tmp_path):
+    """Loading a Qwen3 checkpoint into R2LM: the missing sidecars get mamba-ssm's init (A_log = log(1..d_state),
+    D = 1) and a zero gate, everything finite, and the model still gives Qwen3's logits."""
+    qwen3 = tiny_qwen3()
+    qwen3.save_pretrained(tmp_path)
+    config = R2LMConfig.from_qwen3_config(qwen3.config, sidecar_layers=SIDECARS, mask_token_id=MASK)
+    model = R2LMForDiffusionLM.from_pretrained(tmp_path, config=config).eval()
+    expected_A_log = torch.log(torch.arange(1, config.sidecar_d_state + 1, dtype=torch.float32))
+    for layer in sidecar_layers(model):
+        sidecar = layer.sidecar
+        assert all(torch.isfinite(p).all() for p in sidecar.parameters())
+        torch.testing.assert_close(sidecar.mamba.A_log, expected_A_log.expand_as(sidecar.mamba.A_log))
+        torch.testing.assert_close(sidecar.mamba.D, torch.ones_like(sidecar.mamba.D))
+        assert sidecar.gate.item() == 0.0
+        assert sidecar.mamba.in_proj.weight.abs().sum() > 0 and sidecar.mamba.out_proj.weight.abs().sum() > 0
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, qwen3(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_sidecar_parameters_have_mamba_ssm_names_and_shapes():
+    """mamba_simple.Mamba(d_model, d_state, d_conv, expand): in_proj (2 E, d), conv1d (E, 1, K) + bias (E,),
+    x_proj (R + 2 N, E), dt_proj (E, R) + bias (E,), A_log (E, N), D (E,), out_proj (d, E); E = expand d."""
+    config = tiny_config(sidecar_d_state=6, sidecar_expand=3, sidecar_d_conv=2)
+    d, E, N, K, R = 32, 96, 6, 2, 2  # R = ceil(32 / 16)
+    expected = {
+        "mamba.in_proj.weight": (2 * E, d), "mamba.conv1d.weight": (E, 1, K), "mamba.conv1d.bias": (E,),
+        "mamba.x_proj.weight": (R + 2 * N, E), "mamba.dt_proj.weight": (E, R), "mamba.dt_proj.bias": (E,),
+        "mamba.A_log": (E, N), "mamba.D": (E,), "mamba.out_proj.weight": (d, E),
+        "norm.weight": (d,), "norm.bias": (d,), "gate": (),
+    }
+    model = R2LMForDiffusionLM(config)
+    for i in SIDECARS:
+        shapes = {n: tuple(p.shape) for n, p in model.model.layers[i].sidecar.named_parameters()}
+        assert shapes == expected
+
+
+def test_default_sidecars_add_about_11_percent_to_qwen3_1_7b():
+    """Counted from module shapes on the meta device; the paper reports about 10.8% for Qwen3-1.7B."""
+    config = R2LMConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = R2LMForDiffusionLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: counted once below
+    params = dict(model.named_parameters())
+    sidecar = sum(p.numel() for n, p in params.items() if ".sidecar." in n)
+    backbone = sum(p.numel() for n, p in params.items() if ".sidecar." not in n)
+    overhead = sidecar / backbone
+    print(f"Qwen3-1.7B backbone {backbone / 1e9:.3f}B, 7 sidecars {sidecar / 1e6:.1f}M: +{100 * overhead:.2f}%")
+    assert len(config.sidecar_layers) == 7
+    assert 0.10 <= overhead <= 0.115
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sidecar against a plain-Python sequential recurrence
+
+
+def layer_norm(x, weight, bias, eps):
+    return (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + eps) * weight + bias
+
+
+def reference_sidecar(sidecar, h, columns, block_size, block_offset):
+    """The reverse block-local sidecar on one row, step by step: h (n, d) are the hidden states of the tokens at the
+    consecutive `columns`. For each block, from its last token leftwards, from a zero state:
+
+        conv_t = bias + sum_j w[K-1-j] x_{t+j}   (anti-causal depthwise conv; taps past the block's end are zero)
+        u_t = silu(conv_t);  dt_t, B_t, C_t = x_proj u_t;  dt_t = softplus(dt_proj dt_t)
+        s = exp(dt_t A) s + dt_t u_t B_t;  y_t = (s C_t + D u_t) silu(z_t)
+        out_t = h_t + tanh(gate) layernorm(out_proj y_t)
+    """
+    m = sidecar.mamba
+    n_inner, K = m.conv1d.weight.shape[0], m.conv1d.weight.shape[2]
+    R, N = m.dt_proj.weight.shape[1], m.A_log.shape[1]
+    A = -torch.exp(m.A_log)
+    x, z = (h @ m.in_proj.weight.T).split(n_inner, dim=-1)
+    block = [(c - block_offset) // block_size for c in columns]
+    out = h.clone()
+    for b in sorted(set(block)):
+        steps = [i for i in range(len(columns)) if block[i] == b]
+        state = torch.zeros(n_inner, N, dtype=h.dtype)
+        for i in reversed(steps):  # right to left
+            conv = m.conv1d.bias.clone()
+            for j in range(K):
+                if i + j in steps:  # stops at the block's end
+                    conv = conv + m.conv1d.weight[:, 0, K - 1 - j] * x[i + j]
+            u = F.silu(conv)
+            dt, B, C = (m.x_proj.weight @ u).split([R, N, N])
+            dt = F.softplus(m.dt_proj.weight @ dt + m.dt_proj.bias)
+            state = torch.exp(dt[:, None] * A) * state + (dt * u)[:, None] * B[None, :]
+            y = (state @ C + m.D * u) * F.silu(z[i])
+            r = m.out_proj.weight @ y
+            out[i] = h[i] + torch.tanh(sidecar.gate) * layer_norm(r, sidecar.norm.weight, sidecar.norm.bias, sidecar.norm.eps)
+    return out
+
+
+@pytest.mark.parametrize(
+    "block_size, block_offset, length",
+    [(4, 0, 12), (4, 1, 11), (3, 2, 13), (5, 7, 9), (1, 0, 5), (16, 0, 7)],
+)
+def test_sidecar_matches_sequential_reference(block_size, block_offset, length):
+    """float64. Row 1 is left-padded by 3 columns holding garbage: its valid tokens must come out as if the pads were
+    not there. Blocks cut by the sequence's ends, blocks shorter than the conv (3 < d_conv 4), B = 1 and a block
+    longer than the sequence are covered. The sidecar's scan runs in float32 internally (as mamba-ssm's
+    selective_scan_ref), hence atol 1e-5 rather than a float64 tolerance."""
+    model = random_r2lm().double()
+    sidecar = model.model.layers[SIDECARS[0]].sidecar
+    pads = [0, 3]
+    torch.manual_seed(2)
+    h = torch.randn(2, length, 32, dtype=torch.float64)
+    valid = left_padded_mask(2, length, pads).bool()
+    h[~valid] = 10 * torch.randn(int((~valid).sum()), 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = sidecar(h, valid, block_size, block_offset)
+        for row, pad in enumerate(pads):
+            expected = reference_sidecar(sidecar, h[row, pad:], list(range(pad, length)), block_size, block_offset)
+            torch.testing.assert_close(got[row, pad:], expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block locality, cache, training layout
+
+
+@pytest.mark.parametrize("block_size, block_offset", [(4, 1), (5, 0), (1, 0)])
+def test_logits_depend_on_nothing_after_their_block(block_size, block_offset):
+    """Position p's hidden state (its logits[:, p]) sees the tokens left of p and, through the sidecars, the tokens
+    right of p inside p's block. Changing the first token after block k leaves every logit up to block k's end
+    unchanged. With block_size 1 the model is a plain AR model."""
+    model = random_r2lm()
+    ids = random_ids(1, 14)
+    ends = block_ends(14, block_size, block_offset)
+    end = ends[1]  # block k = the second block; `end` is the first column after it
+    changed = ids.clone()
+    changed[0, end] = (ids[0, end] + 1) % MASK
+    with torch.no_grad():
+        a = model(ids, block_size=block_size, block_offset=block_offset).logits
+        b = model(changed, block_size=block_size, block_offset=block_offset).logits
+    torch.testing.assert_close(b[:, :end], a[:, :end], rtol=0, atol=1e-6)
+    assert (b[:, end] - a[:, end]).abs().max() > 1e-3  # the changed token itself does matter
+
+
+@pytest.mark.parametrize("block_size, block_offset", [(4, 1), (5, 0)])
+def test_logits_see_the_right_context_inside_their_block(block_size, block_offset):
+    """Changing the last token of block k changes the logits at block k's first position (right context through
+    the sidecars) and nothing in earlier blocks."""
+    model = random_r2lm()
+    ids = random_ids(1, 14)
+    ends = block_ends(14, block_size, block_offset)
+    start, last = ends[0], ends[1] - 1  # block k = [start, last]
+    changed = ids.clone()
+    changed[0, last] = (ids[0, last] + 1) % MASK
+    with torch.no_grad():
+        a = model(ids, block_size=block_size, block_offset=block_offset).logits
+        b = model(changed, block_size=block_size, block_offset=block_offset).logits
+    torch.testing.assert_close(b[:, :start], a[:, :start], rtol=0, atol=1e-6)
+    assert (b[:, start] - a[:, start]).abs().max() > 1e-3
+
+
+def test_cache_block_by_block_equals_one_forward():
+    """Left-padded batch, block_offset 3, block 4: feeding the blocks one at a time through the cache (each call
+    passes the mask of every column so far) gives the logits of one full forward; the cache grows by whole blocks."""
+    model = random_r2lm()
+    length, block_size, block_offset = 14, 4, 3
+    ids, mask = random_ids(2, length), left_padded_mask(2, length, [0, 2])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, block_size=block_size, block_offset=block_offset).logits
+        cache, start, pieces = None, 0, []
+        for end in block_ends(length, block_size, block_offset):  # [0, 3), [3, 7), [7, 11), [11, 14)
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True,
+                        block_size=block_size, block_offset=block_offset)
+            cache = out.cache
+            pieces.append(out.logits)
+            assert cache.get_seq_length() == (end if end < length else 11)  # the cut last block is not kept
+            start = end
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[valid], full[valid], rtol=0, atol=1e-5)
+
+
+def test_cache_drops_a_cut_block_and_the_next_call_redoes_it():
+    """The decoder's pattern: [final block ; start of the next block] in one call keeps only the final block in the
+    cache; the next call re-sends the cut block against that cache. Each call's logits equal those of one forward
+    over the same columns (the cut block's sidecar sees only the columns given so far)."""
+    model = random_r2lm()
+    block_size, block_offset = 4, 3
+    ids, mask = random_ids(2, 14), left_padded_mask(2, 14, [0, 2])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, block_size=block_size, block_offset=block_offset).logits
+        upto_13 = model(ids[:, :13], attention_mask=mask[:, :13], block_size=block_size, block_offset=block_offset).logits
+        kwargs = dict(use_cache=True, block_size=block_size, block_offset=block_offset)
+        first = model(ids[:, :7], attention_mask=mask[:, :7], **kwargs)
+        second = model(ids[:, 7:13], attention_mask=mask[:, :13], past_key_values=first.cache, **kwargs)
+        assert second.cache.get_seq_length() == 11  # [7, 11) kept, [11, 13) of block [11, 15) dropped
+        third = model(ids[:, 11:], attention_mask=mask, past_key_values=second.cache, **kwargs)
+    torch.testing.assert_close(second.logits, upto_13[:, 7:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(third.logits, full[:, 11:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "length, block_size, block_offset, kept",
+    [(11, 4, 1, 9), (12, 4, 0, 12), (3, 4, 1, 1), (10, 4, 6, 10), (4, 8, 6, 0)],
+)
+def test_forward_ending_mid_block_caches_complete_blocks_only(length, block_size, block_offset, kept):
+    """Blocks [offset + k B, offset + (k + 1) B): (11, B 4, offset 1) keeps [0, 9); offset 6 = offset 2 mod 4; with
+    B 8 and offset 6 the first block [-2, 6) is not complete after 4 columns, so nothing is kept."""
+    model = random_r2lm()
+    with torch.no_grad():
+        out = model(random_ids(1, length), use_cache=True, block_size=block_size, block_offset=block_offset)
+    assert out.cache.get_seq_length() == kept
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 3]])
+def test_diffusion_loss_predictions_equal_inference_forward(pads):
+    """diffusion_loss's logits[:, p] (the prediction FOR token p) for every position p of noisy block k equal the
+    logits at p - 1 of a forward over [clean blocks < k][noisy block k] (shifted logits: p - 1 predicts p)."""
+    model = random_r2lm()
+    length, block_size, block_offset = 14, 4, 3
+    ids, mask = random_ids(2, length), left_padded_mask(2, length, pads)
+    with torch.no_grad():
+        out = model.diffusion_loss(ids, attention_mask=mask, mask_rates=0.5, block_size=block_size,
+                                   block_offset=block_offset, generator=torch.Generator().manual_seed(0))
+        assert out.masked.any() and torch.equal(out.noisy_input_ids[out.masked], torch.full_like(ids[out.masked], MASK))
+        start = 0
+        for end in block_ends(length, block_size, block_offset):
+            prefix = torch.cat([ids[:, :start], out.noisy_input_ids[:, start:end]], dim=1)
+            logits = model(prefix, attention_mask=mask[:, :end], use_cache=False, block_size=block_size,
+                           block_offset=block_offset).logits
+            for p in range(max(start, 1), end):
+                has_context = mask[:, p].bool() & mask[:, p - 1].bool()
+                torch.testing.assert_close(out.logits[has_context, p], logits[has_context, p - 1], rtol=0, atol=1e-5)
+            start = end
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The bidirectional baseline
+
+
+def test_bidirectional_attention_sees_later_tokens():
+    model = random_r2lm(attention="bidirectional", sidecar_layers=None)
+    assert sidecar_layers(model) == []
+    ids = random_ids(1, 10)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % MASK
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cache_kwargs", [{"use_cache": True}, {"past_key_values": DynamicCache()}])
+def test_bidirectional_refuses_a_cache(cache_kwargs):
+    model = random_r2lm(attention="bidirectional", sidecar_layers=None)
+    with pytest.raises(ValueError, match="bidirectional"):
+        model(random_ids(1, 6), **cache_kwargs)
+
+
+def test_bidirectional_diffusion_loss_reads_the_noisy_sequence():
+    """The baseline trains on the noisy half only: prediction for p = forward(noisy) logits at p - 1."""
+    model = random_r2lm(attention="bidirectional", sidecar_layers=None)
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        out = model.diffusion_loss(ids, mask_rates=0.5, generator=torch.Generator().manual_seed(0))
+        logits = model(out.noisy_input_ids).logits
+    torch.testing.assert_close(out.logits[:, 1:], logits[:, :-1], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_block_size_zero_in_forward_raises():
+    with pytest.raises(ValueError, match="block_size"):
+        random_r2lm()(random_ids(1, 6), block_size=0)
+
+
+def test_sequence_longer_than_max_position_embeddings_raises():
+    model = random_r2lm()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(random_ids(1, TINY["max_position_embeddings"] + 1))
+
+
+def test_sequence_past_max_position_embeddings_through_the_cache_raises():
+    model = random_r2lm()
+    n = TINY["max_position_embeddings"]
+    cache = model(random_ids(1, n - 4), use_cache=True, block_offset=0).cache
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(random_ids(1, 8), attention_mask=torch.ones(1, n + 4, dtype=torch.long), past_key_values=cache)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 6), (2, 5), (2, 1, 6)])
+def test_mismatched_attention_mask_raises(mask_shape):
+    with pytest.raises(ValueError, match="attention_mask"):
+        random_r2lm()(random_ids(2, 6), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+def test_attention_mask_of_new_columns_only_with_a_cache_raises():
+    model = random_r2lm()
+    cache = model(random_ids(1, 8), use_cache=True).cache
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(random_ids(1, 4), attention_mask=torch.ones(1, 4, dtype=torch.long), past_key_values=cache)
+
+
+def test_diffusion_loss_without_mask_token_raises():
+    with pytest.raises(ValueError, match="mask_token_id"):
+        random_r2lm(mask_token_id=None).diffusion_loss(random_ids(1, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradients, backends, dtypes
+
+
+def diffusion_grads(model, ids):
+    model.zero_grad()
+    model.diffusion_loss(ids, mask_rates=0.5, block_offset=2, generator=torch.Generator().manual_seed(0)).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_every_sidecar_parameter_gets_a_gradient():
+    model = random_r2lm().train()
+    grads = diffusion_grads(model, random_ids(2, 12))
+    names = [n for n, _ in model.named_parameters() if ".sidecar." in n]
+    assert len(names) == 12 * len(SIDECARS)
+    for name in names:
+        assert name in grads and grads[name].abs().max() > 0, name
+
+
+def test_zero_gate_still_gets_a_gradient():
+    """At conversion the gates are zero: d loss / d gate = <d loss / d h, layernorm(r)> is not zero, so training can
+    open them (while the Mamba weights get exactly zero gradient until then)."""
+    model = random_r2lm(gate=0.0).train()
+    grads = diffusion_grads(model, random_ids(2, 12))
+    for i in SIDECARS:
+        assert grads[f"model.layers.{i}.sidecar.gate"].abs() > 0
+        assert grads[f"model.layers.{i}.sidecar.mamba.in_proj.weight"].abs().max() == 0
+
+
+def test_sidecars_train_on_a_frozen_backbone():
+    """The paper's plug-in variant: only sidecar parameters require grad."""
+    model = random_r2lm().train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(".sidecar." in name)
+    grads = diffusion_grads(model, random_ids(2, 12))
+    assert grads and all(".sidecar." in name for name in grads)
+    assert all(g.abs().max() > 0 for g in grads.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = random_r2lm().train()
+    ids = random_ids(2, 12)
+    expected = diffusion_grads(model, ids)
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    got = diffusion_grads(model, ids)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eager_and_sdpa_attention_agree(tmp_path):
+    random_r2lm().save_pretrained(tmp_path)
+    ids, mask = random_ids(2, 11), left_padded_mask(2, 11, [0, 3])
+    results = {}
+    for impl in ("eager", "sdpa"):
+        model = R2LMForDiffusionLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+        assert model.config._attn_implementation == impl
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, block_offset=1).logits
+            train = model.diffusion_loss(ids, attention_mask=mask, mask_rates=0.5, block_offset=1,
+                                         generator=torch.Generator().manual_seed(0)).logits
+        results[impl] = (logits[mask.bool()], train[mask.bool()])
+    for eager, sdpa in zip(results["eager"], results["sdpa"]):
+        torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    model = random_r2lm()
+    ids, mask = random_ids(2, 12), left_padded_mask(2, 12, [0, 3])
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask, block_offset=1).logits[mask.bool()]
+        got = model.to(torch.bfloat16)(ids, attention_mask=mask, block_offset=1).logits[mask.bool()]
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    relative = (got.float() - reference).norm() / reference.norm()
+    assert relative < 3e-2, f"bf16 logits off by {relative:.3g} (relative norm)"
