@@ -516,10 +516,10 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             embeds, mask, positions, None, sidecar_valid, block_size, block_offset, 2 if causal else 1, False
         )
         # Shift: the prediction for column p is the hidden state at p - 1, taken from the clean half when p starts
-        # a block (its left neighbour is final then) and from the noisy half otherwise.
+        # a block (p - 1 ends the previous, final block) and from the noisy half otherwise.
         noisy_h, clean_h = (hidden[:, :length], hidden[:, length:]) if causal else (hidden, hidden)
-        starts_block = F.pad(block[1:] != block[:-1], (1, 0), value=True)
-        source = torch.where(starts_block[None, :, None], clean_h, noisy_h)
+        ends_block = F.pad(block[1:] != block[:-1], (0, 1), value=True)
+        source = torch.where(ends_block[None, :, None], clean_h, noisy_h)
         logits = self.lm_head(F.pad(source[:, :-1], (0, 0, 1, 0)))  # (b, L, V): logits[:, p] is for token p
 
         ce = F.cross_entropy(logits.flatten(0, 1).float(), input_ids.flatten(), reduction="none").view(batch, length)
