@@ -89,7 +89,7 @@ def train_command(model_id: str) -> str:
     return f"python -m train --model {model_id} --data 'path/**/*.txt'"
 
 
-def usage_snippet(model_id: str, max_new_tokens: int = 64) -> str:
+def usage_snippet(model_id: str, max_new_tokens: int = 32) -> str:
     """The load-and-generate snippet of the card (tests run it against a converted model)."""
     return SNIPPET.format(model_id=model_id, max_new_tokens=max_new_tokens)
 

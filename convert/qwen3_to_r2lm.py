@@ -37,7 +37,7 @@ from transformers.initialization import no_init_weights
 import r2lm
 from convert import UserError
 from convert.model_card import SETTINGS_FILE, build_model_card, source_card_license
-from convert.push_to_hub import push_folder
+from convert.push_to_hub import check_can_push, push_folder
 from r2lm import R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
 
 
@@ -90,13 +90,17 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
         ) from None
 
 
-def check_output_dir(output_dir: Path, source_folder: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"OUTPUT_DIR {output_dir} is a file: choose a folder path.")
-    if output_dir.resolve() == source_folder.resolve():
-        raise UserError(f"OUTPUT_DIR {output_dir} is the source folder: choose another folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise UserError(f"OUTPUT_DIR {output_dir} exists and is not empty: pass --overwrite to replace it.")
+
+
+def check_source_outside(folder: Path, output_dir: Path) -> None:
+    """Replacing OUTPUT_DIR must never delete the source."""
+    if folder.resolve().is_relative_to(output_dir.resolve()):
+        raise UserError(f"SOURCE {folder} is inside OUTPUT_DIR {output_dir}: choose another OUTPUT_DIR.")
 
 
 def read_qwen3_config(folder: Path, source: str) -> Qwen3Config:
@@ -204,8 +208,7 @@ def make_generation_config(folder: Path, tokenizer, config: R2LMConfig) -> R2LMG
 def write_folder(model, tokenizer, generation_config, folder: Path, max_shard_size: str) -> None:
     """config.json with auto_map, sharded safetensors, the three code files, the tokenizer, generation_config.json."""
     model.config.auto_map = dict(AUTO_MAP)
-    model.register_for_auto_class("AutoModel")  # makes save_pretrained copy modeling_r2lm.py and what it imports
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)  # copies the code files (the classes' _auto_class)
     package_dir = Path(r2lm.__file__).parent
     for name in CODE_FILES:
         if not (folder / name).is_file():
@@ -304,8 +307,9 @@ def convert(source: str, output_dir, *, block_size=None, sidecar_layers=None, si
     (default: SOURCE when it is a Hub id). `model_id`: the id the card's snippet loads (default: `output_dir`).
     """
     output_dir = Path(output_dir).expanduser().absolute()
+    check_output_dir(output_dir, overwrite)  # before a possibly long download
     folder, hub_id = resolve_source(source)
-    check_output_dir(output_dir, folder, overwrite)
+    check_source_outside(folder, output_dir)
     log(f"source: {source}" + (f" (Hub snapshot {folder.name})" if hub_id else " (local folder)"))
     model, tokenizer, settings, (n_tokens, length) = prepare(
         source, folder, dtype=dtype, block_size=block_size, sidecar_layers=sidecar_layers,
@@ -360,12 +364,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--revision", help="Hub branch to push to (created if missing; default main)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.private or args.revision) and not args.push_to_hub:
+        parser.error("--private and --revision only apply with --push-to-hub REPO_ID")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.push_to_hub:
+            check_can_push(args.push_to_hub)  # fail before converting, not after
         output_dir = convert(
             args.source, args.output_dir, block_size=args.block_size, sidecar_layers=args.sidecar_layers,
             sidecar_expand=args.sidecar_expand, sidecar_d_state=args.sidecar_d_state, dtype=args.dtype,

@@ -20,6 +20,9 @@ TOKENIZER_TRAINING_FILES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py"
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_SIZE = 400  # tokens the tiny tokenizer knows (256 bytes, merges and the EOS token)
 EMBEDDING_ROWS = 512  # rows of the tiny model's embedding: ids 400..511 are unused, as in real Qwen3 checkpoints
+# Tiny models in subprocesses: one thread each. Several threads per process on a shared 2-core machine made
+# tiny matmuls ~15x slower (spinning threads), turning a 1 s generation into 15 s.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +104,8 @@ def run_isolated(code: str, cwd, env: dict | None = None, timeout: float = 300) 
     """
     cwd = Path(cwd)
     full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
-    full_env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf_home"), PYTHONNOUSERSITE="1", **(env or {}))
+    full_env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf_home"), PYTHONNOUSERSITE="1", **ONE_THREAD)
+    full_env.update(env or {})
     script = _ISOLATION.format(repo=str(REPO)) + "\n" + textwrap.dedent(code)
     return subprocess.run(
         [sys.executable, "-c", script], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
@@ -123,6 +127,12 @@ def run_convert(source, output_dir, *options) -> Conversion:
     from convert.qwen3_to_r2lm import main
 
     out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = main([str(source), str(output_dir), *map(str, options)])
+    saved = {key: os.environ.get(key) for key in ONE_THREAD}
+    os.environ.update(ONE_THREAD)  # for the verifying subprocess
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            status = main([str(source), str(output_dir), *map(str, options)])
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     return Conversion(status, Path(output_dir), out.getvalue(), err.getvalue())

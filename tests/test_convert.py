@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from convert import qwen3_to_r2lm
-from helpers import REPO, TOKENIZER_SIZE, make_tiny_qwen3, run_convert, run_isolated
+from helpers import ONE_THREAD, REPO, TOKENIZER_SIZE, make_tiny_qwen3, run_convert, run_isolated
 
 
 SIDECAR_PARAMS = {
@@ -161,6 +161,7 @@ def untied_run(tmp_path_factory):
     (output / "stale.txt").write_text("from an earlier run")
     pushes = []
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qwen3_to_r2lm, "check_can_push", lambda repo_id: None)  # no Hub, no token in tests
         patch.setattr(qwen3_to_r2lm, "push_folder", lambda *args, **kwargs: pushes.append((args, kwargs)))
         conversion = run_convert(
             source, output, "--dtype", "bfloat16", "--sidecar-layers", "1,3", "--overwrite", "--max-shard-size",
@@ -242,7 +243,8 @@ def test_refuses_a_non_empty_output_dir_without_overwrite(tiny_qwen3, tmp_path):
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("output_is_source", "is the source folder"),
+        ("output_is_source", "is inside OUTPUT_DIR"),
+        ("source_inside_output", "is inside OUTPUT_DIR"),
         ("missing_folder", "neither an existing folder nor a valid Hub model id"),
         ("bad_sidecar_layer", "invalid R2LM settings"),
         ("pytorch_bin_only", "safetensors"),
@@ -251,7 +253,9 @@ def test_refuses_a_non_empty_output_dir_without_overwrite(tiny_qwen3, tmp_path):
 def test_refusals_name_the_problem(case, expected, tiny_qwen3, tmp_path):
     source, output, options = tiny_qwen3, tmp_path / "out", []
     if case == "output_is_source":
-        output = tiny_qwen3
+        output, options = tiny_qwen3, ["--overwrite"]
+    elif case == "source_inside_output":
+        output, options = tiny_qwen3.parent, ["--overwrite"]
     elif case == "missing_folder":
         source = tmp_path / "no" / "such" / "folder"
     elif case == "bad_sidecar_layer":
@@ -270,8 +274,17 @@ def test_refusals_name_the_problem(case, expected, tiny_qwen3, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_push_to_hub_offline_fails_before_converting(tiny_qwen3, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    conversion = run_convert(tiny_qwen3, tmp_path / "out", "--push-to-hub", "someone/tiny-r2lm")
+    assert conversion.status == 2 and "offline" in conversion.errors
+    assert "Reading shards" not in conversion.errors and not (tmp_path / "out").exists()
+
+
 def test_cli_offline_hub_id_gives_a_clear_message(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin", **ONE_THREAD}
     result = subprocess.run(
         [sys.executable, "-m", "convert.qwen3_to_r2lm", "Qwen/Qwen3-0.6B", str(tmp_path / "out")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
