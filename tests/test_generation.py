@@ -1,0 +1,561 @@
+"""Diffusion generation (DESIGN section 5): Qwen3 equivalence at block size 1, the KV cache against recomputation,
+hand-written reference decoders, batch invariance, EOS and stop strings, threshold semantics, streamers, history,
+the text-generation pipeline, the generation config, errors and sampling.
+
+Tiny models (vocab 128, hidden 32, 4 layers, head_dim 8, sidecars after layers 1 and 3 with every sidecar parameter
+perturbed and the gates at 0.7), so a sidecar that reads the wrong columns changes the tokens. A random model is
+unsure of everything (its top probability is ~0.07); `peak=4` scales `lm_head` so that confidences spread over
+(0.3, 0.9) and a threshold of 0.5 commits several tokens in some steps and one in others. Text tests use a
+`Qwen2Tokenizer` trained on a few stdlib files (tests/helpers.py) plus a `<|mask|>` token.
+
+The tests run torch on one thread: these models are so small that every op is dominated by thread synchronisation,
+which a busy two-core machine makes a hundred times slower.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, TextStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from r2lm import R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import run_isolated, tiny_qwen3_tokenizer  # noqa: E402
+
+
+TINY = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2,
+)
+MASK = 127
+RULES = ("confidence", "margin", "entropy", "random", "left_to_right")
+TEXT_VOCAB = 300  # the tokenizer's BPE tokens (EOS included); <|mask|> is id 300, the model has 304 rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_r2lm(attention="causal", gate=0.7, peak=1.0, seed=0, **overrides) -> R2LMForDiffusionLM:
+    """A tiny R2LM in eval mode; causal models get perturbed sidecars with gates at `gate`; `lm_head` times `peak`."""
+    sidecars = [1, 3] if attention == "causal" else []
+    config = R2LMConfig(**{**TINY, "sidecar_layers": sidecars, "attention": attention, "mask_token_id": MASK,
+                           "block_size": 4, "tie_word_embeddings": False, **overrides})
+    torch.manual_seed(seed)
+    model = R2LMForDiffusionLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".sidecar." in name:
+                param.add_(0.1 * torch.randn_like(param))
+        for layer in model.model.layers:
+            if layer.sidecar is not None:
+                layer.sidecar.gate.fill_(gate)
+        model.lm_head.weight.mul_(peak)
+    return model
+
+
+def left_padded(lengths=(7, 4, 9), seed=1, pad=0):
+    """Random prompts (never the mask token) of the given lengths, left-padded with `pad`: (ids, attention_mask)."""
+    width = max(lengths)
+    ids = torch.randint(0, MASK, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def generate(model, ids, mask, seed=None, **kwargs):
+    """`model.generate` with a dict output; `seed` seeds torch first (the 'random' rule and sampling draw from it)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+
+
+def mask_counts(canvas, block_size):
+    """Masked positions per row and block of a (b, n) canvas of generated columns: (b, ceil(n / B))."""
+    pad = (-canvas.shape[1]) % block_size
+    return torch.nn.functional.pad(canvas == MASK, (0, pad)).view(canvas.shape[0], -1, block_size).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exactness: Qwen3, the cache, hand-written references, batch invariance
+
+
+def qwen3_and_r2lm(seed=0):
+    """A random Qwen3ForCausalLM and the R2LM made from its state dict (gates at zero, block size 1)."""
+    torch.manual_seed(seed)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**TINY, tie_word_embeddings=False)).eval()
+    model = R2LMForDiffusionLM(R2LMConfig.from_qwen3_config(qwen3.config, mask_token_id=MASK, block_size=1)).eval()
+    missing, unexpected = model.load_state_dict(qwen3.state_dict(), strict=False)
+    assert not unexpected and missing and all(".sidecar." in key for key in missing)
+    assert all(layer.sidecar.gate.item() == 0 for layer in model.model.layers if layer.sidecar is not None)
+    return qwen3, model
+
+
+@pytest.mark.parametrize("with_eos", [False, True], ids=["no-eos", "eos"])
+def test_block_size_1_is_qwen3_greedy(with_eos):
+    """block_size=1 with gates at zero is the Qwen3 model decoding greedily, on a left-padded batch, with the cache
+    and without. With EOS (a token row 1 generates at its 4th step), both pad each row after its EOS."""
+    qwen3, model = qwen3_and_r2lm()
+    ids, mask = left_padded()
+    n = 12
+    eos = None
+    if with_eos:
+        eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=n, block_size=1)[1, ids.shape[1] + 3])
+    # Qwen3 may pick the id R2LM uses as its mask token, which R2LM never predicts: suppress it on both sides.
+    expected = qwen3.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, suppress_tokens=[MASK])
+    expected = torch.nn.functional.pad(expected, (0, ids.shape[1] + n - expected.shape[1]), value=0)
+    if with_eos:
+        assert (expected[1, ids.shape[1]:] == eos).any()
+    for use_cache in (True, False):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, block_size=1, eos_token_id=eos,
+                             pad_token_id=0, use_cache=use_cache)
+        assert torch.equal(out, expected), f"use_cache={use_cache}"
+
+
+CACHE_SETTINGS = {  # name: (lm_head peak, threshold, min_tokens_per_step)
+    "random-t0.9-min2": (1.0, 0.9, 2),  # nothing passes 0.9: two per step, in the rule's order
+    "peaked-t0.5": (4.0, 0.5, 1),  # between one and a whole block per step
+    "peaked-t0.02": (4.0, 0.02, 1),  # whole blocks at once
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 8])
+@pytest.mark.parametrize("rule", RULES)
+def test_cache_matches_recompute(rule, block_size):
+    """Greedy decoding with the KV cache (fused commits) gives the tokens of recomputing every column each step,
+    for every unmasking rule and several thresholds and minimum commits, on a left-padded batch (prompts of 7, 4
+    and 9 tokens, so padding shares the prompt's first block), with max_new_tokens=10 not a multiple of the block
+    size. Seeded before each run for the 'random' rule."""
+    ids, mask = left_padded()
+    one_per_step = -(-10 // block_size) * block_size
+    multi_token_steps = False
+    for name, (peak, threshold, min_tokens) in CACHE_SETTINGS.items():
+        model = tiny_r2lm(peak=peak)
+        settings = dict(max_new_tokens=10, block_size=block_size, threshold=threshold, min_tokens_per_step=min_tokens,
+                        unmasking=rule)
+        cached = generate(model, ids, mask, seed=0, **settings)
+        recomputed = generate(model, ids, mask, seed=0, use_cache=False, **settings)
+        assert torch.equal(cached.sequences, recomputed.sequences), name
+        assert not (cached.sequences == MASK).any(), name
+        multi_token_steps |= recomputed.nfe < one_per_step
+    if block_size > 1:
+        assert multi_token_steps, "no setting committed several tokens in one step"
+
+
+def reference_decode(model, ids, mask, block_size, max_new_tokens):
+    """Semi-autoregressive decoding written from the model's forward alone: one token per step, left to right; each
+    step runs the whole canvas up to the current block's end (causal) or the whole canvas (bidirectional), with the
+    blocks aligned to the prompt's end, and fills the first masked column c with the argmax of logits[:, c - 1]."""
+    prompt_len = ids.shape[1]
+    n_blocks = -(-max_new_tokens // block_size)
+    canvas = torch.cat([ids, torch.full((ids.shape[0], n_blocks * block_size), MASK)], dim=1)
+    valid = torch.cat([mask, torch.ones_like(canvas[:, prompt_len:])], dim=1)
+    for column in range(prompt_len, canvas.shape[1]):
+        block_end = prompt_len + ((column - prompt_len) // block_size + 1) * block_size
+        end = block_end if model.config.attention == "causal" else canvas.shape[1]
+        with torch.no_grad():
+            logits = model(canvas[:, :end], attention_mask=valid[:, :end], use_cache=False, block_size=block_size,
+                           block_offset=prompt_len % block_size).logits
+        logits[..., MASK] = -float("inf")
+        canvas[:, column] = logits[:, column - 1].argmax(-1)
+    return canvas[:, : prompt_len + max_new_tokens]
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_generate_matches_reference_decoder(attention):
+    """With one token per step left to right (threshold 1.0), `generate` is `reference_decode`: the cached causal
+    decoder, its recomputing oracle and the bidirectional baseline (no cache; later blocks' masks in view)."""
+    model = tiny_r2lm(attention)
+    ids, mask = left_padded()
+    expected = reference_decode(model, ids, mask, block_size=4, max_new_tokens=10)
+    for use_cache in (True, False):
+        out = generate(model, ids, mask, max_new_tokens=10, block_size=4, threshold=1.0, unmasking="left_to_right",
+                       use_cache=use_cache)
+        assert torch.equal(out.sequences, expected), f"use_cache={use_cache}"
+        assert out.nfe == 12  # 3 blocks of 4 steps
+
+
+@pytest.mark.parametrize(
+    "attention, settings",
+    [
+        ("causal", dict(block_size=4, threshold=0.5)),
+        ("causal", dict(block_size=3, threshold=0.5, unmasking="margin", use_cache=False)),
+        ("bidirectional", dict(block_size=4, threshold=0.5)),
+    ],
+    ids=["causal-cache", "causal-recompute", "bidirectional"],
+)
+def test_batch_invariance(attention, settings):
+    """Each row of a left-padded batch decodes (fp32) to exactly what its prompt decodes to alone."""
+    model = tiny_r2lm(attention, peak=4.0)
+    ids, mask = left_padded()
+    batched = generate(model, ids, mask, max_new_tokens=11, **settings).sequences
+    for row in range(ids.shape[0]):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = generate(model, alone, None, max_new_tokens=11, **settings).sequences
+        assert torch.equal(batched[row, -single.shape[1]:], single[0]), f"row {row}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EOS, thresholds, history
+
+
+@pytest.mark.parametrize("rows_with_eos", [[0], [0, 1, 2]], ids=["one-row", "every-row"])
+def test_eos_pads_rows_and_ends_early(rows_with_eos):
+    """EOS ids are tokens the listed rows generate at column 5 (block 1 of 4). Each row keeps its tokens up to its
+    first EOS and is padded after it; decoding stops after the last block in which a row was still running, so nfe
+    (4 steps per block at threshold 1.0) drops to 8 when every row stops in block 1."""
+    model = tiny_r2lm()
+    ids, mask = left_padded()
+    prompt_len, pad, block_size = ids.shape[1], 1, 4
+    settings = dict(max_new_tokens=16, block_size=block_size, threshold=1.0)
+    free = generate(model, ids, mask, eos_token_id=None, **settings)
+    assert free.nfe == 16
+    generated = free.sequences[:, prompt_len:]
+    eos = sorted({int(generated[row, 5]) for row in rows_with_eos})
+
+    out = generate(model, ids, mask, eos_token_id=eos, pad_token_id=pad, **settings)
+    last_block = 0
+    for row in range(ids.shape[0]):
+        hits = torch.isin(generated[row], torch.tensor(eos)).nonzero().flatten().tolist()
+        stop = hits[0] + 1 if hits else generated.shape[1]
+        expected = torch.cat([generated[row, :stop], torch.full((generated.shape[1] - stop,), pad)])
+        assert torch.equal(out.sequences[row, prompt_len:], expected), f"row {row}"
+        last_block = max(last_block, (stop - 1) // block_size if hits else 3)
+    assert out.nfe == (last_block + 1) * block_size
+    if rows_with_eos == [0, 1, 2]:
+        assert out.nfe == 8
+
+
+@pytest.mark.parametrize(
+    "block_size, min_tokens, max_steps, steps_per_block",
+    [(4, 1, None, 4), (4, 2, None, 2), (8, 4, None, 2), (6, 3, None, 2), (8, 1, 2, 2)],
+)
+def test_threshold_one_commits_fixed_number_per_step(block_size, min_tokens, max_steps, steps_per_block):
+    """threshold=1.0 never passes, so each step commits exactly min_tokens_per_step per row (or block_size /
+    max_steps_per_block when that is more): nfe = blocks x block_size / tokens per step, on a peaked model that is
+    confident enough to commit more if the threshold let it."""
+    model = tiny_r2lm(peak=4.0)
+    ids, mask = left_padded()
+    out = generate(model, ids, mask, max_new_tokens=3 * block_size, block_size=block_size, threshold=1.0,
+                   min_tokens_per_step=min_tokens, max_steps_per_block=max_steps, output_history=True)
+    assert out.nfe == 3 * steps_per_block
+    before = torch.full_like(out.history[0], MASK)
+    for canvas in out.history:
+        committed = (mask_counts(before, block_size) - mask_counts(canvas, block_size)).sum(1)
+        assert (committed == block_size // steps_per_block).all()
+        before = canvas
+
+
+def test_threshold_commits_every_confident_position():
+    """At each step (seen through `step_callback` and the history) the committed positions are the masked positions
+    whose confidence (the probability of the argmax, the mask token excluded) exceeds the threshold, or the
+    `min_tokens_per_step` most confident when fewer do; each gets the argmax. Lower thresholds take fewer steps."""
+    model = tiny_r2lm(peak=4.0)
+    ids, mask = left_padded()
+    block_size, prompt_len = 8, ids.shape[1]
+    nfe = {}
+    for threshold, min_tokens in [(1.0, 1), (0.9, 1), (0.5, 1), (0.5, 2), (0.02, 1)]:
+        step_logits = []
+        out = generate(model, ids, mask, max_new_tokens=16, block_size=block_size, threshold=threshold,
+                       min_tokens_per_step=min_tokens, output_history=True,
+                       step_callback=lambda step, canvas, logits: step_logits.append(logits.clone()))
+        nfe[threshold, min_tokens] = out.nfe
+        assert len(step_logits) == len(out.history) == out.nfe
+        before = torch.full_like(out.history[0], MASK)
+        for logits, canvas in zip(step_logits, out.history):
+            block = int((mask_counts(before, block_size) > 0).any(0).nonzero()[0])  # the first block with masks
+            columns = slice(block * block_size, (block + 1) * block_size)
+            masked, now_masked = before[:, columns] == MASK, canvas[:, columns] == MASK
+            probs = logits.float().index_fill(-1, torch.tensor([MASK]), -float("inf")).softmax(-1)
+            confidence, argmax = probs.max(-1)
+            committed = masked & ~now_masked
+            confident = masked & (confidence > threshold)
+            assert not (confident & ~committed).any()
+            quota = torch.clamp(masked.sum(1), max=min_tokens)
+            assert torch.equal(committed.sum(1), torch.maximum(confident.sum(1), quota))
+            least_committed = confidence.masked_fill(~committed, 2).min(1).values
+            most_left = confidence.masked_fill(~(masked & now_masked), -1).max(1).values
+            assert (least_committed >= most_left).all(), "a less confident position was committed first"
+            assert torch.equal(canvas[:, columns][committed], argmax[committed])
+            before = canvas
+        assert torch.equal(out.history[-1], out.sequences[:, prompt_len:])
+    assert nfe[1.0, 1] == 16 >= nfe[0.9, 1] >= nfe[0.5, 1] > nfe[0.02, 1] >= 2
+    assert nfe[0.5, 1] < 16 and nfe[0.5, 2] <= min(nfe[0.5, 1], 8)
+
+
+def test_history_one_canvas_per_step():
+    """`output_history`: one (b, max_new_tokens) canvas per forward step; per row the mask count never increases, a
+    committed token never changes, and the last canvas has no masks and is the output."""
+    model = tiny_r2lm(peak=4.0)
+    ids, mask = left_padded()
+    out = generate(model, ids, mask, max_new_tokens=10, block_size=4, threshold=0.5, output_history=True)
+    assert len(out.history) == out.nfe > 3
+    before = torch.full_like(out.history[0], MASK)
+    for canvas in out.history:
+        assert canvas.shape == (3, 10)
+        assert ((canvas == MASK).sum(1) <= (before == MASK).sum(1)).all()
+        assert torch.equal(canvas[before != MASK], before[before != MASK])
+        before = canvas
+    assert not (out.history[-1] == MASK).any()
+    assert torch.equal(out.history[-1], out.sequences[:, ids.shape[1]:])
+    assert generate(model, ids, mask, max_new_tokens=10, block_size=4, threshold=0.5).history is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text: stop strings, streamers, the pipeline
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """(model, tokenizer, folder): a tiny R2LM over the tiny BPE tokenizer plus `<|mask|>`, saved with its
+    tokenizer and an R2LMGenerationConfig (block 4, threshold 0.5, 16 new tokens)."""
+    tokenizer = tiny_qwen3_tokenizer(TEXT_VOCAB)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|mask|>"]})
+    mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+    assert mask_id == TEXT_VOCAB
+    config = R2LMConfig(**{**TINY, "vocab_size": TEXT_VOCAB + 4}, sidecar_layers=[1, 3], mask_token_id=mask_id,
+                        block_size=4, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = R2LMForDiffusionLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.sidecar is not None:
+                layer.sidecar.gate.fill_(0.7)
+    model.generation_config = R2LMGenerationConfig(
+        block_size=4, threshold=0.5, max_new_tokens=16, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("text") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer, folder
+
+
+class TextCapture(TextStreamer):
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, skip_prompt=True, **kwargs)
+        self.text, self.ended = "", False
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.text += text
+        self.ended |= stream_end
+
+
+class TokenCapture(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_each_final_block(text_model):
+    """A streamer gets the prompt, then each finished block (the last cut at max_new_tokens=10), then `end()`; a
+    TextStreamer (skip_prompt=True) prints exactly the decoded generated tokens."""
+    model, tokenizer, _ = text_model
+    ids = tokenizer("def main(argv):", return_tensors="pt").input_ids
+    tokens, text = TokenCapture(), TextCapture(tokenizer)
+    out = model.generate(ids, max_new_tokens=10, threshold=1.0, eos_token_id=None, streamer=tokens)
+    model.generate(ids, max_new_tokens=10, threshold=1.0, eos_token_id=None, streamer=text)
+    generated = out[0, ids.shape[1]:]
+    assert tokens.ended and text.ended
+    assert [chunk.flatten().tolist() for chunk in tokens.chunks] == [
+        ids[0].tolist(), generated[:4].tolist(), generated[4:8].tolist(), generated[8:].tolist()
+    ]
+    assert text.text == tokenizer.decode(generated)
+
+
+def test_stop_string_ends_row_at_its_block(text_model):
+    """The stop string is the first alphanumeric token generated in blocks 1-2 that the text before it does not
+    contain. With it, the row keeps its tokens through that token and is padded after; decoding ends with that
+    block (4 steps per block at threshold 1.0), and the streamer prints the text up to the stop string."""
+    model, tokenizer, _ = text_model
+    ids = tokenizer("import os\ndef walk(top):", return_tensors="pt").input_ids
+    prompt_len, settings = ids.shape[1], dict(max_new_tokens=16, threshold=1.0, eos_token_id=None,
+                                              return_dict_in_generate=True)
+    free = model.generate(ids, **settings)
+    generated = free.sequences[0, prompt_len:].tolist()
+    column = next(
+        (c for c in range(4, 12) if (piece := tokenizer.decode(generated[c])).isascii() and piece.isalnum()
+         and piece not in tokenizer.decode(ids[0].tolist() + generated[:c])),
+        None,
+    )
+    assert column is not None, f"precondition: no usable stop string in {tokenizer.decode(generated)!r}"
+    stop = tokenizer.decode(generated[column])
+
+    streamer = TextCapture(tokenizer)
+    out = model.generate(ids, stop_strings=[stop], tokenizer=tokenizer, streamer=streamer, **settings)
+    pad = tokenizer.pad_token_id
+    assert out.sequences[0, prompt_len:].tolist() == generated[: column + 1] + [pad] * (15 - column)
+    assert out.nfe == (column // 4 + 1) * 4 < free.nfe
+    assert streamer.text == tokenizer.decode(generated[: column + 1])
+    assert streamer.text.endswith(stop)
+
+
+def test_pipeline_text_generation(text_model, tmp_path):
+    """`pipeline("text-generation", model=folder, trust_remote_code=True)`, in a process that cannot import this
+    repository, loads the saved code and an R2LMGenerationConfig with its fields, and returns the prompt followed by
+    the text `generate` gives here (greedy: the text-generation pipeline samples by default)."""
+    model, tokenizer, folder = text_model
+    prompt = "def main(argv):"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = tokenizer.decode(model.generate(ids)[0, ids.shape[1]:], skip_special_tokens=True)
+    proc = run_isolated(
+        f"""
+        import json, torch
+        from transformers import pipeline
+        torch.set_num_threads(1)
+        pipe = pipeline("text-generation", model={str(folder)!r}, trust_remote_code=True)
+        config = pipe.model.generation_config
+        assert type(config).__name__ == "R2LMGenerationConfig", type(config)
+        assert (config.block_size, config.threshold, config.max_new_tokens) == (4, 0.5, 16), config
+        print(json.dumps(pipe({prompt!r}, do_sample=False)))  # the pipeline samples unless told not to
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert expected and result == [{"generated_text": prompt + expected}]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation config
+
+
+DIFFUSION_FIELDS = dict(block_size=8, threshold=0.5, min_tokens_per_step=2, max_steps_per_block=6, unmasking="margin",
+                        output_history=True, mask_token_id=5)
+
+
+def test_generation_config_round_trip(tmp_path):
+    """R2LMGenerationConfig survives generation_config.json with its diffusion fields and the standard ones."""
+    config = R2LMGenerationConfig(**DIFFUSION_FIELDS, max_new_tokens=40, do_sample=True, temperature=0.7, top_k=5,
+                                  eos_token_id=3, pad_token_id=4)
+    config.save_pretrained(tmp_path)
+    loaded = R2LMGenerationConfig.from_pretrained(tmp_path)
+    assert type(loaded) is R2LMGenerationConfig
+    for name, value in {**DIFFUSION_FIELDS, "max_new_tokens": 40, "do_sample": True, "temperature": 0.7,
+                        "top_k": 5, "eos_token_id": 3, "pad_token_id": 4}.items():
+        assert getattr(loaded, name) == value, name
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["r2lm-config", "model-default"])
+def test_model_loads_r2lm_generation_config(tmp_path, fresh):
+    """A saved model comes back with an R2LMGenerationConfig: the one it was saved with, or defaults when it was
+    saved with the plain GenerationConfig a newly built model has."""
+    model = tiny_r2lm()
+    if not fresh:
+        model.generation_config = R2LMGenerationConfig(**DIFFUSION_FIELDS)
+    model.save_pretrained(tmp_path)
+    loaded = R2LMForDiffusionLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.generation_config, R2LMGenerationConfig)
+    expected = R2LMGenerationConfig() if fresh else R2LMGenerationConfig(**DIFFUSION_FIELDS)
+    for name in DIFFUSION_FIELDS:
+        assert getattr(loaded.generation_config, name) == getattr(expected, name), name
+
+
+BAD_CONFIG_VALUES = [
+    ("block_size", 0), ("block_size", 2.5), ("threshold", 0.0), ("threshold", 1.5), ("min_tokens_per_step", 0),
+    ("max_steps_per_block", -1), ("unmasking", "greedy"), ("max_new_tokens", 0),
+]
+
+
+@pytest.mark.parametrize("field, value", BAD_CONFIG_VALUES)
+def test_generation_config_rejects_bad_values(tmp_path, field, value):
+    """A bad value raises a ValueError that names the field, when built and when read from generation_config.json."""
+    with pytest.raises(ValueError, match=field):
+        R2LMGenerationConfig(**{field: value})
+    (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ValueError, match=field):
+        R2LMGenerationConfig.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+ERRORS = {  # name: (keyword arguments for generate, a change to the prompt, what the message says)
+    "max_new_tokens<1": (dict(max_new_tokens=0), None, "max_new_tokens"),
+    "block_size<1": (dict(block_size=0), None, "block_size"),
+    "threshold=0": (dict(threshold=0.0), None, "threshold"),
+    "threshold>1": (dict(threshold=1.01), None, "threshold"),
+    "unknown-rule": (dict(unmasking="fastest"), None, "unmasking"),
+    "mask-in-prompt": ({}, "mask", "mask token"),
+    "too-long": (dict(max_new_tokens=120), None, "max_position_embeddings"),
+    "right-padding": ({}, "right-pad", "[Rr]ight padding"),
+    "unknown-kwarg": (dict(temprature=0.5), None, "temprature"),
+}
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_generate_rejects(case, attention):
+    """Each bad request raises a ValueError whose message names the problem, before any decoding."""
+    kwargs, change, message = ERRORS[case]
+    model = tiny_r2lm(attention)
+    ids, mask = left_padded((5, 9))  # 9 + 120 new tokens, in blocks of 4, is over 128 positions
+    if change == "mask":
+        ids[0, -2] = MASK
+    elif change == "right-pad":
+        ids, mask = ids.flip(1), mask.flip(1)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, attention_mask=mask, **{"max_new_tokens": 8, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "option", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2), dict(repetition_penalty=1.3),
+               dict(max_length=12)],
+    ids=["num_beams", "num_return_sequences", "repetition_penalty", "max_length"],
+)
+def test_unsupported_standard_options_raise(option):
+    """Standard GenerationConfig options that diffusion decoding does not implement raise a ValueError naming them
+    instead of being silently ignored (the output would not be what was asked for)."""
+    model = tiny_r2lm()
+    ids, mask = left_padded()
+    with pytest.raises(ValueError, match=next(iter(option.keys() - {"do_sample"}))):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, **option)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sampling_is_reproducible():
+    """do_sample with temperature, top_k and top_p: the same seed gives the same tokens (with the cache and without:
+    both draw in the same order), another seed other tokens, and every token is a valid id."""
+    model = tiny_r2lm(peak=4.0)
+    ids, mask = left_padded()
+    settings = dict(max_new_tokens=16, block_size=4, threshold=0.5, do_sample=True, temperature=0.8, top_k=20,
+                    top_p=0.9)
+    first = generate(model, ids, mask, seed=0, **settings).sequences
+    assert torch.equal(generate(model, ids, mask, seed=0, **settings).sequences, first)
+    assert torch.equal(generate(model, ids, mask, seed=0, use_cache=False, **settings).sequences, first)
+    assert not torch.equal(generate(model, ids, mask, seed=1, **settings).sequences, first)
+    assert ((first >= 0) & (first < MASK)).all()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(threshold=0.9), dict(threshold=0.5, unmasking="margin"), dict(threshold=1.0, unmasking="left_to_right")],
+    ids=["confidence-0.9", "margin-0.5", "left-to-right"],
+)
+def test_top_k_1_sampling_is_greedy(settings):
+    """Sampling with top_k=1 draws the argmax at every position, so it decodes exactly as greedy decoding does:
+    the same tokens and the same number of steps."""
+    model = tiny_r2lm(peak=4.0)
+    ids, mask = left_padded()
+    greedy = generate(model, ids, mask, max_new_tokens=16, block_size=8, **settings)
+    sampled = generate(model, ids, mask, seed=0, max_new_tokens=16, block_size=8, do_sample=True, top_k=1, **settings)
+    assert sampled.nfe == greedy.nfe, "top_k=1 changed the number of steps"
+    assert torch.equal(sampled.sequences, greedy.sequences)
