@@ -38,7 +38,8 @@ block per forward pass and keeps every finished block in the KV cache.
 
 > **Continued pretraining needed.** Conversion sets every sidecar gate to zero, so this checkpoint computes exactly
 > what its source computes (checked before saving: largest logit difference {max_abs_diff:.1e} on a fixed batch). It
-> needs continued pretraining with the block-diffusion objective before it decodes well in parallel:
+> needs continued pretraining with the block-diffusion objective before it decodes well in parallel (with the
+> R2LM repository's training script):
 >
 > ```bash
 > {train_command}
@@ -85,8 +86,11 @@ def source_card_license(folder) -> dict:
 
 
 def train_command(model_id: str) -> str:
-    """The continued-pretraining command for a converted checkpoint."""
-    return f"python -m train --model {model_id} --data 'path/**/*.txt'"
+    """The continued-pretraining command (run in the R2LM repository); `train --model` takes a local folder."""
+    if Path(model_id).is_absolute():
+        return f"python -m train --model {model_id} --data 'path/**/*.txt'"
+    local = model_id.split("/")[-1]
+    return f"hf download {model_id} --local-dir {local}\n> python -m train --model {local} --data 'path/**/*.txt'"
 
 
 def usage_snippet(model_id: str, max_new_tokens: int = 32) -> str:

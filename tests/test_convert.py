@@ -199,6 +199,7 @@ def test_overwrite_replaces_the_folder_and_push_gets_it(untied_run):
     assert pushes == [((conversion.folder, "someone/tiny-r2lm"), {"private": True, "revision": None})]
     card = ModelCard.load(conversion.folder / "README.md")
     assert 'model_id = "someone/tiny-r2lm"' in card.text
+    assert "hf download someone/tiny-r2lm --local-dir tiny-r2lm\n> python -m train --model tiny-r2lm" in card.text
     assert card.data.license is None and card.data.base_model is None  # none in a local source without a card
 
 
