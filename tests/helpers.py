@@ -134,5 +134,8 @@ def run_convert(source, output_dir, *options) -> Conversion:
             status = main([str(source), str(output_dir), *map(str, options)])
     finally:
         for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     return Conversion(status, Path(output_dir), out.getvalue(), err.getvalue())
