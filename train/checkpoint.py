@@ -1,0 +1,87 @@
+"""Model folders: loading an R2LM folder (and refusing anything else), saving one atomically with its code files."""
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from r2lm import R2LMForDiffusionLM
+
+
+# The same entries as convert/ writes: `AutoConfig` / `AutoModel` / `AutoModelForCausalLM.from_pretrained(...,
+# trust_remote_code=True)` find the code files copied beside the weights.
+AUTO_MAP = {
+    "AutoConfig": "configuration_r2lm.R2LMConfig",
+    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+    "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
+}
+
+
+def temp_dir_path(final):
+    """Where `final` is written before `commit_dir` renames it (beside it: same file system, one rename)."""
+    final = Path(final)
+    return final.parent / f".tmp-{final.name}"
+
+
+def fresh_temp_dir(final):
+    """An empty folder at `temp_dir_path(final)`."""
+    tmp = temp_dir_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp, final):
+    """Replaces `final` by the complete folder `tmp`: readers see the old folder or the new one, never a part."""
+    final = Path(final)
+    old = final.parent / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    Path(tmp).rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final):
+    """Yields an empty temporary folder that replaces `final` on success and is removed on failure."""
+    tmp = fresh_temp_dir(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, final)
+
+
+def check_r2lm_folder(folder):
+    """Raises a ValueError naming the problem unless `folder` holds an R2LM model (config.json, model_type r2lm)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a model folder: it has no config.json.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "r2lm":
+        raise ValueError(
+            f"{folder} is not an R2LM checkpoint (its config.json has model_type {model_type!r}): convert a Qwen3 "
+            "checkpoint first with `r2lm-convert`, or train from scratch with --config or the size options."
+        )
+
+
+def load_model(folder):
+    """An R2LM folder as a float32 `R2LMForDiffusionLM` (float32 master weights; bf16 comes from autocast)."""
+    check_r2lm_folder(folder)
+    return R2LMForDiffusionLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def save_model(state_dict, config, tokenizer, folder, dtype=torch.float32, max_shard_size="15MB"):
+    """Writes a `save_pretrained` folder (weights in `dtype`, sharded, plus the tokenizer and the three code files)
+    from a full state dict into `folder` (callers make it atomic with `atomic_dir`). Building a fresh model from `config` keeps this independent of how the
+    training model is wrapped (DDP, FSDP)."""
+    model = R2LMForDiffusionLM(config).to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()})
+    model.config.auto_map = dict(AUTO_MAP)
+    type(model).register_for_auto_class("AutoModelForCausalLM")
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,124 @@
+"""Command line of `python -m train` (also `r2lm-train`, or `accelerate launch -m train`)."""
+
+import argparse
+import json
+from pathlib import Path
+
+from .data import add_data_arguments
+
+
+# Options that may be given again with --resume; every other one comes from the checkpoint's train_args.json.
+RESUME_OPTIONS = {"resume", "time_limit_minutes", "stop_after_steps"}
+ARGS_FILE = "train_args.json"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Trains an R2LM with the block-diffusion objective (DESIGN section 4), from an R2LM folder or "
+        "from scratch, on local text files.",
+    )
+    model = parser.add_argument_group("model (one of --model, --config, or the size options for a new model)")
+    model.add_argument("--model", help="an R2LM folder to continue from (e.g. a converted Qwen3)")
+    model.add_argument("--config", type=Path, help="JSON file of R2LMConfig fields for a new model")
+    model.add_argument("--tokenizer", help="tokenizer folder (default: the --model folder)")
+    model.add_argument("--hidden-size", type=int, default=384)
+    model.add_argument("--num-layers", type=int, default=8)
+    model.add_argument("--num-heads", type=int, default=6)
+    model.add_argument("--num-kv-heads", type=int, default=2)
+    model.add_argument("--head-dim", type=int, default=64)
+    model.add_argument("--intermediate-size", type=int, default=1024)
+    model.add_argument("--sidecar-layers", type=int, nargs="*", help="default every 4th layer; none: causal dLLM")
+    model.add_argument("--attention", choices=("causal", "bidirectional"), default="causal")
+    model.add_argument("--block-size", type=int, help="diffusion block size (sets the model config's)")
+    model.add_argument("--rope-theta", type=float, default=10000.0)
+    model.add_argument("--max-position-embeddings", type=int, default=4096)
+
+    data = parser.add_argument_group("data (--data, or --tokens for a folder written by `python -m train.data`)")
+    add_data_arguments(data, required=False)
+    data.add_argument("--tokens", help="pre-tokenized folder (train.npy, heldout.npy, meta.json)")
+    data.add_argument("--seq-len", type=int, default=256, help="tokens per row; a multiple of the block size")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
+                     help="diffusion: DESIGN section 4; ar: next-token loss with block_size 1 (the AR baseline)")
+    opt.add_argument("--max-steps", type=int, default=1000)
+    opt.add_argument("--batch-size", type=int, default=16, help="rows per process per micro-batch")
+    opt.add_argument("--grad-accum", type=int, default=1)
+    opt.add_argument("--lr", type=float, default=1e-3)
+    opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at lr * this")
+    opt.add_argument("--warmup-steps", type=int, default=100)
+    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--max-grad-norm", type=float, default=1.0)
+    opt.add_argument("--gradient-checkpointing", action="store_true")
+    opt.add_argument("--freeze-backbone", action="store_true", help="train only the sidecars (the plug-in variant)")
+    opt.add_argument("--freeze-backbone-steps", type=int, default=0, help="sidecars only for N steps, then all")
+    opt.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto", help="auto: bf16 on GPU")
+    opt.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", type=Path, default=Path("runs/r2lm"))
+    run.add_argument("--resume", type=Path, help="a checkpoint folder, or a run's output folder (its latest)")
+    run.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    run.add_argument("--keep-checkpoints", type=int, default=2)
+    run.add_argument("--eval-every", type=int, default=500, help="held-out evaluation every N steps (and at the end)")
+    run.add_argument("--eval-rows", type=int, default=256, help="held-out rows per evaluation")
+    run.add_argument("--eval-block-size", type=int, help="block size of the masked NLL (default: the model's)")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--time-limit-minutes", type=float, help="checkpoint and stop when this is reached")
+    run.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after N steps of this invocation")
+    run.add_argument("--final-dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="dtype of the final model folder (output_dir/final)")
+    run.add_argument("--max-shard-size", default="15MB")
+    return parser
+
+
+def given_options(parser, argv):
+    """The dests of the options written on the command line (not those left at their default)."""
+    given = set()
+    for token in argv:
+        action = parser._option_string_actions.get(token.split("=", 1)[0])
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
+def parse_args(argv):
+    """Parses and checks the options; with --resume, every option but RESUME_OPTIONS comes from the checkpoint."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        extra = sorted("--" + e.replace("_", "-") for e in given_options(parser, argv) - RESUME_OPTIONS)
+        if extra:
+            parser.error(
+                f"with --resume the run's options come from the checkpoint's {ARGS_FILE}; only --time-limit-minutes "
+                f"and --stop-after-steps may be given again (got {', '.join(extra)})."
+            )
+        return args
+    if (args.data is None) == (args.tokens is None):
+        parser.error("give the training text with exactly one of --data (files, folders, globs) or --tokens.")
+    if args.model and args.config:
+        parser.error("--model continues an R2LM folder and --config starts a new model: give one of them.")
+    if not args.model and not args.tokenizer:
+        parser.error("a new model needs --tokenizer (a folder, e.g. written by `python -m train.tokenizer`).")
+    if args.freeze_backbone and args.freeze_backbone_steps:
+        parser.error("--freeze-backbone freezes for the whole run; --freeze-backbone-steps N only for N steps.")
+    return args
+
+
+def args_to_json(args):
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1)
+
+
+def args_from_checkpoint(checkpoint, resume_args):
+    """The saved options of a run, with the RESUME_OPTIONS of this command line."""
+    saved = json.loads((Path(checkpoint) / ARGS_FILE).read_text())
+    args = build_parser().parse_args([])
+    for key, value in saved.items():
+        setattr(args, key, value)
+    for key in ("output_dir", "config"):
+        if getattr(args, key) is not None:
+            setattr(args, key, Path(getattr(args, key)))
+    for key in RESUME_OPTIONS:
+        setattr(args, key, getattr(resume_args, key))
+    return args

@@ -1,0 +1,80 @@
+"""Held-out evaluation: masked-token NLL at fixed mask rates, and the AR NLL where the model has one.
+
+Masked-token NLL at rate r: every predictable token of every block is masked with probability r (a fixed
+generator, so each evaluation sees the same masks), and the NLL is sum(CE over masked tokens) / (number masked),
+in nats per token. At r = 1.0 each block is predicted whole from the clean blocks before it. The AR NLL is the plain
+next-token cross-entropy of `model(ids, block_size=1, labels=ids)`; a bidirectional model has no causal forward, so
+its AR NLL is None (its nearest figure is the rate-1.0 NLL, which predicts a block from the blocks before it).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+MASK_RATES = (0.15, 0.5, 0.85, 1.0)
+AR_NOTE_BIDIRECTIONAL = "bidirectional attention has no causal forward: no AR NLL (see nll@1.0)"
+
+
+class Objective(nn.Module):
+    """Wraps the model so that every loss goes through `forward`, which DDP and FSDP hook; `model.diffusion_loss`
+    called directly would bypass them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, kind="diffusion", **kwargs):
+        if kind == "ar":
+            return self.model(input_ids, labels=input_ids, block_size=1, use_cache=False)
+        return self.model.diffusion_loss(input_ids, **kwargs)
+
+
+def eval_rows(rows, batch_size, accelerator):
+    """This process's share of the held-out rows, in whole batches of equal count on every process."""
+    per_round = batch_size * accelerator.num_processes
+    usable = len(rows) // per_round * per_round
+    if usable == 0:
+        raise ValueError(
+            f"The held-out split has {len(rows)} rows, fewer than one evaluation round of {per_round} "
+            "(--batch-size x processes): hold out more files or lower --batch-size."
+        )
+    return rows[:usable][accelerator.process_index :: accelerator.num_processes].split(batch_size)
+
+
+def masked_ce_sum(out, input_ids):
+    """(sum of cross-entropy over the masked tokens, number masked) from a `diffusion_loss` output."""
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
+    masked = out.masked.flatten()
+    return (ce * masked).sum(), masked.sum()
+
+
+@torch.no_grad()
+def evaluate(objective, rows, batch_size, accelerator, block_size=None, seed=0):
+    """{"nll@r": ..., "ar_nll": ...} in nats per token over `rows` (n, L), summed over processes.
+
+    `block_size` is the block size of the masked-token NLL (default: the model's). Leaves the model in eval mode.
+    """
+    objective.eval()
+    batches = eval_rows(rows, batch_size, accelerator)
+    causal = accelerator.unwrap_model(objective).model.config.attention == "causal"
+    sums = torch.zeros(len(MASK_RATES) + 1, 2, dtype=torch.float64, device=accelerator.device)  # (ce, count)
+    for i, rate in enumerate(MASK_RATES):
+        generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+        for batch in batches:
+            batch = batch.to(accelerator.device)
+            out = objective(batch, mask_rates=rate, block_size=block_size, block_offset=0, generator=generator)
+            sums[i] += torch.stack(masked_ce_sum(out, batch)).double()
+    if causal:
+        for batch in batches:
+            batch = batch.to(accelerator.device)
+            count = batch.shape[0] * (batch.shape[1] - 1)  # every token but the first of each row
+            loss = objective(batch, kind="ar").loss.double()
+            sums[-1, 0] += loss * count
+            sums[-1, 1] += count
+    sums = accelerator.reduce(sums, "sum")
+    result = {f"nll@{rate}": (sums[i, 0] / sums[i, 1]).item() for i, rate in enumerate(MASK_RATES)}
+    result["ar_nll"] = (sums[-1, 0] / sums[-1, 1]).item() if causal else None
+    if not causal:
+        result["ar_note"] = AR_NOTE_BIDIRECTIONAL
+    return result

@@ -1,0 +1,334 @@
+"""The training loop: accelerate (one process, DDP or FSDP), AdamW with warmup and cosine decay, gradient clipping
+and accumulation, periodic held-out evaluation, and checkpoints from which a run resumes exactly.
+
+Exact resume holds because nothing random is carried in hidden state: the rows of micro-batch k are fixed by
+(seed, k) through per-epoch permutations, and the masks and block offset of micro-batch k on process r come from a
+generator seeded with (seed, k, r). A checkpoint stores the weights, the optimizer, the scheduler, the step and the
+RNG states (accelerate's `save_state`), so step k + 1 after a resume is step k + 1 of the uninterrupted run.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from r2lm import R2LMConfig, R2LMForDiffusionLM
+
+from .checkpoint import commit_dir, fresh_temp_dir, load_model, save_model, temp_dir_path
+from .cli import ARGS_FILE, args_to_json
+from .data import find_files, load_tokens, pack, split_by_file, tokenize_files
+from .evaluate import Objective, evaluate
+
+
+STATE_DIR = "training_state"
+METRICS = "metrics.jsonl"
+
+
+class Progress:
+    """The counters a checkpoint carries besides accelerate's own state (registered for checkpointing)."""
+
+    def __init__(self, train_rows):
+        self.step, self.tokens, self.train_rows = 0, 0, train_rows
+
+    def state_dict(self):
+        return {"step": self.step, "tokens": self.tokens, "train_rows": self.train_rows}
+
+    def load_state_dict(self, state):
+        if state["train_rows"] != self.train_rows:
+            raise ValueError(
+                f"The checkpoint was trained on {state['train_rows']} rows, this data packs into {self.train_rows}: "
+                "resume with the same files, tokenizer and --seq-len."
+            )
+        self.step, self.tokens = state["step"], state["tokens"]
+
+
+class RowSampler:
+    """Micro-batch k takes positions [k G, (k + 1) G) (G = batch x processes) of an endless run of per-epoch
+    permutations of the rows; process r takes its `batch` of them."""
+
+    def __init__(self, n_rows, batch_size, seed, rank, world):
+        self.n_rows, self.batch_size, self.seed, self.rank, self.world = n_rows, batch_size, seed, rank, world
+        self._perms = {}
+
+    def _perm(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch))} | {e: p for e, p in self._perms.items() if e == epoch - 1}
+        return self._perms[epoch]
+
+    def rows(self, micro_step):
+        start = (micro_step * self.world + self.rank) * self.batch_size
+        positions = range(start, start + self.batch_size)
+        return torch.stack([self._perm(p // self.n_rows)[p % self.n_rows] for p in positions])
+
+
+def new_config(args, tokenizer):
+    """An R2LMConfig for a model trained from scratch: --config JSON or the size options, the tokenizer's ids."""
+    if tokenizer.mask_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer needs a mask token and an EOS token (train.tokenizer adds both).")
+    if args.config is not None:
+        fields = json.loads(Path(args.config).read_text())
+    else:
+        fields = dict(
+            hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+            num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim, intermediate_size=args.intermediate_size,
+            sidecar_layers=args.sidecar_layers, attention=args.attention, tie_word_embeddings=True,
+            max_position_embeddings=args.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        )
+    vocab_size = fields.get("vocab_size", len(tokenizer))
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"--config has vocab_size {vocab_size}, smaller than the tokenizer's {len(tokenizer)}.")
+    fields.update(vocab_size=vocab_size, mask_token_id=tokenizer.mask_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.block_size is not None:
+        fields["block_size"] = args.block_size
+    return R2LMConfig(**fields)
+
+
+def build_model(args):
+    """(model, tokenizer): an R2LM folder (--model) or a new model, with the training block size checked."""
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    if args.model:
+        model = load_model(args.model)
+        if args.block_size is not None:
+            model.config.block_size = args.block_size
+    else:
+        model = R2LMForDiffusionLM(new_config(args, tokenizer))
+    config = model.config
+    if config.mask_token_id is None:
+        raise ValueError(f"{args.model}: config.mask_token_id is not set; the diffusion objective needs `<|mask|>`.")
+    block_size = 1 if args.objective == "ar" else config.block_size
+    if args.seq_len % block_size:
+        lower, upper = args.seq_len // block_size * block_size, -(-args.seq_len // block_size) * block_size
+        raise ValueError(
+            f"--seq-len {args.seq_len} is not a multiple of the block size {block_size}: use {lower or upper} or "
+            f"{upper} (or change --block-size)."
+        )
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings {config.max_position_embeddings}.")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def load_rows(args, tokenizer):
+    """(train rows, held-out rows), each (n, seq_len), from --tokens or by tokenizing --data."""
+    if args.tokens:
+        train, heldout, _ = load_tokens(args.tokens, len(tokenizer))
+    else:
+        split = split_by_file(find_files(args.data, args.include, args.exclude), args.heldout_fraction)
+        train, heldout = (tokenize_files(files, tokenizer)[0] for files in (split.train, split.heldout))
+    return pack(train, args.seq_len), pack(heldout, args.seq_len)
+
+
+def param_groups(model, args):
+    """AdamW groups: weight decay on matrices, none on norms, biases, gates and Mamba's A_log and D."""
+    if args.freeze_backbone:
+        if not model.config.sidecar_layers:
+            raise ValueError("--freeze-backbone trains only the sidecars, and this model has none (sidecar_layers=[]).")
+        for name, param in model.named_parameters():
+            param.requires_grad_(".sidecar." in name)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith("A_log")]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.endswith("A_log"))]
+    return [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Owns the accelerator, model, optimizer, data and counters of one run; `run()` trains to --max-steps."""
+
+    def __init__(self, args, resume_from=None):
+        self.args = args
+        mixed = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+        self.accelerator = Accelerator(mixed_precision=mixed)
+        set_seed(args.seed)
+        if resume_from is not None:
+            args.model = str(resume_from)
+        model, self.tokenizer = build_model(args)
+        self.config = model.config
+        self.train_rows, self.heldout_rows = load_rows(args, self.tokenizer)
+        self.heldout_rows = self.heldout_rows[: args.eval_rows]
+        optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
+        )
+        self.objective, self.optimizer = self.accelerator.prepare(Objective(model), optimizer)
+        self.progress = Progress(len(self.train_rows))
+        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        acc = self.accelerator
+        self.sampler = RowSampler(len(self.train_rows), args.batch_size, args.seed, acc.process_index, acc.num_processes)
+        self.backbone = [p for n, p in self.objective.named_parameters() if ".sidecar." not in n]
+        self.output_dir = Path(args.output_dir)
+        if resume_from is not None:
+            acc.load_state(str(Path(resume_from) / STATE_DIR))
+            self._truncate_metrics()
+
+    @property
+    def tokens_per_step(self):
+        return self.args.batch_size * self.args.grad_accum * self.accelerator.num_processes * self.args.seq_len
+
+    def micro_loss(self, batch, micro_step):
+        """The training loss of one micro-batch; its randomness is a function of (seed, micro_step, process)."""
+        if self.args.objective == "ar":
+            return self.objective(batch, kind="ar").loss
+        seed = (self.args.seed << 40) + (micro_step << 10) + self.accelerator.process_index
+        return self.objective(batch, generator=torch.Generator().manual_seed(seed)).loss
+
+    def train_step(self):
+        """One optimizer step over --grad-accum micro-batches; returns (mean loss tensor, grad norm)."""
+        acc, args, step = self.accelerator, self.args, self.progress.step
+        self.objective.train()
+        total = torch.zeros((), device=acc.device)
+        for micro in range(args.grad_accum):
+            micro_step = step * args.grad_accum + micro
+            batch = self.train_rows[self.sampler.rows(micro_step)].to(acc.device)
+            last = micro == args.grad_accum - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.objective):
+                loss = self.micro_loss(batch, micro_step) / args.grad_accum
+                acc.backward(loss)
+            total += loss.detach()
+        if step < args.freeze_backbone_steps:
+            for param in self.backbone:
+                param.grad = None  # sidecars only for now: AdamW skips parameters without a gradient
+        params = [p for p in self.objective.parameters() if p.grad is not None]
+        grad_norm = acc.clip_grad_norm_(params, args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        return acc.reduce(total, "mean"), grad_norm
+
+    def evaluate(self):
+        block_size = self.args.eval_block_size or self.config.block_size
+        return evaluate(self.objective, self.heldout_rows, self.args.batch_size, self.accelerator, block_size)
+
+    def log(self, record):
+        """Appends one JSON line to output_dir/metrics.jsonl (main process)."""
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self):
+        """Drops metric lines written after the checkpoint (by a run that went on and then stopped)."""
+        path = self.output_dir / METRICS
+        if self.accelerator.is_main_process and path.exists():
+            lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= self.progress.step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in lines))
+            os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self):
+        """output_dir/checkpoint-NNNNNNN: a save_pretrained folder plus training_state/ and train_args.json, written
+        to a temporary folder and renamed into place; older checkpoints beyond --keep-checkpoints are removed."""
+        acc = self.accelerator
+        folder = self.output_dir / f"checkpoint-{self.progress.step:07d}"
+        state_dict = acc.get_state_dict(self.objective)
+        if acc.is_main_process:
+            tmp = fresh_temp_dir(folder)
+            save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp)
+            (tmp / ARGS_FILE).write_text(args_to_json(self.args))
+        acc.wait_for_everyone()
+        acc.save_state(str(temp_dir_path(folder) / STATE_DIR))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            commit_dir(temp_dir_path(folder), folder)
+            for old in sorted(self.output_dir.glob("checkpoint-*"))[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return folder
+
+    def export(self, results):
+        """output_dir/final: the model in --final-dtype (sharded by --max-shard-size) and eval.json."""
+        state_dict = self.accelerator.get_state_dict(self.objective)
+        if self.accelerator.is_main_process:
+            tmp = fresh_temp_dir(self.output_dir / "final")
+            dtype = getattr(torch, self.args.final_dtype)
+            save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp, dtype, self.args.max_shard_size)
+            (tmp / "eval.json").write_text(json.dumps(results, indent=1))
+            commit_dir(tmp, self.output_dir / "final")
+        self.accelerator.wait_for_everyone()
+
+    def should_stop(self, start, steps_this_run):
+        """True when --stop-after-steps or --time-limit-minutes is reached (the same answer on every process)."""
+        args = self.args
+        late = args.time_limit_minutes is not None and time.time() - start > 60 * args.time_limit_minutes
+        late = late or (args.stop_after_steps is not None and steps_this_run >= args.stop_after_steps)
+        late = torch.tensor(float(late), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(late, "max").item())
+
+    def run(self):
+        """Trains to --max-steps and exports output_dir/final; returns the last evaluation, or None when it stopped
+        early (time or step limit) after a checkpoint."""
+        args, progress = self.args, self.progress
+        start, first_step, meter, results = time.time(), progress.step, Meter(progress.tokens), None
+        bar = tqdm(total=args.max_steps, initial=progress.step, disable=not self.accelerator.is_main_process,
+                   dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
+        while progress.step < args.max_steps:
+            meter.add(*self.train_step())
+            bar.update(1)
+            step, done = progress.step, progress.step == args.max_steps
+            if step % args.log_every == 0 or done:
+                record = meter.flush(step, progress.tokens, self.scheduler.get_last_lr()[0], time.time() - start)
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % args.eval_every == 0 or done:
+                results = {"step": step, "tokens": progress.tokens, **self.evaluate()}
+                self.log({"step": step, "eval": results})
+            stop = not done and self.should_stop(start, step - first_step)
+            if step % args.save_every == 0 or done or stop:
+                folder = self.save_checkpoint()
+            if stop:
+                bar.close()
+                print(f"stopped at step {step} of {args.max_steps}: continue with --resume {folder}")
+                return None
+        bar.close()
+        self.export(results)
+        return results
+
+
+class Meter:
+    """Mean loss, last gradient norm and throughput over the steps since the last log line."""
+
+    def __init__(self, tokens):
+        self.time, self.tokens, self.loss, self.steps, self.grad_norm = time.time(), tokens, 0.0, 0, None
+
+    def add(self, loss, grad_norm):
+        self.loss, self.steps, self.grad_norm = self.loss + loss, self.steps + 1, grad_norm
+
+    def flush(self, step, tokens, lr, elapsed):
+        now = time.time()
+        record = {
+            "step": step, "loss": float(self.loss / self.steps), "lr": lr, "grad_norm": float(self.grad_norm),
+            "tokens": tokens, "tokens_per_s": (tokens - self.tokens) / max(now - self.time, 1e-9), "elapsed_s": elapsed,
+        }
+        self.time, self.tokens, self.loss, self.steps = now, tokens, 0.0, 0
+        return record
+
+
+def _strip_prefix(state_dict):
+    """The Objective wrapper's keys ("model.model.layers...") as the model's ("model.layers...")."""
+    return {k.removeprefix("model."): v for k, v in state_dict.items()}
+
+
+def latest_checkpoint(path):
+    """`path` if it is a checkpoint, else the newest complete checkpoint inside it."""
+    path = Path(path)
+    if (path / ARGS_FILE).is_file():
+        return path
+    found = sorted(p for p in path.glob("checkpoint-*") if (p / ARGS_FILE).is_file())
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: neither a checkpoint folder nor a run folder holding one.")
+    return found[-1]
