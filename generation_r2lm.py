@@ -56,6 +56,11 @@ UNMASKING_RULES = {
 }
 
 
+# Standard options that diffusion decoding does not implement, with the only value it accepts.
+UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "num_beam_groups": 1,
+                       "no_repeat_ngram_size": 0, "penalty_alpha": None}
+
+
 class R2LMGenerationConfig(GenerationConfig):
     r"""
     Generation settings of R2LM's diffusion decoder, on top of the standard ones (`max_new_tokens`, `do_sample`,
@@ -96,6 +101,9 @@ class R2LMGenerationConfig(GenerationConfig):
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold!r}.")
         if self.unmasking not in UNMASKING_RULES:
             raise ValueError(f"`unmasking` must be one of {sorted(UNMASKING_RULES)}, got {self.unmasking!r}.")
+        for name, accepted in UNSUPPORTED_OPTIONS.items():
+            if getattr(self, name, accepted) not in (accepted, None):
+                raise ValueError(f"`{name}` is not supported by R2LM's diffusion decoding (only {accepted!r} is).")
 
     def from_model_config(self, *args, **kwargs):
         raise NotImplementedError("R2LMGenerationConfig is not built from a model config; pass its fields directly.")
@@ -197,6 +205,8 @@ class R2LMGenerationMixin(GenerationMixin):
 
     def _r2lm_generation_config(self, generation_config, kwargs):
         """The effective settings: `generation_config` (or the model's), updated by `kwargs`; returns the rest."""
+        if "max_length" in kwargs:
+            raise ValueError("`max_length` is not supported by R2LM's `generate`: pass `max_new_tokens` instead.")
         base = generation_config if generation_config is not None else self.generation_config
         config = R2LMGenerationConfig.from_dict(base.to_dict())
         model_kwargs = config.update(**kwargs)
@@ -313,26 +323,30 @@ class R2LMGenerationMixin(GenerationMixin):
 
     @staticmethod
     def _logits_processors(config, device):
-        # The mask token is never a prediction: committing it would leave the position masked.
-        processors = LogitsProcessorList([SuppressTokensLogitsProcessor([config.mask_token_id], device=device)])
-        if config.do_sample:
-            if config.temperature is not None and config.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k:
-                processors.append(TopKLogitsWarper(top_k=config.top_k))
-            if config.top_p is not None and config.top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p=config.top_p))
-        return processors
+        """`suppress`: the mask token is never a prediction (committing it would leave the position masked);
+        `sample`: temperature, top-k and top-p, applied only to draw sampled tokens."""
+        sample = LogitsProcessorList()
+        if config.temperature is not None and config.temperature != 1.0:
+            sample.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            sample.append(TopKLogitsWarper(top_k=config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            sample.append(TopPLogitsWarper(top_p=config.top_p))
+        suppress = LogitsProcessorList([SuppressTokensLogitsProcessor([config.mask_token_id], device=device)])
+        return {"suppress": suppress, "sample": sample}
 
     @staticmethod
     def _commit_step(block, masked, logits, processors, config, steps_left):
         """Unmasks, in place, the positions of `block` (b, B) whose confidence exceeds `threshold`, and at least
         max(min_tokens_per_step, remaining / steps_left) per row, ranked by the unmasking rule."""
         batch, size, vocab = logits.shape
-        scores = processors(None, logits.reshape(-1, vocab).float()).view(batch, size, vocab)
-        probs = scores.softmax(-1)
+        logits = processors["suppress"](None, logits.reshape(-1, vocab).float())
+        # Confidence is the model's own probability (temperature 1, no truncation); the sampling settings only
+        # choose the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
+        probs = logits.softmax(-1).view(batch, size, vocab)
         if config.do_sample:
-            x0 = torch.multinomial(probs.view(-1, vocab), 1).view(batch, size)
+            sample_probs = processors["sample"](None, logits).softmax(-1)
+            x0 = torch.multinomial(sample_probs, 1).view(batch, size)
         else:
             x0 = probs.argmax(-1)
         x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
