@@ -163,6 +163,31 @@ def sidecar_parity(r2lm, modeling, mamba_simple, device, batch, length, d_model,
     return sidecar
 
 
+def gradient_parity(modeling, sidecar, device, batch, length, rows):
+    """fp32 gradients of the sidecar (its parameters and its input) through the kernel path vs the reference path."""
+    if modeling.selective_scan_fn is None:
+        return
+    sidecar.float()
+    torch.manual_seed(1)
+    h = torch.randn(batch, length, sidecar.norm.normalized_shape[0], device=device)
+    weight = torch.randn_like(h)
+    valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    kernels = (modeling.selective_scan_fn, modeling.causal_conv1d_fn)
+    grads = {}
+    for name, on in (("kernel", True), ("reference", False)):
+        modeling.selective_scan_fn, modeling.causal_conv1d_fn = kernels if on else (None, None)
+        x = h.clone().requires_grad_()
+        sidecar.zero_grad()
+        (sidecar(x, valid, 32, 0) * weight).sum().backward()
+        grads[name] = {"input": x.grad, **{n: p.grad.clone() for n, p in sidecar.named_parameters()}}
+    modeling.selective_scan_fn, modeling.causal_conv1d_fn = kernels
+    for n in grads["reference"]:
+        max_abs, rel = errors(grads["kernel"][n], grads["reference"][n])
+        rows.append({"grad of": n, "max_abs": max_abs, "rel": rel})
+    worst = max(rows, key=lambda r: r["rel"])
+    print(f"gradients, kernel vs reference (fp32, {batch} x {length}): worst rel {worst['rel']:.3g} ({worst['grad of']})")
+
+
 def model_share(r2lm, modeling, device, batch, length, config_kwargs, rows):
     """Forward time of an R2LM in bf16 with sidecars (kernel and reference paths) and without; the sidecars' share
     is (with - without) / with. Also with attention_mask=None passed to attention (flash SDPA), to show what the dense
@@ -181,6 +206,17 @@ def model_share(r2lm, modeling, device, batch, length, config_kwargs, rows):
     dense_mask = modeling.inference_attention_mask
     sidecars = {i: layer.sidecar for i, layer in enumerate(model.model.layers) if layer.sidecar is not None}
     results = {}
+    if kernels[0] is not None:  # whole-model logits, kernel vs reference path (last 64 columns)
+        with torch.no_grad():
+            logits = {}
+            for on in (True, False):
+                modeling.selective_scan_fn, modeling.causal_conv1d_fn = kernels if on else (None, None)
+                logits[on] = model(ids, use_cache=False, logits_to_keep=64).logits
+        modeling.selective_scan_fn, modeling.causal_conv1d_fn = kernels
+        max_abs, rel = errors(logits[True], logits[False])
+        rows.append({"attention_mask": "dense", "sidecars": "kernel vs reference logits", "max_abs": max_abs,
+                     "rel": rel})
+        print(rows[-1], flush=True)
 
     def run():
         model(ids, use_cache=False)
@@ -202,7 +238,7 @@ def model_share(r2lm, modeling, device, batch, length, config_kwargs, rows):
             print(f"model forward, attention mask {mask}, sidecars {name}: {results[mask, name]:.2f} ms", flush=True)
     modeling.inference_attention_mask = dense_mask
     modeling.selective_scan_fn, modeling.causal_conv1d_fn = kernels
-    for (mask, name), ms in results.items():
+    for (mask, name), ms in results.items():  # the share: (with - without) / with
         none = results[mask, "none"]
         share = (ms - none) / ms if name != "none" else 0.0
         rows.append({"attention_mask": mask, "sidecars": name, "ms": ms, "sidecar_share": share})
@@ -237,11 +273,12 @@ def main():
            f"causal_conv1d {'yes' if modeling.causal_conv1d_fn else 'no'}"
            f"{' (SMALL degraded sizes)' if small else ''}")
     print(env, flush=True)
-    batch, length = (1, 128) if small else (8, 2048)
+    batch, length = (1, 64) if small else (8, 2048)
 
-    parity, share = [], []
+    parity, grads, share = [], [], []
     try:
-        sidecar_parity(r2lm, modeling, mamba_simple, device, batch, length, 2048, 32, parity)
+        sidecar = sidecar_parity(r2lm, modeling, mamba_simple, device, batch, length, 2048, 32, parity)
+        gradient_parity(modeling, sidecar, device, *(1, 64) if small else (2, 512), grads)
     except Exception:
         traceback.print_exc()
     if device.type == "cuda":
@@ -261,16 +298,19 @@ def main():
         f"## Sidecar paths, hidden states {batch} x {length} x 2048, block 32 "
         f"(errors of r vs the fp32 reference path; time of the whole sidecar)\n\n"
         + table(parity, ["dtype", "path", "max_abs", "rel", "ms"])
+        + "\n\n## Sidecar gradients, kernel vs reference path, fp32\n\n"
+        + table(grads, ["grad of", "max_abs", "rel"])
         + f"\n\n## {'Tiny' if small else 'Qwen3-1.7B-shaped'} R2LM forward, bf16, "
         f"{'1 x 256' if small else '8 x 2048'} tokens (7 sidecars on 1.7B)\n\n"
-        + table(share, ["attention_mask", "sidecars", "ms", "sidecar_share"])
+        + table(share, ["attention_mask", "sidecars", "ms", "sidecar_share", "max_abs", "rel"])
         + "\n"
     )
     print("\n" + report)
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"])
         (out / "gpu_sidecar_check.md").write_text(report)
-        (out / "gpu_sidecar_check.json").write_text(json.dumps({"env": env, "parity": parity, "share": share}, indent=1))
+        results = {"env": env, "parity": parity, "gradients": grads, "share": share}
+        (out / "gpu_sidecar_check.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
