@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
 
 logger = logging.getLogger("r2lm.space")
@@ -140,6 +140,7 @@ class CanvasView:
         return sum(token != self.mask_id for token in ids), ids
 
     def spans(self):
+        """[(text, label), ...] for `gr.HighlightedText`; a newline shows as "↵" before the line break."""
         spans = []
         for token, step in zip(self.tokens, self.steps):
             if token in self.eos_ids:
@@ -147,7 +148,8 @@ class CanvasView:
             if token == self.mask_id:
                 spans.append((MASK_GLYPH, "mask"))
             else:
-                spans.append((self.tokenizer.decode([token]), f"c{step % len(PALETTE)}"))
+                text = self.tokenizer.decode([token]).replace("\n", "↵\n")
+                spans.append((text, f"c{step % len(PALETTE)}"))
         return spans
 
 
@@ -161,11 +163,21 @@ def as_ui_error(error):
     return gr.Error(f"Decoding failed ({type(error).__name__}: {error}).")
 
 
+class Cancelled(StoppingCriteria):
+    """Stops every row once `event` is set (the page went away): `generate` ends after the current block."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_generate(model, prompt_ids, settings):
     """Runs `model.generate` in a thread. Yields `("steps", [(step, canvas), ...])` as steps come (several at once
     when the UI is slower than the model; `canvas` lists the generated columns' ids), then `("done", (output,
     wall_s))`. An error inside `generate` is raised here, as a message for the UI."""
-    events = queue.Queue()
+    events, cancel = queue.Queue(), threading.Event()
     n_prompt, n_new = prompt_ids.shape[1], settings["max_new_tokens"]
 
     def on_step(step, canvas, logits):
@@ -176,28 +188,31 @@ def stream_generate(model, prompt_ids, settings):
             start = time.perf_counter()
             output = model.generate(
                 prompt_ids, attention_mask=torch.ones_like(prompt_ids), step_callback=on_step,
-                return_dict_in_generate=True, **settings,
+                stopping_criteria=[Cancelled(cancel)], return_dict_in_generate=True, **settings,
             )
             events.put(("done", (output, time.perf_counter() - start)))
         except Exception as error:  # handed to the UI thread, which shows it as a message
             events.put(("error", error))
 
     threading.Thread(target=work, daemon=True).start()
-    while True:
-        kind, payload = events.get()
-        steps = []
-        while kind == "step":
-            steps.append(payload)
-            if events.empty():
-                break
-            kind, payload = events.get_nowait()
-        if steps:
-            yield "steps", steps
-        if kind == "error":
-            raise as_ui_error(payload)
-        if kind == "done":
-            yield "done", payload
-            return
+    try:
+        while True:
+            kind, payload = events.get()
+            steps = []
+            while kind == "step":
+                steps.append(payload)
+                if events.empty():
+                    break
+                kind, payload = events.get_nowait()
+            if steps:
+                yield "steps", steps
+            if kind == "error":
+                raise as_ui_error(payload)
+            if kind == "done":
+                yield "done", payload
+                return
+    finally:
+        cancel.set()  # a no-op after "done"; stops the decoding when the page stops listening
 
 
 class Decoder:

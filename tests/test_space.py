@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +123,35 @@ def test_max_new_tokens_over_the_cap_shows_the_error_message(client, app):
         client.predict(PROMPT, app.MAX_NEW_TOKENS + 1, *SETTINGS[1:], api_name="/decode")
 
 
+def test_an_error_inside_generate_shows_its_message(client):
+    """The library refuses a prompt holding the mask token; the page shows its message (no stack trace)."""
+    with pytest.raises(AppError, match="contains the mask token"):
+        client.predict(PROMPT + "<|mask|>", *SETTINGS, api_name="/decode")
+
+
+def test_closing_the_stream_stops_the_decoding(app):
+    """When the page stops listening, the stopping criterion the app passes to `generate` turns true, so the decoding
+    thread ends instead of running on (checked with a stand-in model that steps until its criteria say stop)."""
+
+    class Stepper:
+        def __init__(self):
+            self.steps, self.finished = 0, threading.Event()
+
+        def generate(self, prompt_ids, step_callback, stopping_criteria, **kwargs):
+            canvas = torch.zeros(1, prompt_ids.shape[1] + 4, dtype=torch.long)
+            while not stopping_criteria[0](canvas, None).all() and self.steps < 10_000:
+                self.steps += 1
+                step_callback(self.steps, canvas, None)
+                time.sleep(0.001)
+            self.finished.set()
+
+    model = Stepper()
+    stream = app.stream_generate(model, torch.ones(1, 3, dtype=torch.long), {"max_new_tokens": 4})
+    assert next(stream)[0] == "steps"
+    stream.close()
+    assert model.finished.wait(timeout=10) and model.steps < 10_000
+
+
 def test_caps_are_checked_before_any_decoding(app):
     """The listener checks its inputs itself, whatever the components let through (the model is never called)."""
     decoder = app.Decoder.__new__(app.Decoder)  # no model: a check that reached it would fail differently
@@ -149,6 +179,10 @@ def test_canvas_view_labels_tokens_by_the_step_that_committed_them(app):
     assert view.spans() == [("a", "c1"), ("b", "c2"), ("c", "c1")]
     view.update(9, [1, 2, 3, 0, 5])
     assert view.spans() == [("a", "c1"), ("b", "c2"), ("c", "c1")] and view.step == 9
+    newline = app.CanvasView(Letters(), n_columns=1, mask_id=9, eos_ids={0})
+    newline.tokenizer.decode = lambda ids: "\n"
+    newline.update(1, [1])
+    assert newline.spans() == [("↵\n", "c1")]  # a newline stays visible, then breaks the line
     assert view.committed() == (4, [1, 2, 3, 0])
 
 
