@@ -135,7 +135,7 @@ class FastDecoder:
         if self.scan is None:
             raise ValueError(f"scan {scan!r} is not available here")
         cfg = model.config
-        self.mask_token_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
+        self.mask_token_id = getattr(cfg, "mask_token_id", None) if mask_token_id is None else mask_token_id
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         self.layers = []
@@ -210,7 +210,8 @@ class FastDecoder:
         dev = self.device
         self.settings = settings  # dict: min_tokens, threshold, unmasking, steps, temperature
         self.batch, self.max_len = batch, max_len
-        self.canvas = torch.full((batch, max_len), self.mask_token_id, dtype=torch.long, device=dev)
+        fill = self.mask_token_id if self.mask_token_id is not None else 0
+        self.canvas = torch.full((batch, max_len), fill, dtype=torch.long, device=dev)
         self.pad = torch.zeros(batch, dtype=torch.long, device=dev)  # left padding of each row
         self.key_valid = None  # (batch, max_len) bool when some row is padded
         self.cache_len = torch.zeros((), dtype=torch.long, device=dev)  # columns final in the cache
