@@ -283,7 +283,7 @@ def test_logits_depend_on_nothing_after_their_block(block_size, block_offset):
     with torch.no_grad():
         a = model(ids, block_size=block_size, block_offset=block_offset).logits
         b = model(changed, block_size=block_size, block_offset=block_offset).logits
-    torch.testing.assert_close(b[:, :end], a[:, :end], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b[:, :end], a[:, :end], rtol=0, atol=1e-5)
     assert (b[:, end] - a[:, end]).abs().max() > 1e-3  # the changed token itself does matter
 
 
@@ -300,7 +300,7 @@ def test_logits_see_the_right_context_inside_their_block(block_size, block_offse
     with torch.no_grad():
         a = model(ids, block_size=block_size, block_offset=block_offset).logits
         b = model(changed, block_size=block_size, block_offset=block_offset).logits
-    torch.testing.assert_close(b[:, :start], a[:, :start], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b[:, :start], a[:, :start], rtol=0, atol=1e-5)
     assert (b[:, start] - a[:, start]).abs().max() > 1e-3
 
 
@@ -500,6 +500,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_ar_loss_gives_the_same_gradients():
+    """forward(labels=...) in training mode, 10 columns (not a whole number of blocks of 4): the checkpointed layers
+    keep no cache, and the forward must neither fail on that nor change the gradients."""
+    model = random_r2lm().train()
+    ids = random_ids(2, 10)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_eager_and_sdpa_attention_agree(tmp_path):
