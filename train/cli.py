@@ -95,6 +95,10 @@ def parse_args(argv):
                 f"and --stop-after-steps may be given again (got {', '.join(extra)})."
             )
         return args
+    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "eval_every", "eval_rows",
+                 "log_every", "seq_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if (args.data is None) == (args.tokens is None):
         parser.error("give the training text with exactly one of --data (files, folders, globs) or --tokens.")
     if args.model and args.config:
