@@ -101,7 +101,7 @@ class R2LMConfig(PretrainedConfig):
 
         if sidecar_layers is None:
             sidecar_layers = list(range(3, num_hidden_layers, 4)) if attention == "causal" else []
-        self.sidecar_layers = [int(i) for i in sidecar_layers]
+        self.sidecar_layers = list(sidecar_layers)
         self.sidecar_d_state = sidecar_d_state
         self.sidecar_expand = sidecar_expand
         self.sidecar_d_conv = sidecar_d_conv
@@ -154,6 +154,8 @@ class R2LMConfig(PretrainedConfig):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
         for i in self.sidecar_layers:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"`sidecar_layers` must hold layer indices (integers), got {i!r}.")
             if not 0 <= i < self.num_hidden_layers:
                 raise ValueError(
                     f"`sidecar_layers` holds layer {i}, outside [0, {self.num_hidden_layers - 1}] "

@@ -14,6 +14,7 @@ selective scan runs through mamba-ssm's CUDA kernel when that is installed and t
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +48,15 @@ _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3DecoderLayer.forward).
 
 
 def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
-    """Mamba-1 selective scan, left to right from a zero state, in float32 (mamba-ssm's `selective_scan_ref`).
+    """Mamba-1 selective scan, left to right from a zero state, in float32 or wider (mamba-ssm's
+    `selective_scan_ref`).
 
     u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L); D, delta_bias: (d_inner,).
     Returns y: (batch, d_inner, L) in u's dtype, with y_t = C_t . h_t + D u_t, gated by silu(z_t), where
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t and delta = softplus(delta + delta_bias).
     """
-    dtype = u.dtype
-    u, delta, B, C, z = (t.float() for t in (u, delta, B, C, z))
+    dtype, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C, D, z, delta_bias = (t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias))
     delta = F.softplus(delta + delta_bias[:, None])
     deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
     deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
@@ -69,11 +71,16 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
 
 def _use_mamba_kernels(x: torch.Tensor) -> bool:
     """The one dispatch point between mamba-ssm's kernels and the PyTorch reference."""
-    use = selective_scan_fn is not None and x.is_cuda and not torch.compiler.is_compiling()
+    use = (
+        selective_scan_fn is not None
+        and x.is_cuda
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not torch.compiler.is_compiling()
+    )
     logger.warning_once(
         "R2LM sidecar: using mamba-ssm's selective_scan_fn."
         if use
-        else "R2LM sidecar: using the PyTorch reference scan (mamba-ssm not installed or tensors not on CUDA)."
+        else "R2LM sidecar: using the PyTorch reference scan (mamba-ssm not installed, or tensors not on CUDA)."
     )
     return use
 
@@ -110,14 +117,17 @@ class R2LMMamba(nn.Module):
             x = causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         else:
             x = F.silu(self.conv1d(x)[..., :length])  # causal conv: left padding, drop the overhang
-        # A zero input at a padded step leaves the state untouched (delta * B * u = 0), so padding adds nothing.
+        # A padded step adds nothing to the state (delta * B * u = 0); the state only decays through it. Padding only
+        # comes after a block's valid columns in scan order (left padding, the filler of cut blocks), so valid
+        # columns are exactly as if it were absent.
         x = x * keep
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (N, d_inner, L); the bias goes in as delta_bias
         B = B.transpose(1, 2).contiguous()  # (N, d_state, L)
         C = C.transpose(1, 2).contiguous()
-        A = -torch.exp(self.A_log.float())
-        D, delta_bias = self.D.float(), self.dt_proj.bias.float()
+        compute = torch.promote_types(hidden_states.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(compute))
+        D, delta_bias = self.D.to(compute), self.dt_proj.bias.to(compute)
         if use_kernels:
             y = selective_scan_fn(
                 x.contiguous(), dt.contiguous(), A, B, C, D, z=z.contiguous(), delta_bias=delta_bias,
@@ -341,7 +351,9 @@ class R2LMModel(R2LMPreTrainedModel):
                 "A bidirectional R2LM (attention='bidirectional') sees every column, so it cannot use a KV cache: "
                 "call it with use_cache=False and no past_key_values."
             )
-        use_cache = causal and (self.config.use_cache if use_cache is None else use_cache)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        use_cache = causal and use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -355,7 +367,7 @@ class R2LMModel(R2LMPreTrainedModel):
         if position_ids is None:
             position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
 
-        mask = inference_attention_mask(key_valid, query_len, causal, inputs_embeds.dtype)
+        mask = self._attention_mask(key_valid, query_len, causal, inputs_embeds.dtype)
         hidden_states = self._decode(
             inputs_embeds, mask, position_ids, past_key_values, key_valid[:, past_len:], block_size,
             (block_offset - past_len) % block_size, 1, output_hidden_states,
@@ -363,7 +375,7 @@ class R2LMModel(R2LMPreTrainedModel):
         if use_cache:
             # Keep complete blocks only: the columns of a block the input cuts short will still change.
             incomplete = (total - block_offset) % block_size
-            if incomplete:
+            if incomplete and past_key_values.get_seq_length() > 0:
                 past_key_values.crop(-incomplete)
         last, all_hidden = hidden_states
         return R2LMModelOutput(last_hidden_state=last, cache=past_key_values if use_cache else None, hidden_states=all_hidden)
@@ -389,11 +401,23 @@ class R2LMModel(R2LMPreTrainedModel):
                 all_hidden += (hidden,)
         return self.norm(hidden), all_hidden
 
+    def _attention_mask(self, key_valid, query_len, causal, dtype):
+        # sdpa reaches its flash kernel only without an explicit mask; a causal pass over every column with no
+        # padding needs none (sdpa then applies `is_causal`).
+        if (
+            causal
+            and self.config._attn_implementation == "sdpa"
+            and query_len == key_valid.shape[1]
+            and bool(key_valid.all())
+        ):
+            return None
+        return inference_attention_mask(key_valid, query_len, causal, dtype)
+
     def _check_block_size(self, block_size):
         block_size = self.config.block_size if block_size is None else block_size
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
-        return block_size
+        return int(block_size)
 
     @staticmethod
     def _key_validity(attention_mask, batch, total, device):
@@ -447,6 +471,8 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
     ) -> R2LMCausalLMOutput:
         """Shifted logits: `logits[:, p]` predicts the token at p + 1. `labels` (b, q) give the AR cross-entropy
         (shifted inside, -100 ignored). `logits_to_keep=n` computes the last n columns' logits only."""
+        if labels is not None and logits_to_keep:
+            raise ValueError("`labels` needs the logits of every column: leave `logits_to_keep` at 0.")
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.2x names it `cache`
         outputs = self.model(
             input_ids=input_ids,
