@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, TextStreamer
+from transformers import Qwen3Config, Qwen3ForCausalLM, StoppingCriteria, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
@@ -465,6 +465,18 @@ def test_model_loads_r2lm_generation_config(tmp_path, fresh):
         assert getattr(loaded.generation_config, name) == getattr(expected, name), name
 
 
+def test_model_with_unsupported_option_in_generation_config_loads(tmp_path):
+    """A generation_config.json that sets a standard option diffusion decoding lacks (a Qwen3 fine-tune's
+    repetition_penalty) does not stop the model from loading; `generate` with it raises a ValueError naming it."""
+    tiny_r2lm().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1, "max_new_tokens": 8}))
+    model = R2LMForDiffusionLM.from_pretrained(tmp_path)
+    ids, mask = left_padded()
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        model.generate(ids, attention_mask=mask)
+    assert model.generate(ids, attention_mask=mask, repetition_penalty=1.0).shape == (3, 9 + 8)
+
+
 BAD_CONFIG_VALUES = [
     ("block_size", 0), ("block_size", 2.5), ("threshold", 0.0), ("threshold", 1.5), ("min_tokens_per_step", 0),
     ("max_steps_per_block", -1), ("unmasking", "greedy"), ("max_new_tokens", 0),
@@ -511,6 +523,29 @@ def test_generate_rejects(case, attention):
         ids, mask = ids.flip(1), mask.flip(1)
     with pytest.raises(ValueError, match=message):
         model.generate(ids, attention_mask=mask, **{"max_new_tokens": 8, **kwargs})
+
+
+class StopAfter(StoppingCriteria):
+    """Stops every row once it holds `length` columns."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def test_stopping_without_pad_token_is_a_clear_error():
+    """A model with neither a pad nor an EOS id cannot pad a row that a stopping criterion ends: `generate` says so
+    (a ValueError naming pad_token_id) instead of failing inside the decoding loop; with a pad id it pads."""
+    model = tiny_r2lm()
+    ids, mask = left_padded()
+    assert model.config.pad_token_id is None and model.config.eos_token_id is None
+    with pytest.raises(ValueError, match="pad_token_id"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, stopping_criteria=[StopAfter(9 + 3)])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, stopping_criteria=[StopAfter(9 + 3)],
+                         pad_token_id=0)
+    assert (out[:, 9 + 3:] == 0).all() and not (out == MASK).any()
 
 
 @pytest.mark.parametrize(
