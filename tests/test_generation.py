@@ -229,7 +229,7 @@ def test_eos_pads_rows_and_ends_early(rows_with_eos):
         stop = hits[0] + 1 if hits else generated.shape[1]
         expected = torch.cat([generated[row, :stop], torch.full((generated.shape[1] - stop,), pad)])
         assert torch.equal(out.sequences[row, prompt_len:], expected), f"row {row}"
-        last_block = max(last_block, (stop - 1) // block_size if hits else 3)
+        last_block = max(last_block, (stop - 1) // block_size)  # the last block (3) for a row that runs on
     assert out.nfe == (last_block + 1) * block_size
     if rows_with_eos == [0, 1, 2]:
         assert out.nfe == 8
