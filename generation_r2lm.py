@@ -95,15 +95,13 @@ class R2LMGenerationConfig(GenerationConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not isinstance(self.min_tokens_per_step, int) or self.min_tokens_per_step < 1:
+        if not isinstance(self.min_tokens_per_step, int) or isinstance(self.min_tokens_per_step, bool) \
+                or self.min_tokens_per_step < 1:
             raise ValueError(f"`min_tokens_per_step` must be a positive integer, got {self.min_tokens_per_step!r}.")
-        if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not 0 < self.threshold <= 1:
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold!r}.")
         if self.unmasking not in UNMASKING_RULES:
             raise ValueError(f"`unmasking` must be one of {sorted(UNMASKING_RULES)}, got {self.unmasking!r}.")
-        for name, accepted in UNSUPPORTED_OPTIONS.items():
-            if getattr(self, name, accepted) not in (accepted, None):
-                raise ValueError(f"`{name}` is not supported by R2LM's diffusion decoding (only {accepted!r} is).")
 
     def from_model_config(self, *args, **kwargs):
         raise NotImplementedError("R2LMGenerationConfig is not built from a model config; pass its fields directly.")
@@ -220,6 +218,11 @@ class R2LMGenerationMixin(GenerationMixin):
             eos = config.eos_token_id
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         config.validate()
+        # Checked here rather than in `validate`, so that a checkpoint whose generation_config.json sets one still
+        # loads; only decoding with it is refused.
+        for name, accepted in UNSUPPORTED_OPTIONS.items():
+            if getattr(config, name, accepted) not in (accepted, None):
+                raise ValueError(f"`{name}` is not supported by R2LM's diffusion decoding (only {accepted!r} is).")
         return config, model_kwargs
 
     def _check_prompt(self, input_ids, attention_mask, config):
@@ -249,6 +252,8 @@ class R2LMGenerationMixin(GenerationMixin):
 
     def _stopping_criteria(self, config, stopping_criteria, tokenizer):
         criteria = StoppingCriteriaList(stopping_criteria or [])
+        if (criteria or config.stop_strings or config.eos_token_id is not None) and config.pad_token_id is None:
+            raise ValueError("Rows that stop early are padded: set `pad_token_id` (or `eos_token_id`).")
         if config.stop_strings:
             if tokenizer is None:
                 raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to `generate`.")
@@ -271,8 +276,8 @@ class R2LMGenerationMixin(GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         tokenizer = kwargs.pop("tokenizer", None)
-        use_cache = kwargs.pop("use_cache", True) and self.config.attention == "causal"
         config, unused = self._r2lm_generation_config(generation_config, kwargs)
+        use_cache = config.use_cache and self.config.attention == "causal"
         if unused:
             raise ValueError(f"`generate` got arguments it does not use: {sorted(unused)}.")
         input_ids = input_ids.to(self.device) if input_ids is not None else None
@@ -292,10 +297,13 @@ class R2LMGenerationMixin(GenerationMixin):
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
+        limit = prompt_len + config.max_new_tokens
         for block in range(n_blocks):
             start = prompt_len + block * B
+            # Columns past max_new_tokens stay masks: they are input (right context) but never decoded.
+            wanted = torch.arange(start, start + B, device=self.device) < limit
             for block_step in range(config.max_steps_per_block):
-                masked = canvas[:, start : start + B] == config.mask_token_id
+                masked = (canvas[:, start : start + B] == config.mask_token_id) & wanted
                 if not masked.any():
                     break
                 logits = runner(start, first_step=block_step == 0)
@@ -308,9 +316,9 @@ class R2LMGenerationMixin(GenerationMixin):
                     history.append(canvas[:, prompt_len : prompt_len + config.max_new_tokens].clone())
                 if streamer is not None and hasattr(streamer, "put_draft"):
                     streamer.put_draft(canvas[:, start : start + B].cpu())
-            self._finish_rows(canvas, end, start, B, criteria, config.pad_token_id)
+            self._finish_rows(canvas, end, start, min(start + B, limit), criteria, config.pad_token_id)
             if streamer is not None:
-                self._stream_block(streamer, canvas, end, start, B, prompt_len + config.max_new_tokens)
+                self._stream_block(streamer, canvas, end, start, B, limit)
             if bool((end <= start + B).all()):
                 break
 
@@ -360,10 +368,10 @@ class R2LMGenerationMixin(GenerationMixin):
         block[commit] = x0[commit]
 
     @staticmethod
-    def _finish_rows(canvas, end, start, block_size, criteria, pad_token_id):
-        """Checks the stopping criteria at every column of the finished block; a row that stops is padded after the
-        column where it stopped, which ends its part in the decoding."""
-        for column in range(start, start + block_size):
+    def _finish_rows(canvas, end, start, stop, criteria, pad_token_id):
+        """Checks the stopping criteria at every column of the finished block up to `stop`; a row that stops is
+        padded after the column where it stopped, which ends its part in the decoding."""
+        for column in range(start, stop):
             running = end > column
             if not running.any():
                 break

@@ -27,7 +27,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_r2lm import R2LMConfig
-from .generation_r2lm import R2LMGenerationMixin
+from .generation_r2lm import R2LMGenerationConfig, R2LMGenerationMixin
 
 
 try:
@@ -441,6 +441,10 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.generation_config = R2LMGenerationConfig(
+            block_size=config.block_size, mask_token_id=config.mask_token_id,
+            eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        )
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -181,7 +181,7 @@ def test_generate_matches_reference_decoder(attention):
         out = generate(model, ids, mask, max_new_tokens=10, block_size=4, threshold=1.0, unmasking="left_to_right",
                        use_cache=use_cache)
         assert torch.equal(out.sequences, expected), f"use_cache={use_cache}"
-        assert out.nfe == 12  # 3 blocks of 4 steps
+        assert out.nfe == 10  # blocks of 4, 4 and 2 steps: columns past max_new_tokens are never decoded
 
 
 @pytest.mark.parametrize(
@@ -452,15 +452,18 @@ def test_generation_config_round_trip(tmp_path):
 
 @pytest.mark.parametrize("fresh", [False, True], ids=["r2lm-config", "model-default"])
 def test_model_loads_r2lm_generation_config(tmp_path, fresh):
-    """A saved model comes back with an R2LMGenerationConfig: the one it was saved with, or defaults when it was
-    saved with the plain GenerationConfig a newly built model has."""
+    """A saved model comes back with an R2LMGenerationConfig: the one it was saved with, or the one a newly built
+    model has (its config's block size and mask token)."""
     model = tiny_r2lm()
+    assert isinstance(model.generation_config, R2LMGenerationConfig)
+    assert model.generation_config.block_size == model.config.block_size
+    assert model.generation_config.mask_token_id == model.config.mask_token_id
     if not fresh:
         model.generation_config = R2LMGenerationConfig(**DIFFUSION_FIELDS)
+    expected = model.generation_config
     model.save_pretrained(tmp_path)
     loaded = R2LMForDiffusionLM.from_pretrained(tmp_path)
     assert isinstance(loaded.generation_config, R2LMGenerationConfig)
-    expected = R2LMGenerationConfig() if fresh else R2LMGenerationConfig(**DIFFUSION_FIELDS)
     for name in DIFFUSION_FIELDS:
         assert getattr(loaded.generation_config, name) == getattr(expected, name), name
 
