@@ -5,8 +5,10 @@
 #   causal         the causal dLLM: the same without sidecars
 #   bidirectional  the bidirectional dLLM: full attention, no sidecar
 #   ar             the AR model: no sidecar, block size 1, plain next-token loss
-# A 30-step calibration of all four running together measures the slowest one's step time; the step count is then
-# chosen so that training takes about MINUTES.
+# The four share the GPU by time-slicing, so together they take about the sum of their solo step times (on one
+# H200: r2lm 0.34 s, the others 0.10-0.12 s per 64 x 256-token step; measured together, 0.49 s per step of all four).
+# A 20-step solo calibration of each measures those times, and the step count is chosen so that training takes about
+# MINUTES; R2LM_TRAIN_STEPS=N gives the count instead (the default model: N=900), R2LM_TRAIN_VARIANTS a subset.
 #
 #   bash train/default_models.sh TOKENS_DIR TOKENIZER_DIR OUT_DIR MINUTES
 # R2LM_TRAIN_EXTRA (options added to every run) shrinks it for a CPU smoke test.
@@ -23,34 +25,41 @@ declare -A variant=(
   [ar]="--sidecar-layers --block-size 1 --objective ar"
 )
 
-run_all() {  # PREFIX, then options for all four; fails if any run fails
-  local prefix=$1 pids=() name
-  shift
-  for name in r2lm causal bidirectional ar; do
-    # shellcheck disable=SC2086  # the variant options are meant to split
-    python3 -m train "${common[@]}" ${variant[$name]} --output-dir "$out/$prefix-$name" "$@" \
-      > "$out/$prefix-$name.log" 2>&1 &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+run() {  # PREFIX NAME, then options; in the background
+  local prefix=$1 name=$2
+  shift 2
+  # shellcheck disable=SC2086  # the variant options are meant to split
+  python3 -m train "${common[@]}" ${variant[$name]} --output-dir "$out/$prefix-$name" "$@" > "$out/$prefix-$name.log" 2>&1 &
 }
 
-run_all calib --max-steps 30 --warmup-steps 5 --log-every 5 --eval-every 1000000 --save-every 1000000
-steps=$(python3 - "$out" "$minutes" <<'PY'
+calibrate() {  # prints the step count that fits MINUTES with all four running at once
+  for name in r2lm causal bidirectional ar; do
+    run calib "$name" --max-steps 20 --warmup-steps 5 --log-every 5 --eval-every 1000000 --save-every 1000000
+    wait $!
+  done
+  python3 - "$out" "$minutes" <<'PY'
 import json, sys
 out, minutes = sys.argv[1], float(sys.argv[2])
-def step_time(name):  # seconds per step between steps 10 and 30 (all four running)
+def step_time(name):  # solo seconds per step, steps 5 to 20
     t = {r["step"]: r["elapsed_s"] for r in map(json.loads, open(f"{out}/calib-{name}/metrics.jsonl")) if "loss" in r}
-    return (t[30] - t[10]) / 20
+    return (t[20] - t[5]) / 15
 times = {name: step_time(name) for name in ("r2lm", "causal", "bidirectional", "ar")}
 print(times, file=sys.stderr)
-steps = int(0.9 * minutes * 60 / max(times.values()))  # 10% left for evaluations and checkpoints
+steps = int(0.9 * minutes * 60 / sum(times.values()))  # 10% left for evaluations and checkpoints
 if steps < 20:
     sys.exit(f"only {steps} steps fit in {minutes} minutes: give more minutes")
 print(steps // 100 * 100 if steps >= 200 else steps)
 PY
-)
-echo "training all four for $steps steps"
-run_all train --max-steps "$steps" --warmup-steps $((steps / 20)) --log-every 25 --eval-every $((steps / 4)) \
-  --save-every $((steps / 4)) --time-limit-minutes "$(python3 -c "print($minutes * 1.2)")"
-for name in r2lm causal bidirectional ar; do echo "$name: $(cat "$out/train-$name/final/eval.json" | tr -d '\n')"; done
+}
+
+steps=${R2LM_TRAIN_STEPS:-$(calibrate)}
+variants=${R2LM_TRAIN_VARIANTS:-r2lm causal bidirectional ar}
+echo "training $variants for $steps steps"
+pids=()
+for name in $variants; do
+  run train "$name" --max-steps "$steps" --warmup-steps $((steps / 20)) --log-every 25 --eval-every $((steps / 4)) \
+    --save-every $((steps / 4))
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+for name in $variants; do echo "$name: $(tr -d '\n' < "$out/train-$name/final/eval.json")"; done

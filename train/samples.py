@@ -25,6 +25,8 @@ PROMPTS = (
 @torch.no_grad()
 def complete(folder, prompts=PROMPTS, max_new_tokens=64, device="cpu"):
     """[{"prompt", "completion", "nfe"}] for each prompt, decoded one prompt at a time (no padding)."""
+    if not Path(folder, "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).to(device).eval()
     results = []
