@@ -14,11 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
+# Each prompt ends inside a line: a prompt ending in whitespace ends on a token boundary that byte-level BPE rarely
+# produced in training (runs of spaces join the next word's leading space).
 PROMPTS = (
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_python_files(folder):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "    for i, line in enumerate(lines):\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if',
+    "import os\n\n\ndef list_python_files(folder):\n    result = []\n    for name in",
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n        self',
+    "with open(path) as f:\n    for i, line in enumerate(f):\n        if",
 )
 
 
@@ -27,8 +29,8 @@ def complete(folder, prompts=PROMPTS, max_new_tokens=64, device="cpu"):
     """[{"prompt", "completion", "nfe"}] for each prompt, decoded one prompt at a time (no padding)."""
     if not Path(folder, "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=model.config)  # the config: no remote-code question
     results = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)

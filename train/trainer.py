@@ -97,12 +97,15 @@ def new_config(args, tokenizer):
 
 def build_model(args):
     """(model, tokenizer): an R2LM folder (--model) or a new model, with the training block size checked."""
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.model:
         model = load_model(args.model)
+        # Passing the config keeps AutoTokenizer from reading config.json, whose auto_map would make it ask
+        # whether to trust remote code.
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, config=model.config)
         if args.block_size is not None:
             model.config.block_size = args.block_size
     else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         model = R2LMForDiffusionLM(new_config(args, tokenizer))
     config = model.config
     if config.mask_token_id is None:

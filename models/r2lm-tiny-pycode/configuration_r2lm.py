@@ -1,0 +1,193 @@
+"""R2LM configuration: a Qwen3 decoder plus reverse Mamba sidecars (Bifocal diffusion LM, arXiv 2606.27732)."""
+
+import math
+
+from transformers import PretrainedConfig
+
+
+ATTENTION_MODES = ("causal", "bidirectional")
+
+# Saved in every config.json, so that a saved folder loads through the Auto classes with trust_remote_code=True.
+AUTO_MAP = {
+    "AutoConfig": "configuration_r2lm.R2LMConfig",
+    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+    "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
+}
+
+# Fields that describe where a Qwen3Config came from rather than the model itself.
+_NOT_ARCHITECTURE = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype")
+
+
+class R2LMConfig(PretrainedConfig):
+    r"""
+    Configuration of an R2LM model. The Qwen3 fields keep the names and meaning of transformers' `Qwen3Config`;
+    the R2LM fields are:
+
+    Args:
+        sidecar_layers (`list[int]`, *optional*):
+            Indices of the decoder layers followed by a reverse Mamba sidecar. Defaults to every 4th layer
+            (3, 7, 11, ...) with causal attention and to none with bidirectional attention.
+        sidecar_d_state (`int`, defaults to 16): state size of each sidecar's selective scan.
+        sidecar_expand (`int`, defaults to 2): inner width of the sidecar, as a multiple of `hidden_size`.
+        sidecar_d_conv (`int`, defaults to 4): width of the sidecar's (anti-causal) depthwise convolution.
+        sidecar_dt_rank (`int` or `"auto"`, defaults to `"auto"`): rank of the step-size projection;
+            `"auto"` is `ceil(hidden_size / 16)`, as in mamba-ssm.
+        attention (`str`, defaults to `"causal"`): `"causal"` (R2LM; the causal dLLM when `sidecar_layers=[]`) or
+            `"bidirectional"` (the bidirectional dLLM baseline: full attention, no sidecar, no KV cache).
+        block_size (`int`, defaults to 32): tokens per diffusion block; the sidecars never look past a block's end.
+        mask_token_id (`int`, *optional*): id of the `<|mask|>` token.
+    """
+
+    model_type = "r2lm"
+    _auto_class = "AutoConfig"  # save_pretrained copies the code files next to config.json
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=40960,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        use_cache=True,
+        tie_word_embeddings=True,
+        rope_parameters=None,
+        attention_bias=False,
+        use_sliding_window=False,
+        sliding_window=None,
+        max_window_layers=28,
+        layer_types=None,
+        attention_dropout=0.0,
+        sidecar_layers=None,
+        sidecar_d_state=16,
+        sidecar_expand=2,
+        sidecar_d_conv=4,
+        sidecar_dt_rank="auto",
+        attention="causal",
+        block_size=32,
+        mask_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        rope_theta = kwargs.pop("rope_theta", 1000000.0)
+        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta}
+        self.attention_bias = attention_bias
+        self.use_sliding_window = use_sliding_window
+        self.sliding_window = sliding_window if use_sliding_window else None
+        self.max_window_layers = max_window_layers
+        self.layer_types = layer_types or ["full_attention"] * num_hidden_layers
+        self.attention_dropout = attention_dropout
+
+        if sidecar_layers is None:
+            sidecar_layers = list(range(3, num_hidden_layers, 4)) if attention == "causal" else []
+        self.sidecar_layers = list(sidecar_layers)
+        self.sidecar_d_state = sidecar_d_state
+        self.sidecar_expand = sidecar_expand
+        self.sidecar_d_conv = sidecar_d_conv
+        self.sidecar_dt_rank = sidecar_dt_rank
+        self.attention = attention
+        self.block_size = block_size
+        self.mask_token_id = mask_token_id
+        self._validate_r2lm()
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def sidecar_dt_rank_value(self) -> int:
+        """The sidecar's dt rank as an integer (`"auto"` resolved as mamba-ssm does)."""
+        if self.sidecar_dt_rank == "auto":
+            return math.ceil(self.hidden_size / 16)
+        return self.sidecar_dt_rank
+
+    def _validate_r2lm(self):
+        sizes = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "sidecar_d_state": self.sidecar_d_state,
+            "sidecar_expand": self.sidecar_expand,
+            "sidecar_d_conv": self.sidecar_d_conv,
+            "block_size": self.block_size,
+        }
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({self.num_key_value_heads})."
+            )
+        if self.sidecar_dt_rank != "auto" and (not isinstance(self.sidecar_dt_rank, int) or self.sidecar_dt_rank < 1):
+            raise ValueError(f"`sidecar_dt_rank` must be 'auto' or a positive integer, got {self.sidecar_dt_rank!r}.")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
+        for i in self.sidecar_layers:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"`sidecar_layers` must hold layer indices (integers), got {i!r}.")
+            if not 0 <= i < self.num_hidden_layers:
+                raise ValueError(
+                    f"`sidecar_layers` holds layer {i}, outside [0, {self.num_hidden_layers - 1}] "
+                    f"(num_hidden_layers={self.num_hidden_layers})."
+                )
+        if len(set(self.sidecar_layers)) != len(self.sidecar_layers):
+            raise ValueError(f"`sidecar_layers` repeats a layer: {self.sidecar_layers}.")
+        if self.attention == "bidirectional" and self.sidecar_layers:
+            raise ValueError(
+                "`sidecar_layers` must be empty with attention='bidirectional': full attention already sees the "
+                "right context, and the bidirectional baseline has no sidecar."
+            )
+        if self.use_sliding_window:
+            raise ValueError("`use_sliding_window=True` is not supported by R2LM; Qwen3 checkpoints use full attention.")
+        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) != {"full_attention"}:
+            raise ValueError(
+                f"`layer_types` must list 'full_attention' for each of the {self.num_hidden_layers} layers, "
+                f"got {self.layer_types}."
+            )
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"`mask_token_id` ({self.mask_token_id}) must be a token id below vocab_size ({self.vocab_size}).")
+
+    @classmethod
+    def from_qwen3_config(cls, qwen3_config, **kwargs) -> "R2LMConfig":
+        """Builds an R2LM config with the architecture of `qwen3_config` (a `Qwen3Config`); `kwargs` set R2LM fields."""
+        if getattr(qwen3_config, "model_type", None) != "qwen3":
+            raise ValueError(
+                f"Expected a Qwen3 config (model_type 'qwen3'), got model_type {getattr(qwen3_config, 'model_type', None)!r}."
+            )
+        fields = {k: v for k, v in qwen3_config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+        fields.update(kwargs)
+        return cls(**fields)
+
+
+__all__ = ["R2LMConfig"]

@@ -1,0 +1,392 @@
+"""Block-parallel diffusion decoding for R2LM with an exact KV cache (DESIGN section 5).
+
+Generation runs block by block. A block starts as `block_size` mask tokens; each step runs the model on the block
+against the cache of every finished block and commits (unmasks) the positions whose confidence passes `threshold`,
+and at least `min_tokens_per_step` of them, ranked by the `unmasking` rule. A finished block is written into the cache
+by the same forward that runs the next block's first step, so committing costs no extra pass.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import EosTokenCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers.utils import ModelOutput, logging
+
+
+logger = logging.get_logger(__name__)
+
+
+def _confidence(probs, x0_prob):
+    return x0_prob
+
+
+def _margin(probs, x0_prob):
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def _entropy(probs, x0_prob):
+    return (probs * probs.clamp_min(1e-12).log()).sum(-1)  # negative entropy: the surest first
+
+
+def _random(probs, x0_prob):
+    return torch.rand(x0_prob.shape, device=x0_prob.device)
+
+
+def _left_to_right(probs, x0_prob):
+    return -torch.arange(x0_prob.shape[-1], device=x0_prob.device, dtype=torch.float32).expand_as(x0_prob)
+
+
+# Each rule scores the positions of a block (b, B); masked positions are committed highest score first.
+UNMASKING_RULES = {
+    "confidence": _confidence,
+    "margin": _margin,
+    "entropy": _entropy,
+    "random": _random,
+    "left_to_right": _left_to_right,
+}
+
+
+# Standard options that diffusion decoding does not implement, with the only value it accepts.
+UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "num_beam_groups": 1,
+                       "no_repeat_ngram_size": 0, "penalty_alpha": None}
+
+
+class R2LMGenerationConfig(GenerationConfig):
+    r"""
+    Generation settings of R2LM's diffusion decoder, on top of the standard ones (`max_new_tokens`, `do_sample`,
+    `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`, `stop_strings`, `return_dict_in_generate`).
+
+    Args:
+        block_size (`int`, *optional*): tokens per block; defaults to the model config's `block_size`.
+        threshold (`float`, defaults to 0.9): commit every masked position whose confidence exceeds it, in (0, 1].
+        min_tokens_per_step (`int`, defaults to 1): commit at least this many positions per step.
+        max_steps_per_block (`int`, *optional*): at most this many steps per block (more tokens are committed per
+            step when needed); defaults to `block_size`.
+        unmasking (`str`, defaults to `"confidence"`): how positions are ranked for committing, one of
+            `UNMASKING_RULES` ("confidence", "margin", "entropy", "random", "left_to_right").
+        output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the canvas of every step.
+        mask_token_id (`int`, *optional*): defaults to the model config's `mask_token_id`.
+    """
+
+    def __init__(self, **kwargs):
+        self.block_size = kwargs.pop("block_size", None)
+        self.threshold = kwargs.pop("threshold", 0.9)
+        self.min_tokens_per_step = kwargs.pop("min_tokens_per_step", 1)
+        self.max_steps_per_block = kwargs.pop("max_steps_per_block", None)
+        self.unmasking = kwargs.pop("unmasking", "confidence")
+        self.output_history = kwargs.pop("output_history", False)
+        self.mask_token_id = kwargs.pop("mask_token_id", None)
+        kwargs.setdefault("max_new_tokens", 128)
+        super().__init__(**kwargs)
+
+    def validate(self, *args, **kwargs):
+        super().validate(*args, **kwargs)
+        for name in ("block_size", "max_steps_per_block", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(self.min_tokens_per_step, int) or isinstance(self.min_tokens_per_step, bool) \
+                or self.min_tokens_per_step < 1:
+            raise ValueError(f"`min_tokens_per_step` must be a positive integer, got {self.min_tokens_per_step!r}.")
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not 0 < self.threshold <= 1:
+            raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold!r}.")
+        if self.unmasking not in UNMASKING_RULES:
+            raise ValueError(f"`unmasking` must be one of {sorted(UNMASKING_RULES)}, got {self.unmasking!r}.")
+
+    def from_model_config(self, *args, **kwargs):
+        raise NotImplementedError("R2LMGenerationConfig is not built from a model config; pass its fields directly.")
+
+
+@dataclass
+class R2LMGenerateOutput(ModelOutput):
+    """`sequences` (b, T + max_new_tokens); `nfe`: denoising forward passes (the prompt's prefill not counted);
+    `history`: with `output_history`, the generated columns' canvas (b, max_new_tokens) after every step."""
+
+    sequences: torch.LongTensor | None = None
+    nfe: int | None = None
+    history: list[torch.LongTensor] | None = None
+
+
+class _CachedRunner:
+    """Causal decoding against a KV cache of finished blocks.
+
+    The prompt is prefilled once; its last logits predict the first generated token. Each step runs the current block
+    (b, B) against the cache and drops the block's keys and values again; the first step of a block runs
+    `[finished block ; new block]`, which keeps the finished block in the cache (the fused commit).
+    """
+
+    def __init__(self, model, canvas, valid, prompt_len, block_size):
+        self.model, self.canvas, self.valid, self.block_size = model, canvas, valid, block_size
+        self.block_offset = prompt_len % block_size
+        self.forwards = 0  # denoising forward passes; the prefill is not counted
+        out = model.model(
+            canvas[:, :prompt_len], attention_mask=valid[:, :prompt_len], use_cache=True,
+            block_size=block_size, block_offset=self.block_offset,
+        )
+        self.cache = out.cache
+        self.first_logits = model.lm_head(out.last_hidden_state[:, -1:])  # predicts the first column of block 0
+
+    def __call__(self, start, first_step):
+        """Logits (b, B, V) for the columns [start, start + B) of the current block."""
+        B = self.block_size
+        commit = first_step and self.cache.get_seq_length() < start  # the finished block [start - B, start) goes in
+        begin = start - B if commit else start
+        end = start + B if B > 1 else start  # with B = 1 no position needs the block itself as input
+        if end == begin:
+            return self.first_logits
+        self.forwards += 1
+        hidden = self.model.model(
+            self.canvas[:, begin:end], attention_mask=self.valid[:, :end], past_key_values=self.cache,
+            use_cache=True, block_size=B, block_offset=self.block_offset,
+        ).last_hidden_state
+        if end > start:
+            self.cache.crop(-B)  # the noisy block's keys and values are not final
+        # Shifted logits: column c is predicted by the hidden state at c - 1. The finished block's last column
+        # predicts the new block's first token, for every step of that block.
+        offset = start - begin
+        logits = self.model.lm_head(hidden[:, offset - 1 if commit else offset : offset + B - 1])
+        if commit:
+            self.first_logits, logits = logits[:, :1], logits[:, 1:]
+        return torch.cat([self.first_logits, logits], dim=1)
+
+
+class _RecomputeRunner:
+    """Recomputes every column each step, without a cache: the causal oracle (`use_cache=False`) and the
+    bidirectional baseline, which also sees the masks of every later block (LLaDA's semi-autoregressive decoding)."""
+
+    def __init__(self, model, canvas, valid, prompt_len, block_size):
+        self.model, self.canvas, self.valid, self.block_size = model, canvas, valid, block_size
+        self.block_offset = prompt_len % block_size
+        self.full = model.config.attention == "bidirectional"
+        self.forwards = 0
+
+    def __call__(self, start, first_step):
+        self.forwards += 1
+        end = self.canvas.shape[1] if self.full else start + self.block_size
+        hidden = self.model.model(
+            self.canvas[:, :end], attention_mask=self.valid[:, :end], use_cache=False,
+            block_size=self.block_size, block_offset=self.block_offset,
+        ).last_hidden_state
+        return self.model.lm_head(hidden[:, start - 1 : start - 1 + self.block_size])  # column c from c - 1
+
+
+class R2LMGenerationMixin(GenerationMixin):
+    """`generate()` for R2LM: block-parallel masked diffusion with an exact KV cache."""
+
+    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                             *args, **kwargs):
+        """Reads `generation_config.json` as an `R2LMGenerationConfig`, so the diffusion fields survive loading."""
+        if generation_config is not None:
+            self.generation_config = R2LMGenerationConfig.from_dict(generation_config.to_dict())
+            return
+        if pretrained_model_name_or_path is None:
+            return
+        download = {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "local_files_only", "token",
+                                           "revision", "subfolder") if k in kwargs}
+        try:
+            self.generation_config = R2LMGenerationConfig.from_pretrained(pretrained_model_name_or_path, **download)
+        except OSError:
+            logger.info("No generation_config.json: using R2LMGenerationConfig defaults.")
+            self.generation_config = R2LMGenerationConfig(
+                eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id
+            )
+
+    def _r2lm_generation_config(self, generation_config, kwargs):
+        """The effective settings: `generation_config` (or the model's), updated by `kwargs`; returns the rest."""
+        if "max_length" in kwargs:
+            raise ValueError("`max_length` is not supported by R2LM's `generate`: pass `max_new_tokens` instead.")
+        base = generation_config if generation_config is not None else self.generation_config
+        config = R2LMGenerationConfig.from_dict(base.to_dict())
+        model_kwargs = config.update(**kwargs)
+        config.block_size = config.block_size or self.config.block_size
+        config.max_steps_per_block = config.max_steps_per_block or config.block_size
+        if config.mask_token_id is None:
+            config.mask_token_id = self.config.mask_token_id
+        if config.mask_token_id is None:
+            raise ValueError("No mask token: set `mask_token_id` in the model config or the generation config.")
+        if config.pad_token_id is None:
+            eos = config.eos_token_id
+            config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        config.validate()
+        # Checked here rather than in `validate`, so that a checkpoint whose generation_config.json sets one still
+        # loads; only decoding with it is refused.
+        for name, accepted in UNSUPPORTED_OPTIONS.items():
+            if getattr(config, name, accepted) not in (accepted, None):
+                raise ValueError(f"`{name}` is not supported by R2LM's diffusion decoding (only {accepted!r} is).")
+        return config, model_kwargs
+
+    def _check_prompt(self, input_ids, attention_mask, config):
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError("`generate` needs `input_ids` of shape (batch, prompt_length) with at least one token.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}, `input_ids` "
+                             f"{tuple(input_ids.shape)}: they must match.")
+        mask = attention_mask.bool()
+        if (mask[:, :-1] & ~mask[:, 1:]).any():
+            raise ValueError("Right padding is not supported: pad prompts on the left "
+                             "(`tokenizer.padding_side = 'left'`).")
+        if (input_ids.masked_fill(~mask, -1) == config.mask_token_id).any():
+            raise ValueError(f"The prompt contains the mask token (id {config.mask_token_id}); remove it: the "
+                             "decoder would treat it as a position to fill.")
+        n_blocks = math.ceil(config.max_new_tokens / config.block_size)
+        total = input_ids.shape[1] + n_blocks * config.block_size
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The prompt ({input_ids.shape[1]} columns) plus max_new_tokens={config.max_new_tokens} rounded up to "
+                f"whole blocks of {config.block_size} is {total} columns, over max_position_embeddings="
+                f"{self.config.max_position_embeddings}: shorten the prompt or lower max_new_tokens."
+            )
+        return mask, n_blocks
+
+    def _stopping_criteria(self, config, stopping_criteria, tokenizer):
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        if (criteria or config.stop_strings or config.eos_token_id is not None) and config.pad_token_id is None:
+            raise ValueError("Rows that stop early are padded: set `pad_token_id` (or `eos_token_id`).")
+        if config.stop_strings:
+            if tokenizer is None:
+                raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to `generate`.")
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+        if config.eos_token_id is not None:
+            criteria.append(EosTokenCriteria(eos_token_id=config.eos_token_id))
+        return criteria
+
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, streamer=None, step_callback=None,
+                 stopping_criteria=None, **kwargs):
+        """Diffusion decoding, DESIGN section 5.
+
+        inputs / input_ids: (b, T) left-padded prompts, with `attention_mask`. `step_callback(step, canvas, logits)`
+        is called after every step with the whole canvas (b, T + generated columns) and the block's logits.
+        Streamers get the prompt, then each finished block (`put_draft` gets every step's block when it exists).
+        `use_cache=False` recomputes every column each step. Returns the sequences (b, T + max_new_tokens), or an
+        `R2LMGenerateOutput` with `return_dict_in_generate=True`.
+        """
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        tokenizer = kwargs.pop("tokenizer", None)
+        config, unused = self._r2lm_generation_config(generation_config, kwargs)
+        use_cache = config.use_cache and self.config.attention == "causal"
+        if unused:
+            raise ValueError(f"`generate` got arguments it does not use: {sorted(unused)}.")
+        input_ids = input_ids.to(self.device) if input_ids is not None else None
+        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
+        valid_prompt, n_blocks = self._check_prompt(input_ids, attention_mask, config)
+        criteria = self._stopping_criteria(config, stopping_criteria, tokenizer)
+
+        batch, prompt_len = input_ids.shape
+        B = config.block_size
+        canvas = torch.full((batch, prompt_len + n_blocks * B), config.mask_token_id, device=self.device)
+        canvas[:, :prompt_len] = input_ids
+        valid = torch.cat([valid_prompt, valid_prompt.new_ones(batch, n_blocks * B)], dim=1)
+        runner = (_CachedRunner if use_cache else _RecomputeRunner)(self, canvas, valid, prompt_len, B)
+        processors = self._logits_processors(config, self.device)
+        end = torch.full((batch,), canvas.shape[1], device=self.device)  # first column after each row's output
+        history, step = [], 0
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        limit = prompt_len + config.max_new_tokens
+        for block in range(n_blocks):
+            start = prompt_len + block * B
+            # Columns past max_new_tokens stay masks: they are input (right context) but never decoded.
+            wanted = torch.arange(start, start + B, device=self.device) < limit
+            for block_step in range(config.max_steps_per_block):
+                masked = (canvas[:, start : start + B] == config.mask_token_id) & wanted
+                if not masked.any():
+                    break
+                logits = runner(start, first_step=block_step == 0)
+                steps_left = config.max_steps_per_block - block_step
+                self._commit_step(canvas[:, start : start + B], masked, logits, processors, config, steps_left)
+                step += 1
+                if step_callback is not None:
+                    step_callback(step, canvas, logits)
+                if config.output_history:
+                    history.append(canvas[:, prompt_len : prompt_len + config.max_new_tokens].clone())
+                if streamer is not None and hasattr(streamer, "put_draft"):
+                    streamer.put_draft(canvas[:, start : start + B].cpu())
+            self._finish_rows(canvas, end, start, min(start + B, limit), criteria, config.pad_token_id)
+            if streamer is not None:
+                self._stream_block(streamer, canvas, end, start, B, limit)
+            if bool((end <= start + B).all()):
+                break
+
+        if streamer is not None:
+            streamer.end()
+        sequences = canvas[:, : prompt_len + config.max_new_tokens]
+        if config.return_dict_in_generate:
+            return R2LMGenerateOutput(sequences=sequences, nfe=runner.forwards, history=history if config.output_history else None)
+        return sequences
+
+    @staticmethod
+    def _logits_processors(config, device):
+        """`suppress`: the mask token is never a prediction (committing it would leave the position masked);
+        `sample`: temperature, top-k and top-p, applied only to draw sampled tokens."""
+        sample = LogitsProcessorList()
+        if config.temperature is not None and config.temperature != 1.0:
+            sample.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            sample.append(TopKLogitsWarper(top_k=config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            sample.append(TopPLogitsWarper(top_p=config.top_p))
+        suppress = LogitsProcessorList([SuppressTokensLogitsProcessor([config.mask_token_id], device=device)])
+        return {"suppress": suppress, "sample": sample}
+
+    @staticmethod
+    def _commit_step(block, masked, logits, processors, config, steps_left):
+        """Unmasks, in place, the positions of `block` (b, B) whose confidence exceeds `threshold`, and at least
+        max(min_tokens_per_step, remaining / steps_left) per row, ranked by the unmasking rule."""
+        batch, size, vocab = logits.shape
+        logits = processors["suppress"](None, logits.reshape(-1, vocab).float())
+        # Confidence is the model's own probability (temperature 1, no truncation); the sampling settings only
+        # choose the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
+        probs = logits.softmax(-1).view(batch, size, vocab)
+        if config.do_sample:
+            sample_probs = processors["sample"](None, logits).softmax(-1)
+            x0 = torch.multinomial(sample_probs, 1).view(batch, size)
+        else:
+            x0 = probs.argmax(-1)
+        x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        rank_score = UNMASKING_RULES[config.unmasking](probs, x0_prob).masked_fill(~masked, -math.inf)
+        remaining = masked.sum(1, keepdim=True)
+        quota = torch.clamp(torch.maximum(torch.full_like(remaining, config.min_tokens_per_step),
+                                          (remaining + steps_left - 1) // steps_left), max=remaining)
+        order = rank_score.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(size, device=order.device).expand_as(order))
+        commit = masked & ((rank < quota) | (x0_prob > config.threshold))
+        block[commit] = x0[commit]
+
+    @staticmethod
+    def _finish_rows(canvas, end, start, stop, criteria, pad_token_id):
+        """Checks the stopping criteria at every column of the finished block up to `stop`; a row that stops is
+        padded after the column where it stopped, which ends its part in the decoding."""
+        for column in range(start, stop):
+            running = end > column
+            if not running.any():
+                break
+            stop = criteria(canvas[:, : column + 1], None) & running
+            end[stop] = column + 1
+        for row in torch.nonzero(end < canvas.shape[1]).flatten().tolist():
+            canvas[row, int(end[row]) :] = pad_token_id
+
+    @staticmethod
+    def _stream_block(streamer, canvas, end, start, block_size, limit):
+        """Puts the finished block's tokens, up to each row's end and max_new_tokens."""
+        stop = min(start + block_size, limit, int(end.max()))
+        if stop > start:
+            tokens = canvas[:, start:stop].cpu()
+            streamer.put(tokens[0] if tokens.shape[0] == 1 else tokens)
+
+
+__all__ = ["R2LMGenerationConfig", "R2LMGenerationMixin", "R2LMGenerateOutput", "UNMASKING_RULES"]
