@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 from train.__main__ import main
-from train.data import find_files, pack, split_by_file, tokenize_files
+from train.data import find_files, pack, prepare_tokens, split_by_file, tokenize_files
 from train.tokenizer import train_tokenizer
 
 
@@ -96,6 +96,18 @@ def test_packing_keeps_held_out_files_out_of_training(corpus, tokenizer_dir):
         assert f"marker{path.stem[3:]}_" not in text
     for path in split.train[:-1]:  # the last file may end in the dropped partial row
         assert f"marker{path.stem[3:]}_" in text
+
+
+def test_prepared_tokens_train_like_text(corpus, tokenizer_dir, tmp_path):
+    """`python -m train.data` writes the split once; `--tokens` trains from it (the GPU path)."""
+    from transformers import AutoTokenizer
+
+    meta = prepare_tokens(tmp_path / "tokens", [str(corpus)], AutoTokenizer.from_pretrained(tokenizer_dir), 0.25)
+    assert not set(meta["train"]["files"]) & set(meta["heldout"]["files"]) and len(meta["heldout"]["files"]) == 3
+    args = [a for a in TINY if a not in ("--heldout-fraction", "0.25")]
+    main(["--tokens", str(tmp_path / "tokens"), "--tokenizer", str(tokenizer_dir), "--output-dir", str(tmp_path / "run"),
+          *args, "--max-steps", "2"])
+    assert (tmp_path / "run" / "final" / "eval.json").is_file()
 
 
 def test_a_few_steps_lower_the_loss(corpus, tokenizer_dir, tmp_path):

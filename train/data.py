@@ -2,8 +2,9 @@
 
 The file list is sorted, so it is the same on every machine that sees the same files. The held-out files are the
 ones whose path (relative to the files' common folder) has the smallest SHA-1: the split depends on the names only,
-not on their order, the machine or the Python version, and no held-out file ever reaches the training stream. Each file is tokenized,
-followed by the EOS token, and the files are concatenated in order and cut into rows of `seq_len` tokens.
+not on their order, the machine or the Python version, and no held-out file ever reaches the training stream. Each
+file is tokenized, followed by the EOS token, and the files are concatenated in order and cut into rows of `seq_len`
+tokens.
 
 `python -m train.data OUT --data SPEC... --tokenizer DIR` tokenizes once and writes OUT/{train,heldout}.npy and
 OUT/meta.json, which `python -m train --tokens OUT` reads (e.g. on a machine that has no copy of the text).

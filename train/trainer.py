@@ -152,7 +152,9 @@ class Trainer:
 
     def __init__(self, args, resume_from=None):
         self.args = args
-        mixed = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+        mixed = args.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = Accelerator(mixed_precision=mixed)
         set_seed(args.seed)
         if resume_from is not None:
@@ -169,7 +171,9 @@ class Trainer:
         self.progress = Progress(len(self.train_rows))
         self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         acc = self.accelerator
-        self.sampler = RowSampler(len(self.train_rows), args.batch_size, args.seed, acc.process_index, acc.num_processes)
+        self.sampler = RowSampler(
+            len(self.train_rows), args.batch_size, args.seed, acc.process_index, acc.num_processes
+        )
         self.backbone = [p for n, p in self.objective.named_parameters() if ".sidecar." not in n]
         self.output_dir = Path(args.output_dir)
         if resume_from is not None:
