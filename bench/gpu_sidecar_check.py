@@ -259,6 +259,9 @@ def table(rows, columns):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="degraded sizes (default without CUDA)")
+    parser.add_argument("--parity-only", action="store_true",
+                        help="only the sidecar paths' errors and times: no gradients (a forward-only mamba-ssm build "
+                             "has no backward), no whole-model share (bench/sidecar_profile.py measures it too)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type != "cuda"
@@ -278,7 +281,8 @@ def main():
     parity, grads, share = [], [], []
     try:
         sidecar = sidecar_parity(r2lm, modeling, mamba_simple, device, batch, length, 2048, 32, parity)
-        gradient_parity(modeling, sidecar, device, *(1, 64) if small else (2, 512), grads)
+        if not args.parity_only:
+            gradient_parity(modeling, sidecar, device, *(1, 64) if small else (2, 512), grads)
     except Exception:
         traceback.print_exc()
     if device.type == "cuda":
@@ -289,7 +293,8 @@ def main():
     tiny = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=64, block_size=32)
     try:
-        model_share(r2lm, modeling, device, *(1, 256) if small else (8, 2048), tiny if small else qwen3_1_7b, share)
+        if not args.parity_only:
+            model_share(r2lm, modeling, device, *(1, 256) if small else (8, 2048), tiny if small else qwen3_1_7b, share)
     except Exception:
         traceback.print_exc()
 
