@@ -62,9 +62,10 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
     deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
     state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
     ys = []
-    for t in range(u.shape[2]):
-        state = deltaA[:, :, t] * state + deltaB_u[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))
+    # unbind, not [:, :, t]: the backward of one unbind is one stack, of L slices L full-size zero tensors.
+    for dA, dBu, c in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(2)):
+        state = dA * state + dBu
+        ys.append(torch.einsum("bdn,bn->bd", state, c))
     y = torch.stack(ys, dim=2) + D[:, None] * u
     return (y * F.silu(z)).to(dtype)
 
