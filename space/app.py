@@ -43,11 +43,11 @@ PALETTE = ("#f4a261", "#2a9d8f", "#e76f51", "#8ab17d", "#e9c46a", "#6d97d8", "#c
 COLOR_MAP = {"mask": "#d0d0d0", **{f"c{i}": colour for i, colour in enumerate(PALETTE)}}
 FRAME_S = 0.05  # at most ~20 canvas updates a second go to the page; the model may step faster
 
-EXAMPLES = [
-    'def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n',
-    "import os\n\n\ndef list_python_files(root):\n",
-    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
-    "def is_prime(n):\n",
+EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, temperature
+    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n', 64, 32, 0.9, "confidence", 0.0],
+    ["import os\n\n\ndef list_python_files(root):\n", 64, 32, 0.3, "confidence", 0.0],  # more tokens per pass
+    ['class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n', 64, 8, 0.9, "margin", 0.0],
+    ["def is_prime(n):\n", 48, 16, 0.5, "entropy", 0.7],
 ]
 
 
@@ -68,8 +68,8 @@ def load_model(path):
     """Loads the tokenizer and the model (remote code shipped with it) from a Hub id or a local folder."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)  # the loaded config: no remote-code question
     return model.to(device).eval(), tokenizer
 
 
@@ -310,7 +310,7 @@ def build_inputs(model):
     block_size = model.config.block_size if model.config.block_size in BLOCK_SIZES else 16
     threshold = getattr(model.generation_config, "threshold", None) or 0.9
     return [
-        gr.Textbox(label="Prompt (Python code)", lines=6, value=EXAMPLES[0], elem_id="prompt"),
+        gr.Textbox(label="Prompt (Python code)", lines=6, value=EXAMPLES[0][0], elem_id="prompt"),
         gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens"),
         gr.Dropdown(list(BLOCK_SIZES), value=block_size, label="Block size", elem_id="block-size"),
         gr.Slider(0.05, 1.0, value=threshold, step=0.05, label="Threshold (commit every token surer than this)"),
@@ -344,7 +344,7 @@ def build_demo(model, tokenizer):
             ar_canvas = canvas_box("Block size 1 (autoregressive)", "race-ar")
             parallel_canvas = canvas_box("Chosen block size", "race-parallel")
         race_stats = gr.Markdown("Press **Race vs. block size 1**.", elem_id="race-stats")
-        gr.Examples([[prompt] for prompt in EXAMPLES], inputs=inputs[:1], cache_examples=False)
+        gr.Examples(EXAMPLES, inputs=inputs, cache_examples=False)
         listen = dict(inputs=inputs, concurrency_limit=CONCURRENCY, concurrency_id="decoder")
         decode_button.click(decoder.decode, outputs=[canvas, text, stats], api_name="decode", **listen)
         race_button.click(decoder.race, outputs=[ar_canvas, parallel_canvas, race_stats], api_name="race", **listen)

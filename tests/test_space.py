@@ -190,6 +190,9 @@ def test_model_path_comes_from_the_environment_else_the_default_folders(app, mon
     monkeypatch.setenv("R2LM_MODEL", "someone/some-r2lm")
     assert app.default_model_path() == "someone/some-r2lm"
     monkeypatch.delenv("R2LM_MODEL")
+    default = REPO / "models" / "r2lm-tiny-pycode"
+    if default.is_dir() and not (REPO / "space" / "r2lm-tiny-pycode").is_dir():
+        assert app.default_model_path() == str(default)  # the README's command serves the built-in default model
     monkeypatch.setattr(app, "DEFAULT_MODEL_DIRS", (Path("/nonexistent/r2lm-tiny-pycode"),))
     with pytest.raises(FileNotFoundError, match="set R2LM_MODEL"):
         app.default_model_path()
