@@ -17,12 +17,14 @@ with any R2LM or Qwen3 checkpoint. Greedy selection matches `model.generate` tok
 tests/test_fast_decode.py); `temperature > 0` samples by Gumbel-max on the GPU.
 """
 
+import contextlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from r2lm.modeling_r2lm import selective_scan_ref
+from r2lm.modeling_r2lm import selective_scan_ref  # noqa: F401 (re-exported for the benchmark)
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -33,6 +35,33 @@ try:
     from bench.scan_triton import selective_scan_triton, triton
 except ImportError:
     triton = None
+
+
+def _triton_as_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    """The Triton scan behind mamba-ssm's `selective_scan_fn` signature (the one the model dispatches to)."""
+    assert delta_softplus and D is not None and z is not None and delta_bias is not None
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias)
+
+
+SCANS = {"ref": None, "mamba": selective_scan_fn, "triton": triton and _triton_as_selective_scan_fn}
+
+
+@contextlib.contextmanager
+def sidecar_scan(model, name):
+    """Runs the model's own sidecar code with the scan `name`: the model sends CUDA tensors to its module's
+    `selective_scan_fn` when that is set and to `selective_scan_ref` when it is None, so the scan is swapped there."""
+    module = next((sys.modules[type(m).__module__] for m in model.modules() if type(m).__name__ == "R2LMMamba"), None)
+    if module is None or name is None:
+        yield
+        return
+    if name != "ref" and SCANS.get(name) is None:
+        raise ValueError(f"scan {name!r} is not available here")
+    saved = module.selective_scan_fn
+    module.selective_scan_fn = SCANS[name]
+    try:
+        yield
+    finally:
+        module.selective_scan_fn = saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,21 +92,15 @@ def silu_mul(gate_up):
     return F.silu(gate) * up
 
 
-def sidecar_out(h, r, ln_weight, ln_bias, gate, eps):
-    """h + tanh(gate) * layernorm(r)."""
-    return h + torch.tanh(gate).to(r.dtype) * F.layer_norm(r, (r.shape[-1],), ln_weight, ln_bias, eps)
-
-
 def select_tokens(logits, mask_token_id, temperature, noise=None):
-    """(b, B, V) logits -> greedy (or Gumbel-max sampled) tokens and their probability, the mask token excluded."""
+    """(b, B, V) logits -> greedy (or, temperature > 0, Gumbel-max sampled) tokens and the model's probability of
+    them (temperature 1, as generate's confidence), the mask token excluded."""
     scores = logits.float()
     if mask_token_id is not None:
         scores[..., mask_token_id] = -math.inf
-    if temperature > 0:
-        scores = scores / temperature
-    x0 = (scores + noise).argmax(-1) if noise is not None else scores.argmax(-1)
-    x0_prob = torch.exp(scores.gather(-1, x0[..., None])[..., 0] - torch.logsumexp(scores, -1))
-    return x0, x0_prob
+    probs = scores.softmax(-1)
+    x0 = (scores / temperature + noise).argmax(-1) if temperature > 0 else probs.argmax(-1)
+    return x0, probs.gather(-1, x0[..., None])[..., 0]
 
 
 class Ops:
@@ -86,17 +109,17 @@ class Ops:
         self.rms_norm = wrap(rms_norm)
         self.qk_norm_rope = wrap(qk_norm_rope)
         self.silu_mul = wrap(silu_mul)
-        self.sidecar_out = wrap(sidecar_out)
         self.select_tokens = wrap(select_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The unmasking rule of `model.generate` (generation_r2lm._commit_step), on the GPU, without host synchronisation.
 
-def commit(block, x0, x0_prob, mask_token_id, steps_left, min_tokens, threshold, unmasking):
+def commit(block, wanted, x0, x0_prob, mask_token_id, steps_left, min_tokens, threshold, unmasking):
     """Returns the block (b, B) with masked positions committed: those whose probability exceeds `threshold`, and at
-    least max(min_tokens, ceil(remaining / steps_left)) per row, ranked by `unmasking`. steps_left: a 0-d tensor."""
-    masked = block == mask_token_id
+    least max(min_tokens, ceil(remaining / steps_left)) per row, ranked by `unmasking`. steps_left: a 0-d tensor;
+    wanted (B,): False on columns past max_new_tokens, which stay masks."""
+    masked = (block == mask_token_id) & wanted
     size = block.shape[1]
     if unmasking == "confidence":
         score = x0_prob
@@ -113,6 +136,15 @@ def commit(block, x0, x0_prob, mask_token_id, steps_left, min_tokens, threshold,
     return torch.where(take, x0, block)
 
 
+def _steps_needed(wanted, steps, min_tokens):
+    """Steps the quota rule takes to commit `wanted` positions when no threshold fires."""
+    taken = 0
+    while wanted > 0 and taken < steps:
+        wanted -= min(wanted, max(min_tokens, -(-wanted // (steps - taken))))
+        taken += 1
+    return taken
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 class FastDecoder:
@@ -120,20 +152,18 @@ class FastDecoder:
 
     mode: "cached" (R2LM, or the causal dLLM when the model has no sidecars), "ar" (one token per forward, for a
     Qwen3ForCausalLM or an R2LM with block_size 1) or "bidirectional" (no cache: every step recomputes the canvas).
-    scan: "ref" (the model's PyTorch reference), "triton" (bench/scan_triton.py) or "mamba" (mamba-ssm's kernel).
-    """
+    scan: the selective scan the model's sidecars use on CUDA: None (the model's own choice), "ref" (its PyTorch
+    reference), "triton" (bench/scan_triton.py) or "mamba" (mamba-ssm's kernel). The sidecars are the model's own
+    modules, called on whole blocks."""
 
-    def __init__(self, model, mode="cached", block_size=32, bucket=256, scan="ref", compile=False, graphs=None,
-                 mask_token_id=None):
+    def __init__(self, model, mode="cached", block_size=32, bucket=256, scan=None, compile=False, graphs=None,
+                 mask_token_id=None, sidecars=True):
         self.model, self.mode, self.B, self.bucket = model, mode, block_size, bucket
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         self.ops = Ops(compile)
-        self.scan = {"ref": selective_scan_ref, "triton": triton and selective_scan_triton,
-                     "mamba": selective_scan_fn}[scan]
-        if self.scan is None:
-            raise ValueError(f"scan {scan!r} is not available here")
+        self.scan = scan  # None: the model's own choice
         cfg = model.config
         self.mask_token_id = getattr(cfg, "mask_token_id", None) if mask_token_id is None else mask_token_id
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -145,9 +175,9 @@ class FastDecoder:
                 layer=layer,
                 qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                 gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                sidecar=getattr(layer, "sidecar", None),
+                sidecar=getattr(layer, "sidecar", None) if sidecars else None,  # sidecars=False: causal dLLM
             ))
-        self.graphs = {}
+        self.release()
 
     # -- the forward -------------------------------------------------------------------------------------------
 
@@ -167,22 +197,6 @@ class FastDecoder:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return o.view(b, self.n_kv, rep, s, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
 
-    def _sidecar(self, sidecar, h):
-        """R2LMSidecar on (b, n * B, d) = n whole blocks: each block flipped, scanned from a zero state, flipped back."""
-        b, q, d = h.shape
-        mamba = sidecar.mamba
-        x = h.reshape(-1, self.B, d).flip(1)  # (b n, B, d), time reversed
-        xz = mamba.in_proj(x).transpose(1, 2)  # (N, 2 d_inner, B)
-        x, z = xz.chunk(2, dim=1)
-        x = F.silu(mamba.conv1d(x)[..., : self.B])
-        dt, Bm, Cm = mamba.x_proj(x.transpose(1, 2)).split([mamba.dt_rank, mamba.d_state, mamba.d_state], dim=-1)
-        dt = (dt @ mamba.dt_proj.weight.t()).transpose(1, 2)
-        Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
-        A = -torch.exp(mamba.A_log.float())
-        y = self.scan(x, dt, A, Bm, Cm, mamba.D.float(), z, mamba.dt_proj.bias.float())
-        r = mamba.out_proj(y.transpose(1, 2)).flip(1).reshape(b, q, d)
-        return self.ops.sidecar_out(h, r, sidecar.norm.weight, sidecar.norm.bias, sidecar.gate, sidecar.norm.eps)
-
     def forward(self, ids, positions, write_cols=None, key_len=None, allowed=None):
         """The decoder on ids (b, s) at `positions`; returns the final-normed hidden states (b, s, d)."""
         h = self.model.model.embed_tokens(ids)
@@ -199,32 +213,50 @@ class FastDecoder:
             h = h + layer.self_attn.o_proj(o)
             x = self.ops.rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             h = h + layer.mlp.down_proj(self.ops.silu_mul(F.linear(x, w["gate_up"])))
-            if w["sidecar"] is not None:
-                h = self._sidecar(w["sidecar"], h)
+            if w["sidecar"] is not None:  # the model's own sidecar; the columns are whole blocks from column 0
+                h = w["sidecar"](h, self._all_valid(h), self.B, 0)
         return self.ops.rms_norm(h, self.model.model.norm.weight, self.eps)
+
+    def _all_valid(self, h):
+        return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
 
     # -- state -------------------------------------------------------------------------------------------------
 
     def setup(self, batch, max_len, settings, random_cache=False):
-        """Allocates the canvas, the cache and the step state for `batch` rows of up to `max_len` columns."""
+        """Allocates the canvas, the cache and the step state for `batch` rows of up to `max_len` columns. With the
+        same sizes and settings as before, the buffers (and so the captured graphs) are kept and only reset."""
         dev = self.device
+        fill = self.mask_token_id if self.mask_token_id is not None else 0
+        same = getattr(self, "canvas", None) is not None and self.canvas.shape == (batch, max_len) \
+            and settings == getattr(self, "settings", None) and (self.k_cache is not None) == (self.mode != "bidirectional")
+        if same and not random_cache:
+            for t in (self.pad, self.cache_len, self.block_step, self.first_h):
+                t.zero_()
+            self.limit.fill_(max_len)
+            self.canvas.fill_(fill)
+            if self.key_valid is not None:
+                self.key_valid.fill_(True)
+            return
+        self.release()
         self.settings = settings  # dict: min_tokens, threshold, unmasking, steps, temperature
         self.batch, self.max_len = batch, max_len
-        fill = self.mask_token_id if self.mask_token_id is not None else 0
         self.canvas = torch.full((batch, max_len), fill, dtype=torch.long, device=dev)
         self.pad = torch.zeros(batch, dtype=torch.long, device=dev)  # left padding of each row
-        self.key_valid = None  # (batch, max_len) bool when some row is padded
+        self.key_valid = None  # (batch, max_len) bool once some row is padded
         self.cache_len = torch.zeros((), dtype=torch.long, device=dev)  # columns final in the cache
         self.block_step = torch.zeros((), dtype=torch.long, device=dev)
+        self.limit = torch.full((), max_len, dtype=torch.long, device=dev)  # columns from here are never decoded
         self.first_h = torch.zeros(batch, self.model.config.hidden_size, dtype=self.dtype, device=dev)
-        self.graphs = {}
         if self.mode == "bidirectional":
-            self.k_cache = self.v_cache = None
             return
         make = (torch.randn if random_cache else torch.zeros)
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = [make(shape, dtype=self.dtype, device=dev) for _ in self.layers]
         self.v_cache = [make(shape, dtype=self.dtype, device=dev) for _ in self.layers]
+
+    def release(self):
+        """Drops the captured graphs (and their memory pool) and the cache."""
+        self.graphs, self._pool, self.k_cache, self.v_cache = {}, None, None, None
 
     def _state(self):
         return [self.canvas, self.cache_len, self.block_step, self.first_h]
@@ -262,7 +294,7 @@ class FastDecoder:
         start = cols[B:] if fused else cols
         block = self.canvas.gather(1, start.expand(self.batch, -1))
         steps_left = s["steps"] - (0 if fused else self.block_step)
-        block = commit(block, x0, x0_prob, self.mask_token_id, steps_left, s["min_tokens"], s["threshold"],
+        block = commit(block, start < self.limit, x0, x0_prob, self.mask_token_id, steps_left, s["min_tokens"], s["threshold"],
                        s["unmasking"])
         self.canvas.scatter_(1, start.expand(self.batch, -1), block)
         if fused:
@@ -292,7 +324,7 @@ class FastDecoder:
         logits = self.model.lm_head(hidden.gather(1, (cols - 1)[None, :, None].expand(self.batch, -1, hidden.shape[-1])))
         x0, x0_prob = self.ops.select_tokens(logits, self.mask_token_id, 0.0)
         block = self.canvas.gather(1, cols.expand(self.batch, -1))
-        block = commit(block, x0, x0_prob, self.mask_token_id, s["steps"] - self.block_step, s["min_tokens"],
+        block = commit(block, cols < self.limit, x0, x0_prob, self.mask_token_id, s["steps"] - self.block_step, s["min_tokens"],
                        s["threshold"], s["unmasking"])
         self.canvas.scatter_(1, cols.expand(self.batch, -1), block)
         self.block_step += 1
@@ -302,10 +334,12 @@ class FastDecoder:
         fn = {"step": lambda: self._block_step(False, arg), "fused": lambda: self._block_step(True, arg),
               "ar": lambda: self._ar_step(arg), "bidirectional": lambda: self._bidirectional_step(arg)}[kind]
         if not self.graphs_on:
-            return fn()
-        key = (self.batch, kind, arg)
+            with sidecar_scan(self.model, self.scan):
+                return fn()
+        key = (self.batch, kind, arg, self.key_valid is not None)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(fn)
+            with sidecar_scan(self.model, self.scan):
+                self.graphs[key] = self._capture(fn)
         self.graphs[key].replay()
 
     def _capture(self, fn):
@@ -318,7 +352,7 @@ class FastDecoder:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=getattr(self, "_pool", None)):
+        with torch.cuda.graph(graph, pool=self._pool):
             fn()
         self._pool = graph.pool()
         for t, s in zip(self._state(), saved):
@@ -333,7 +367,8 @@ class FastDecoder:
         T = input_ids.shape[1]
         if attention_mask is not None and not attention_mask.bool().all():
             valid = attention_mask.bool().to(self.device)
-            self.key_valid = torch.ones(self.batch, self.max_len, dtype=torch.bool, device=self.device)
+            if self.key_valid is None:  # graphs captured without a key mask are for unpadded batches
+                self.key_valid = torch.ones(self.batch, self.max_len, dtype=torch.bool, device=self.device)
             self.key_valid[:, :T] = valid
             self.pad.copy_((~valid).sum(1))
         self.canvas[:, :T] = input_ids
@@ -372,21 +407,23 @@ class FastDecoder:
                    dict(min_tokens=min_tokens_per_step, threshold=threshold, unmasking=unmasking, steps=steps,
                         temperature=temperature))
         self.prefill(input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device))
+        limit = T + max_new_tokens
+        self.limit.fill_(limit)
         if self.mode == "ar":
             for t in range(max_new_tokens - 1):
                 self.run("ar", self._key_len(T + t + 1))
             return self.canvas[:, : T + max_new_tokens], max_new_tokens - 1
-        # A block needs exactly this many steps unless a threshold can commit more than the quota.
-        known = threshold >= 1.0
-        fixed_steps = min(steps, -(-B // min_tokens_per_step)) if known else None
         out = self.canvas.clone()
         rows = torch.arange(batch, device=self.device)  # original index of each row still decoding
         pad_id = pad_token_id if pad_token_id is not None else eos_token_id
         forwards = 0
         for block in range(n_blocks):
             start = T + block * B
+            # Unless a threshold can commit more than the quota, the steps a block takes are known: no sync.
+            fixed_steps = _steps_needed(min(B, limit - start), steps, min_tokens_per_step) if threshold >= 1 else None
             for step in range(steps):
-                if fixed_steps is None and not bool((self.canvas[:, start : start + B] == self.mask_token_id).any()):
+                to_decode = self.canvas[:, start : min(start + B, limit)]
+                if fixed_steps is None and not bool((to_decode == self.mask_token_id).any()):
                     break
                 if fixed_steps is not None and step == fixed_steps:
                     break
@@ -412,7 +449,7 @@ class FastDecoder:
     def _finish_rows(self, out, rows, start, eos_token_id, pad_token_id):
         """After a block: rows whose block holds an EOS are padded after it, written out and dropped (one host
         synchronisation per block). The batch shrinks to the rows still decoding."""
-        block = self.canvas[:, start : start + self.B]
+        block = self.canvas[:, start : min(start + self.B, int(self.limit))]
         is_eos = block == eos_token_id
         done = is_eos.any(1)
         if not bool(done.any()):
@@ -429,6 +466,7 @@ class FastDecoder:
     def _shrink(self, keep):
         """Keeps only the rows `keep` (their caches and state); later steps run (and are captured) at the new size."""
         self.batch = keep.numel()
+        self.graphs = {}  # they point at the old buffers
         for name in ("canvas", "pad", "first_h", "key_valid"):
             t = getattr(self, name)
             if t is not None:
