@@ -24,7 +24,18 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from r2lm.modeling_r2lm import selective_scan_ref  # noqa: F401 (re-exported for the benchmark)
+try:
+    import r2lm  # noqa: F401
+except ImportError:  # the repo is not installed (the GPU machine): load its root as the package `r2lm`
+    import importlib.util
+    from pathlib import Path
+
+    _root = Path(__file__).resolve().parents[1]
+    _spec = importlib.util.spec_from_file_location("r2lm", _root / "__init__.py", submodule_search_locations=[str(_root)])
+    sys.modules["r2lm"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["r2lm"])
+
+from r2lm.modeling_r2lm import selective_scan_ref  # noqa: E402, F401 (re-exported for the benchmark)
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
