@@ -157,6 +157,13 @@ def section_hardware(res, args, r2lm):
     n = 8192 if DEVICE == "cuda" else 256
     a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     ms_mm = cuda_time(lambda: a @ b, reps=20)
+    c = r2lm.config
+    linear = {name: mod.weight.numel() for name, mod in r2lm.model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    res["model_stats"] = dict(
+        backbone_linear_params=sum(v for k, v in linear.items() if ".sidecar." not in k),
+        sidecar_linear_params=sum(v for k, v in linear.items() if ".sidecar." in k),
+        lm_head_params=r2lm.lm_head.weight.numel(), layers=c.num_hidden_layers, heads=c.num_attention_heads,
+        head_dim=c.head_dim, total_params=sum(p.numel() for p in r2lm.parameters()))
     wb = weight_bytes(r2lm)
     wb_backbone = weight_bytes(r2lm, sidecars=False)
     res["hardware"] = dict(
@@ -583,6 +590,74 @@ def add_ratios(rows, res):
     return rows
 
 
+H200_DENSE_BF16_TFLOPS = 989  # datasheet, dense
+
+
+def step_mfu(res, entry, batch):
+    """Model FLOPs of the R2LM block step (B queries per row) over its time, against the datasheet peak and the
+    measured matrix-product rate."""
+    st = res.get("model_stats")
+    if not st:
+        return None
+    keys = entry["cache_len"] + B / 2  # causal: on average half the block's own columns
+    tokens = batch * B
+    flops = 2 * tokens * (st["backbone_linear_params"] + st["sidecar_linear_params"] + st["lm_head_params"])
+    flops += 4 * tokens * keys * st["heads"] * st["head_dim"] * st["layers"]
+    tflops = flops / entry["step_ms"] / 1e9
+    return dict(step_ms=entry["step_ms"], model_tflop=flops / 1e12, achieved_TFLOPs=tflops,
+                mfu_vs_datasheet=tflops / H200_DENSE_BF16_TFLOPS,
+                mfu_vs_measured_matmul=tflops / res["hardware"]["matmul_bf16_TFLOPs"])
+
+
+def summary_lines(res, rows):
+    """Floor, latency, MFU, scans, end-to-end checks and the trained model, as markdown."""
+    lines, hw, fs = [""], res.get("hardware", {}), res.get("fast_steps", {})
+    b1 = fs.get("r2lm_fast/b1/p128", {}).get("steps", {})
+    b1 = b1.get("1") or b1.get(1)
+    if hw and b1:
+        lines.append(f"Weight-read floor: {hw['weight_bytes_r2lm'] / 1e9:.2f} GB of weights / {hw['copy_TBps']:.2f} TB/s "
+                     f"copy bandwidth = {hw['floor_ms_r2lm']:.2f} ms. R2LM block step at batch 1 (prompt 128, block 1): "
+                     f"{b1['step_ms']:.2f} ms = {b1['step_ms'] / hw['floor_ms_r2lm']:.2f}x the floor (fused: "
+                     f"{b1['fused_ms']:.2f} ms).")
+    b128 = fs.get("r2lm_fast/b128/p128", {}).get("steps", {})
+    b128 = b128.get("1") or b128.get(1)
+    if hw and b128:
+        m = step_mfu(res, b128, 128)
+        res["mfu_b128"] = m
+        lines.append(f"R2LM block step at batch 128 (prompt 128): {m['step_ms']:.1f} ms for {m['model_tflop']:.1f} "
+                     f"TFLOP = {m['achieved_TFLOPs']:.0f} TFLOP/s, MFU {100 * m['mfu_vs_datasheet']:.0f}% of the "
+                     f"{H200_DENSE_BF16_TFLOPS} TFLOP/s datasheet peak ({100 * m['mfu_vs_measured_matmul']:.0f}% of the "
+                     f"measured {hw['matmul_bf16_TFLOPs']:.0f} TFLOP/s matrix-product rate).")
+    scan = {k: v for k, v in res.get("scan", {}).items() if isinstance(v, dict)}
+    if scan:
+        lines += ["", "| selective scan | time | R2LM step (fused) |", "|---|---:|---:|"]
+        for k, v in scan.items():
+            if k.startswith("alone/"):
+                step = scan.get("step/" + k[len("alone/"):], {})
+                lines.append(f"| {k[len('alone/'):]} | {v.get('ms', float('nan')):.3f} ms | "
+                             f"{step.get('step_ms', float('nan')):.2f} ({step.get('fused_ms', float('nan')):.2f}) ms |")
+        lines.append(f"\nScan used in the grid: {res.get('scan_used')}.")
+    e2e = res.get("e2e", {})
+    if e2e:
+        lines += ["", "| end to end (k = 4) | measured s | tokens/s | composed s |", "|---|---:|---:|---:|"]
+        for key, v in e2e.items():
+            system, b, p, g, _ = key.split("/")
+            row = next((r for r in rows if (r["batch"], r["prompt"], r["gen"], r["k"]) ==
+                        (int(b[1:]), int(p[1:]), int(g[1:]), 4)), {})
+            comp = f"{row[system]:.2f}" if system in row and system != "ar_hf_static" else "-"
+            if "seconds" in v:
+                lines.append(f"| {key} | {v['seconds']:.2f} | {v['tokens_per_s']:,.0f} | {comp} |")
+            else:
+                lines.append(f"| {key} | {v.get('error', '?')[:60]} | | |")
+    tm = res.get("trained_model_implied")
+    if tm:
+        pts = ", ".join(f"batch {k.split('/')[0][1:]}: {v:,.0f}" for k, v in tm["r2lm_fast_tokens_per_s"].items()
+                        if k.endswith("/p128/g256"))
+        lines.append(f"\nTrained default model at threshold 0.9: {tm['tokens_per_forward']:.2f} tokens per forward on "
+                     f"held-out prompts; at that rate R2LM (1.7B shapes, prompt 128, gen 256) would give {pts} tokens/s.")
+    return lines
+
+
 def report(res, out_dir):
     rows = add_ratios(compose(res), res)
     res["grid"] = rows
@@ -602,6 +677,7 @@ def report(res, out_dir):
                      f"{f(r, 'ar_fastest_tps')} | {f(r, 'bidir_fast_tps')} | {f(r, 'causal_fast_tps')} | "
                      f"{f(r, 'r2lm_fast_tps')} | {f(r, 'r2lm/bidir_fast', '{:.1f}x')} | "
                      f"{f(r, 'r2lm/ar_fastest', '{:.2f}x')} |")
+    lines += summary_lines(res, rows)
     (out_dir / "throughput.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
