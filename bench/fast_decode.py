@@ -98,6 +98,12 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def add_rms_norm(h, delta, weight, eps):
+    """The residual add, then the next RMSNorm: returns (h + delta, rms_norm(h + delta))."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
 def silu_mul(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -118,6 +124,7 @@ class Ops:
     def __init__(self, compile=False):
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
         self.rms_norm = wrap(rms_norm)
+        self.add_rms_norm = wrap(add_rms_norm)
         self.qk_norm_rope = wrap(qk_norm_rope)
         self.silu_mul = wrap(silu_mul)
         self.select_tokens = wrap(select_tokens)
@@ -192,9 +199,9 @@ class FastDecoder:
 
     # -- the forward -------------------------------------------------------------------------------------------
 
-    def _attention(self, q, k, v, layer_idx, write_cols, key_len, allowed):
+    def _attention(self, q, k, v, layer_idx, write_cols, key_len, mask):
         """q: (b, s, H, hd); k, v: (b, s, KV, hd). Writes k, v at `write_cols` of the static cache (when there is
-        one) and attends over its first `key_len` columns where `allowed` (b or 1, s, key_len) holds."""
+        one) and attends over its first `key_len` columns where `mask` (b or 1, 1, rep * s, key_len) holds."""
         b, s = q.shape[:2]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (b, KV, s, hd)
         if write_cols is not None:
@@ -204,7 +211,6 @@ class FastDecoder:
         # Grouped-query attention without repeating k, v: the `rep` query heads of one kv head become rows.
         rep = self.n_heads // self.n_kv
         q = q.view(b, s, self.n_kv, rep, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, self.n_kv, rep * s, -1)
-        mask = None if allowed is None else allowed.repeat(1, rep, 1)[:, None]  # (b|1, 1, rep * s, keys)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return o.view(b, self.n_kv, rep, s, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
 
@@ -213,20 +219,26 @@ class FastDecoder:
         h = self.model.model.embed_tokens(ids)
         cos, sin = self.model.model.rotary_emb(h, positions)
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+        # The attention mask of the query rows as _attention lays them out: the `rep` heads of a kv head, stacked.
+        mask = None if allowed is None else allowed.repeat(1, H // KV, 1)[:, None]  # (b|1, 1, rep * s, keys)
+        x = self.ops.rms_norm(h, self.layers[0]["layer"].input_layernorm.weight, self.eps)
         for i, w in enumerate(self.layers):
             layer = w["layer"]
-            x = self.ops.rms_norm(h, layer.input_layernorm.weight, self.eps)
             q, k, v = F.linear(x, w["qkv"]).split([H * hd, KV * hd, KV * hd], dim=-1)
             q, k = self.ops.qk_norm_rope(q.unflatten(-1, (H, hd)), k.unflatten(-1, (KV, hd)),
                                          layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight, cos, sin,
                                          self.eps)
-            o = self._attention(q, k, v.unflatten(-1, (KV, hd)), i, write_cols, key_len, allowed)
-            h = h + layer.self_attn.o_proj(o)
-            x = self.ops.rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            h = h + layer.mlp.down_proj(self.ops.silu_mul(F.linear(x, w["gate_up"])))
-            if w["sidecar"] is not None:  # the model's own sidecar; the columns are whole blocks from column 0
-                h = w["sidecar"](h, self._all_valid(h), self.B, 0)
-        return self.ops.rms_norm(h, self.model.model.norm.weight, self.eps)
+            o = self._attention(q, k, v.unflatten(-1, (KV, hd)), i, write_cols, key_len, mask)
+            h, x = self.ops.add_rms_norm(h, layer.self_attn.o_proj(o), layer.post_attention_layernorm.weight, self.eps)
+            mlp = layer.mlp.down_proj(self.ops.silu_mul(F.linear(x, w["gate_up"])))
+            # The residual add fused with the next norm (the next layer's, or the final one).
+            norm = self.layers[i + 1]["layer"].input_layernorm if i + 1 < len(self.layers) else self.model.model.norm
+            if w["sidecar"] is None:
+                h, x = self.ops.add_rms_norm(h, mlp, norm.weight, self.eps)
+            else:  # the model's own sidecar; the columns are whole blocks from column 0
+                h = w["sidecar"](h + mlp, self._all_valid(h), self.B, 0)
+                x = self.ops.rms_norm(h, norm.weight, self.eps)
+        return x
 
     def _all_valid(self, h):
         return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
