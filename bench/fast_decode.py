@@ -31,7 +31,8 @@ except ImportError:  # the repo is not installed (the GPU machine): load its roo
     from pathlib import Path
 
     _root = Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("r2lm", _root / "__init__.py", submodule_search_locations=[str(_root)])
+    _spec = importlib.util.spec_from_file_location("r2lm", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
     sys.modules["r2lm"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["r2lm"])
 
@@ -250,8 +251,9 @@ class FastDecoder:
         same sizes and settings as before, the buffers (and so the captured graphs) are kept and only reset."""
         dev = self.device
         fill = self.mask_token_id if self.mask_token_id is not None else 0
-        same = getattr(self, "canvas", None) is not None and self.canvas.shape == (batch, max_len) \
-            and settings == getattr(self, "settings", None) and (self.k_cache is not None) == (self.mode != "bidirectional")
+        cached = self.mode != "bidirectional"
+        same = (getattr(self, "canvas", None) is not None and self.canvas.shape == (batch, max_len)
+                and settings == getattr(self, "settings", None) and (self.k_cache is not None) == cached)
         if same and not random_cache:
             for t in (self.pad, self.cache_len, self.block_step, self.first_h):
                 t.zero_()
@@ -317,8 +319,8 @@ class FastDecoder:
         start = cols[B:] if fused else cols
         block = self.canvas.gather(1, start.expand(self.batch, -1))
         steps_left = s["steps"] - (0 if fused else self.block_step)
-        block = commit(block, start < self.limit, x0, x0_prob, self.mask_token_id, steps_left, s["min_tokens"], s["threshold"],
-                       s["unmasking"])
+        block = commit(block, start < self.limit, x0, x0_prob, self.mask_token_id, steps_left, s["min_tokens"],
+                       s["threshold"], s["unmasking"])
         self.canvas.scatter_(1, start.expand(self.batch, -1), block)
         if fused:
             self.cache_len += B
@@ -344,11 +346,12 @@ class FastDecoder:
         allowed = None if self.key_valid is None else self.key_valid[:, None, :length].expand(-1, length, -1)
         hidden = self.forward(ids, positions.clamp(min=0), allowed=allowed)
         cols = self.cache_len + torch.arange(B, device=self.device)
-        logits = self.model.lm_head(hidden.gather(1, (cols - 1)[None, :, None].expand(self.batch, -1, hidden.shape[-1])))
+        rows = (cols - 1)[None, :, None].expand(self.batch, -1, hidden.shape[-1])  # column c from c - 1
+        logits = self.model.lm_head(hidden.gather(1, rows))
         x0, x0_prob = self.ops.select_tokens(logits, self.mask_token_id, 0.0)
         block = self.canvas.gather(1, cols.expand(self.batch, -1))
-        block = commit(block, cols < self.limit, x0, x0_prob, self.mask_token_id, s["steps"] - self.block_step, s["min_tokens"],
-                       s["threshold"], s["unmasking"])
+        block = commit(block, cols < self.limit, x0, x0_prob, self.mask_token_id, s["steps"] - self.block_step,
+                       s["min_tokens"], s["threshold"], s["unmasking"])
         self.canvas.scatter_(1, cols.expand(self.batch, -1), block)
         self.block_step += 1
 
@@ -398,7 +401,7 @@ class FastDecoder:
         if self.mode == "bidirectional":
             self.cache_len.fill_(T)
             return
-        if self.mode == "ar":  # Qwen3Model numbers positions from 0 unless told: count the valid tokens, as generate does
+        if self.mode == "ar":  # Qwen3Model numbers positions from 0 unless told: count valid tokens, as generate does
             valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             kwargs = dict(position_ids=(valid.long().cumsum(-1) - 1).clamp(min=0))
         else:

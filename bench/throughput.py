@@ -361,8 +361,9 @@ def section_hf_ar(res, args, models):
                 entry = {}
                 for L in (prompt, prompt + max(GENS)):
                     ids = torch.randint(0, MASK - 1, (batch, L), device=DEVICE)
-                    gen = lambda n: qwen.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
-                                                  eos_token_id=None, pad_token_id=0)
+                    def gen(n, ids=ids):
+                        return qwen.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)
                     gen(2)
                     one = wall_time(lambda: gen(1), 2)
                     many = wall_time(lambda: gen(1 + m), 1)
@@ -615,8 +616,9 @@ def summary_lines(res, rows):
     b1 = fs.get("r2lm_fast/b1/p128", {}).get("steps", {})
     b1 = b1.get("1") or b1.get(1)
     if hw and b1:
-        lines.append(f"Weight-read floor: {hw['weight_bytes_r2lm'] / 1e9:.2f} GB of weights / {hw['copy_TBps']:.2f} TB/s "
-                     f"copy bandwidth = {hw['floor_ms_r2lm']:.2f} ms. R2LM block step at batch 1 (prompt 128, block 1): "
+        lines.append(f"Weight-read floor: {hw['weight_bytes_r2lm'] / 1e9:.2f} GB of weights / {hw['copy_TBps']:.2f} "
+                     f"TB/s copy bandwidth = {hw['floor_ms_r2lm']:.2f} ms. R2LM block step at batch 1 (prompt 128, "
+                     "block 1): "
                      f"{b1['step_ms']:.2f} ms = {b1['step_ms'] / hw['floor_ms_r2lm']:.2f}x the floor (fused: "
                      f"{b1['fused_ms']:.2f} ms).")
     b128 = fs.get("r2lm_fast/b128/p128", {}).get("steps", {})
@@ -626,7 +628,8 @@ def summary_lines(res, rows):
         res["mfu_b128"] = m
         lines.append(f"R2LM block step at batch 128 (prompt 128): {m['step_ms']:.1f} ms for {m['model_tflop']:.1f} "
                      f"TFLOP = {m['achieved_TFLOPs']:.0f} TFLOP/s, MFU {100 * m['mfu_vs_datasheet']:.0f}% of the "
-                     f"{H200_DENSE_BF16_TFLOPS} TFLOP/s datasheet peak ({100 * m['mfu_vs_measured_matmul']:.0f}% of the "
+                     f"{H200_DENSE_BF16_TFLOPS} TFLOP/s datasheet peak "
+                     f"({100 * m['mfu_vs_measured_matmul']:.0f}% of the "
                      f"measured {hw['matmul_bf16_TFLOPs']:.0f} TFLOP/s matrix-product rate).")
     scan = {k: v for k, v in res.get("scan", {}).items() if isinstance(v, dict)}
     if scan:
@@ -654,7 +657,8 @@ def summary_lines(res, rows):
         pts = ", ".join(f"batch {k.split('/')[0][1:]}: {v:,.0f}" for k, v in tm["r2lm_fast_tokens_per_s"].items()
                         if k.endswith("/p128/g256"))
         lines.append(f"\nTrained default model at threshold 0.9: {tm['tokens_per_forward']:.2f} tokens per forward on "
-                     f"held-out prompts; at that rate R2LM (1.7B shapes, prompt 128, gen 256) would give {pts} tokens/s.")
+                     f"held-out prompts; at that rate R2LM (1.7B shapes, prompt 128, gen 256) would give {pts} "
+                     "tokens/s.")
     return lines
 
 
