@@ -181,6 +181,7 @@ class FastDecoder:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
+        self.emulate_capture = False
         self.ops = Ops(compile)
         self.scan = scan  # None: the model's own choice
         cfg = model.config
@@ -361,6 +362,8 @@ class FastDecoder:
               "ar": lambda: self._ar_step(arg), "bidirectional": lambda: self._bidirectional_step(arg)}[kind]
         if not self.graphs_on:
             with sidecar_scan(self.model, self.scan):
+                if self.emulate_capture:  # the CPU tests: the warm-up runs of a capture, then the step
+                    self._warm_up(fn)
                 return fn()
         key = (self.batch, kind, arg, self.key_valid is not None)
         if key not in self.graphs:
@@ -368,21 +371,26 @@ class FastDecoder:
                 self.graphs[key] = self._capture(fn)
         self.graphs[key].replay()
 
-    def _capture(self, fn):
-        """Warm up on a side stream and capture `fn` in a CUDA graph; the state it changed is put back."""
+    def _warm_up(self, fn, runs=2):
+        """Runs `fn` (compiling what it compiles), putting back after each run the state it changed: a step moves
+        the cache's end, and two unrestored fused steps would index past the last block."""
         saved = [t.clone() for t in self._state()]
+        for _ in range(runs):
+            fn()
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+
+    def _capture(self, fn):
+        """Warm up on a side stream and capture `fn` in a CUDA graph (capturing runs nothing)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
+            self._warm_up(fn)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
         self._pool = graph.pool()
-        for t, s in zip(self._state(), saved):
-            t.copy_(s)
         return graph
 
     # -- generation --------------------------------------------------------------------------------------------
