@@ -356,6 +356,7 @@ class FastDecoder:
         self.canvas.scatter_(1, cols.expand(self.batch, -1), block)
         self.block_step += 1
 
+    @torch.no_grad()
     def run(self, kind, arg):
         """Runs one step (kind: 'step', 'fused', 'ar', 'bidirectional'; arg: key_len or length) through its graph."""
         fn = {"step": lambda: self._block_step(False, arg), "fused": lambda: self._block_step(True, arg),
