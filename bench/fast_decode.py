@@ -242,6 +242,19 @@ class FastDecoder:
                 x = self.ops.rms_norm(h, norm.weight, self.eps)
         return x
 
+    @contextlib.contextmanager
+    def _sidecars_as_decoded(self):
+        """The model's own forward (the prefill) without the sidecars this decoder leaves out (the causal dLLM)."""
+        dropped = [(w["layer"], w["layer"].sidecar) for w in self.layers
+                   if getattr(w["layer"], "sidecar", None) is not None and w["sidecar"] is None]
+        for layer, _ in dropped:
+            layer.sidecar = None
+        try:
+            yield
+        finally:
+            for layer, sidecar in dropped:
+                layer.sidecar = sidecar
+
     def _all_valid(self, h):
         return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
 
@@ -415,7 +428,8 @@ class FastDecoder:
             kwargs = dict(position_ids=(valid.long().cumsum(-1) - 1).clamp(min=0))
         else:
             kwargs = dict(block_size=self.B, block_offset=T % self.B)
-        out = self.model.model(input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+        with sidecar_scan(self.model, self.scan), self._sidecars_as_decoded():
+            out = self.model.model(input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
         cache = getattr(out, "past_key_values", None)
         cache = cache if cache is not None else out.cache  # transformers >= 5.2x names it `cache`
         for i, layer in enumerate(cache.layers):

@@ -145,3 +145,19 @@ def test_triton_scan_matches_reference():
     proc = subprocess.run([sys.executable, "-c", SCAN_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "scan ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_causal_dllm_decoder_prefills_without_sidecars():
+    """sidecars=False decodes the causal dLLM on an R2LM's weights: the prompt is prefilled without them too, so it
+    gives the tokens of the same model with its sidecars removed."""
+    model = random_model()
+    ids, mask = prompts()
+    schedule = SCHEDULES["left_to_right_2_per_step"]
+    sidecars = [layer.sidecar for layer in model.model.layers]
+    tokens, _ = FastDecoder(model, block_size=4, bucket=8, sidecars=False).generate(ids, mask, max_new_tokens=14,
+                                                                                   **schedule)
+    assert [layer.sidecar for layer in model.model.layers] == sidecars  # put back after the prefill
+    for layer in model.model.layers:
+        layer.sidecar = None
+    expected, _ = reference(model, ids, mask, **schedule)
+    assert torch.equal(tokens, expected)
