@@ -544,3 +544,11 @@ def test_bfloat16_forward_is_close_to_float32():
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     relative = (got.float() - reference).norm() / reference.norm()
     assert relative < 3e-2, f"bf16 logits off by {relative:.3g} (relative norm)"
+
+
+def test_default_model_ships_the_package_code():
+    """The built-in default model loads through trust_remote_code from its own copies of the three code files: they
+    must be the package's, byte for byte, or the Space and README would run stale code."""
+    root = Path(__file__).resolve().parent.parent
+    for name in ("configuration_r2lm.py", "modeling_r2lm.py", "generation_r2lm.py"):
+        assert (root / "models" / "r2lm-tiny-pycode" / name).read_bytes() == (root / name).read_bytes(), name
