@@ -282,25 +282,27 @@ def inference_attention_mask(key_valid, query_len, causal, dtype):
     return _additive_mask(allowed | (~query_valid & (k_col == q_col)), dtype)
 
 
-def training_attention_mask(valid, block_size, block_offset, causal, dtype):
-    """Mask of the block-diffusion training layout `[x_noisy ; x_clean]` (2L columns, DESIGN section 4).
+def position_ids_from_validity(valid):
+    """Position of each column: the number of tokens before it (left padding takes no positions)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
-    Causal: a noisy query at p in block b sees the clean tokens of blocks < b and the noisy tokens of block b at
-    positions <= p; a clean query at p sees the clean tokens at positions <= p. Bidirectional (the baseline) uses
-    only the noisy half, with full attention.
+
+def training_attention_mask(valid, block, dtype):
+    """Mask of the causal block-diffusion training layout `[x_noisy ; x_clean]` (2L columns, DESIGN section 4);
+    `block` (L,) is each column's block index.
+
+    A noisy query at p in block b sees the clean tokens of blocks < b and the noisy tokens of block b at positions
+    <= p; a clean query at p sees the clean tokens at positions <= p.
     """
     length = valid.shape[1]
     pos = torch.arange(length, device=valid.device)
-    if not causal:
-        return inference_attention_mask(valid, length, causal=False, dtype=dtype)
-    block = (pos - block_offset).div(block_size, rounding_mode="floor")
     before = pos[None, :] <= pos[:, None]  # (q, k): key at or before the query
     same_block = block[None, :] == block[:, None]
     earlier_block = block[None, :] < block[:, None]
     noisy_rows = torch.cat([before & same_block, earlier_block], dim=1)
     clean_rows = torch.cat([torch.zeros_like(before), before], dim=1)
-    allowed = torch.cat([noisy_rows, clean_rows], dim=0)[None] & torch.cat([valid, valid], dim=1)[:, None, :]
     both = torch.cat([valid, valid], dim=1)
+    allowed = torch.cat([noisy_rows, clean_rows], dim=0)[None] & both[:, None, :]
     eye = torch.eye(2 * length, dtype=torch.bool, device=valid.device)
     return _additive_mask(allowed | (~both[:, :, None] & eye), dtype)
 
@@ -400,7 +402,7 @@ class R2LMModel(R2LMPreTrainedModel):
             )
         key_valid = self._key_validity(attention_mask, batch, total, inputs_embeds.device)
         if position_ids is None:
-            position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            position_ids = position_ids_from_validity(key_valid)[:, past_len:]
 
         mask = self._attention_mask(key_valid, query_len, causal, inputs_embeds.dtype)
         hidden_states = self._decode(
@@ -571,14 +573,16 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         noisy = input_ids.masked_fill(masked, self.config.mask_token_id)
 
         causal = self.config.attention == "causal"
+        halves = 2 if causal else 1  # the bidirectional baseline reads the noisy sequence only
         tokens = torch.cat([noisy, input_ids], dim=1) if causal else noisy
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        positions = torch.cat([positions, positions], dim=1) if causal else positions
         embeds = self.model.embed_tokens(tokens)
-        mask = training_attention_mask(valid, block_size, block_offset, causal, embeds.dtype)
-        sidecar_valid = torch.cat([valid, valid], dim=1) if causal else valid
+        if causal:
+            mask = training_attention_mask(valid, block, embeds.dtype)
+        else:
+            mask = inference_attention_mask(valid, length, causal=False, dtype=embeds.dtype)
         hidden, _ = self.model._decode(
-            embeds, mask, positions, None, sidecar_valid, block_size, block_offset, 2 if causal else 1, False
+            embeds, mask, position_ids_from_validity(valid).repeat(1, halves), None, valid.repeat(1, halves),
+            block_size, block_offset, halves, False,
         )
         # Shift: the prediction for column p is the hidden state at p - 1, taken from the clean half when p starts
         # a block (p - 1 ends the previous, final block) and from the noisy half otherwise.
