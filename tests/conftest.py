@@ -21,3 +21,18 @@ def tiny_r2lm(tiny_qwen3, tmp_path_factory):
     )
     assert conversion.status == 0, conversion.errors
     return conversion
+
+
+class _RepositoryRootIsNotATestPackage:
+    """The repository root is the `r2lm` package's source (it has `__init__.py`); collected as a test package, pytest
+    would import that `__init__.py` on its own, outside the package, and fail wherever the checkout's folder name is not
+    a Python identifier. Collect it as a plain folder."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == parent.config.rootpath:
+            return pytest.Dir.from_parent(parent, path=path)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RepositoryRootIsNotATestPackage())
