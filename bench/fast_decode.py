@@ -49,13 +49,36 @@ except ImportError:
     triton = None
 
 
-def _triton_as_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
-    """The Triton scan behind mamba-ssm's `selective_scan_fn` signature (the one the model dispatches to)."""
-    assert delta_softplus and D is not None and z is not None and delta_bias is not None
-    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias)
+def _flipped(scan):
+    """A left-to-right scan run right to left: its inputs and output flipped in time (copies)."""
+    def reverse_scan(u, delta, A, B, C, D, z, delta_bias):
+        u, delta, B, C, z = (t.flip(-1).contiguous() for t in (u, delta, B, C, z))
+        return scan(u, delta, A, B, C, D, z, delta_bias).flip(-1)
+    return reverse_scan
 
 
-SCANS = {"ref": None, "mamba": selective_scan_fn, "triton": triton and _triton_as_selective_scan_fn}
+def _mamba_scan(u, delta, A, B, C, D, z, delta_bias):
+    return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+
+
+def _triton_reverse_scan(u, delta, A, B, C, D, z, delta_bias):
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=True)
+
+
+# The sidecar's right-to-left scan within each block, by name: u, delta, z (N, d_inner, L), B, C (N, d_state, L)
+# (any strides), A (d_inner, d_state), D and delta_bias (d_inner,); y (N, d_inner, L).
+REVERSE_SCANS = {
+    "ref": _flipped(selective_scan_ref),
+    "mamba": selective_scan_fn and _flipped(_mamba_scan),
+    "triton": triton and _triton_reverse_scan,
+}
+# The same scans behind the model's own dispatch point (mamba-ssm's `selective_scan_fn` signature), for the prefill.
+MODEL_SCANS = {
+    "ref": None,
+    "mamba": selective_scan_fn,
+    "triton": triton and (lambda u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True:
+                          selective_scan_triton(u, delta, A, B, C, D, z, delta_bias)),
+}
 
 
 @contextlib.contextmanager
@@ -66,10 +89,10 @@ def sidecar_scan(model, name):
     if module is None or name is None:
         yield
         return
-    if name != "ref" and SCANS.get(name) is None:
+    if name != "ref" and MODEL_SCANS.get(name) is None:
         raise ValueError(f"scan {name!r} is not available here")
     saved = module.selective_scan_fn
-    module.selective_scan_fn = SCANS[name]
+    module.selective_scan_fn = MODEL_SCANS[name]
     try:
         yield
     finally:
@@ -77,7 +100,8 @@ def sidecar_scan(model, name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Elementwise pieces (exactly the model's arithmetic); `Ops(compile=True)` fuses each into a few kernels.
+# Elementwise pieces (exactly the model's arithmetic); with `Ops(compile=True)` each becomes a few fused kernels
+# around its matrix products.
 
 def rms_norm(x, weight, eps):
     """Qwen3RMSNorm: normalise in float32, cast back, then scale."""
@@ -92,22 +116,54 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-    """q: (b, s, heads, hd), k: (b, s, kv_heads, hd); per-head RMSNorm then rotary; cos/sin (b, s, hd)."""
+def attention_inputs(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_heads, k_cache=None, v_cache=None,
+                     write_cols=None):
+    """qkv (b, s, (heads + 2 kv_heads) hd) -> per-head RMSNorm and rotary on q and k (cos, sin (b, s, hd)). q comes out
+    as the attention reads it, (b, kv_heads, rep * s, hd): the rep query heads of one kv head stacked as rows (grouped
+    attention without repeating k and v). k, v (b, kv_heads, s, hd) are written into the static cache at columns
+    `write_cols` when there is one (then None is returned for them)."""
+    b, s, _ = qkv.shape
+    hd = q_weight.shape[0]
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q, k = rms_norm(q.unflatten(-1, (heads, hd)), q_weight, eps), rms_norm(k.unflatten(-1, (kv_heads, hd)), k_weight, eps)
     cos, sin = cos[:, :, None], sin[:, :, None]
-    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q = q.view(b, s, kv_heads, heads // kv_heads, hd).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, hd)
+    k, v = k.transpose(1, 2), v.unflatten(-1, (kv_heads, hd)).transpose(1, 2)
+    if k_cache is None:
+        return q, k, v
+    k_cache.index_copy_(2, write_cols, k)
+    v_cache.index_copy_(2, write_cols, v)
+    return q, None, None
 
 
-def add_rms_norm(h, delta, weight, eps):
-    """The residual add, then the next RMSNorm: returns (h + delta, rms_norm(h + delta))."""
-    h = h + delta
-    return h, rms_norm(h, weight, eps)
+def attention_output_and_mlp(o, h, o_weight, post_weight, gate_up_weight, down_weight, eps, next_weight=None):
+    """The rest of a Qwen3 layer: o (b, kv_heads, rep * s, hd) back to (b, s, heads hd), o_proj and the residual,
+    post-attention RMSNorm, the SwiGLU MLP (gate and up stacked in one matrix) and the residual. Returns h and, given
+    the next RMSNorm's weight, its output."""
+    b, kv_heads, rows, hd = o.shape
+    s = h.shape[1]
+    o = o.view(b, kv_heads, rows // s, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+    h = h + F.linear(o, o_weight)
+    gate, up = F.linear(rms_norm(h, post_weight, eps), gate_up_weight).chunk(2, dim=-1)
+    h = h + F.linear(F.silu(gate) * up, down_weight)
+    return h, None if next_weight is None else rms_norm(h, next_weight, eps)
 
 
-def silu_mul(gate_up):
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+def reverse_conv_silu(x, weight, bias):
+    """The sidecar's causal depthwise conv over each block flipped in time, computed in time order:
+    out_t = bias + sum_k w_k x_{t + K - 1 - k} (zeros past the block's end), then silu. x (N, L, d_inner)."""
+    K, L = weight.shape[1], x.shape[1]
+    padded = F.pad(x, (0, 0, 0, K - 1))
+    out = bias + sum(weight[:, k] * padded[:, K - 1 - k : K - 1 - k + L] for k in range(K))
+    return F.silu(out)
+
+
+def sidecar_output(h, r, norm_weight, norm_bias, norm_eps, gate, next_weight, eps):
+    """h + tanh(gate) * LayerNorm(r), and the next RMSNorm of that."""
+    r = F.layer_norm(r, r.shape[-1:], norm_weight, norm_bias, norm_eps)
+    h = h + torch.tanh(gate).to(r.dtype) * r
+    return h, rms_norm(h, next_weight, eps)
 
 
 def select_tokens(logits, mask_token_id, temperature, noise=None):
@@ -125,9 +181,10 @@ class Ops:
     def __init__(self, compile=False):
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
         self.rms_norm = wrap(rms_norm)
-        self.add_rms_norm = wrap(add_rms_norm)
-        self.qk_norm_rope = wrap(qk_norm_rope)
-        self.silu_mul = wrap(silu_mul)
+        self.attention_inputs = wrap(attention_inputs)
+        self.attention_output_and_mlp = wrap(attention_output_and_mlp)
+        self.reverse_conv_silu = wrap(reverse_conv_silu)
+        self.sidecar_output = wrap(sidecar_output)
         self.select_tokens = wrap(select_tokens)
 
 
@@ -185,68 +242,92 @@ class FastDecoder:
         self.ops = Ops(compile)
         self.scan = scan  # None: the model's own choice
         cfg = model.config
+        if getattr(cfg, "attention_bias", False):
+            raise ValueError("the fast path stacks q, k, v without biases: models with attention_bias=True are not "
+                             "supported")
+        default_scan = "mamba" if selective_scan_fn is not None and self.device.type == "cuda" else "ref"
+        if REVERSE_SCANS.get(scan or default_scan) is None:
+            raise ValueError(f"scan {scan!r} is not available here (available: "
+                             f"{[k for k, v in REVERSE_SCANS.items() if v is not None]})")
+        self.reverse_scan = REVERSE_SCANS[scan or default_scan]
         self.mask_token_id = getattr(cfg, "mask_token_id", None) if mask_token_id is None else mask_token_id
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
+        norms = [layer.input_layernorm.weight for layer in model.model.layers[1:]] + [model.model.norm.weight]
         self.layers = []
-        for layer in model.model.layers:  # stacked projections: one GEMM for q, k, v and one for gate, up
+        for layer, next_norm in zip(model.model.layers, norms):  # stacked q, k, v and gate, up: one GEMM each
             attn, mlp = layer.self_attn, layer.mlp
+            sidecar = getattr(layer, "sidecar", None) if sidecars else None  # sidecars=False: the causal dLLM
             self.layers.append(dict(
-                layer=layer,
                 qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                sidecar=getattr(layer, "sidecar", None) if sidecars else None,  # sidecars=False: causal dLLM
+                q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, o=attn.o_proj.weight,
+                post_norm=layer.post_attention_layernorm.weight,
+                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight,
+                next_norm=next_norm, sidecar=None if sidecar is None else self._sidecar_weights(sidecar),
             ))
         self.release()
 
+    def _sidecar_weights(self, sidecar):
+        mamba = sidecar.mamba
+        compute = torch.promote_types(self.dtype, torch.float32)  # the model's scan parameters' dtype
+        return dict(
+            in_proj=mamba.in_proj.weight, conv=mamba.conv1d.weight[:, 0], conv_bias=mamba.conv1d.bias,
+            x_proj=mamba.x_proj.weight, dt_proj=mamba.dt_proj.weight, dt_bias=mamba.dt_proj.bias.to(compute),
+            A=-torch.exp(mamba.A_log.to(compute)), D=mamba.D.to(compute), out_proj=mamba.out_proj.weight,
+            norm=sidecar.norm, gate=sidecar.gate, dt_rank=mamba.dt_rank, d_state=mamba.d_state,
+        )
+
     # -- the forward -------------------------------------------------------------------------------------------
 
-    def _attention(self, q, k, v, layer_idx, write_cols, key_len, mask):
-        """q: (b, s, H, hd); k, v: (b, s, KV, hd). Writes k, v at `write_cols` of the static cache (when there is
-        one) and attends over its first `key_len` columns where `mask` (b or 1, 1, rep * s, key_len) holds."""
-        b, s = q.shape[:2]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (b, KV, s, hd)
-        if write_cols is not None:
-            self.k_cache[layer_idx].index_copy_(2, write_cols, k)
-            self.v_cache[layer_idx].index_copy_(2, write_cols, v)
-            k, v = self.k_cache[layer_idx][:, :, :key_len], self.v_cache[layer_idx][:, :, :key_len]
-        # Grouped-query attention without repeating k, v: the `rep` query heads of one kv head become rows.
-        rep = self.n_heads // self.n_kv
-        q = q.view(b, s, self.n_kv, rep, self.head_dim).permute(0, 2, 3, 1, 4).reshape(b, self.n_kv, rep * s, -1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return o.view(b, self.n_kv, rep, s, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
-
     def forward(self, ids, positions, write_cols=None, key_len=None, allowed=None):
-        """The decoder on ids (b, s) at `positions`; returns the final-normed hidden states (b, s, d)."""
+        """The decoder on ids (b, s) at `positions`; returns the final-normed hidden states (b, s, d). With
+        `write_cols`, each layer's k, v are written at those columns of the static cache and the attention reads its
+        first `key_len` columns where `allowed` (b or 1, s, key_len) holds."""
         h = self.model.model.embed_tokens(ids)
         cos, sin = self.model.model.rotary_emb(h, positions)
-        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
-        # The attention mask of the query rows as _attention lays them out: the `rep` heads of a kv head, stacked.
+        H, KV = self.n_heads, self.n_kv
+        # The mask of the query rows as attention_inputs lays them out: the `rep` heads of a kv head, stacked.
         mask = None if allowed is None else allowed.repeat(1, H // KV, 1)[:, None]  # (b|1, 1, rep * s, keys)
-        x = self.ops.rms_norm(h, self.layers[0]["layer"].input_layernorm.weight, self.eps)
+        x = self.ops.rms_norm(h, self.model.model.layers[0].input_layernorm.weight, self.eps)
         for i, w in enumerate(self.layers):
-            layer = w["layer"]
-            q, k, v = F.linear(x, w["qkv"]).split([H * hd, KV * hd, KV * hd], dim=-1)
-            q, k = self.ops.qk_norm_rope(q.unflatten(-1, (H, hd)), k.unflatten(-1, (KV, hd)),
-                                         layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight, cos, sin,
-                                         self.eps)
-            o = self._attention(q, k, v.unflatten(-1, (KV, hd)), i, write_cols, key_len, mask)
-            h, x = self.ops.add_rms_norm(h, layer.self_attn.o_proj(o), layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp.down_proj(self.ops.silu_mul(F.linear(x, w["gate_up"])))
-            # The residual add fused with the next norm (the next layer's, or the final one).
-            norm = self.layers[i + 1]["layer"].input_layernorm if i + 1 < len(self.layers) else self.model.model.norm
-            if w["sidecar"] is None:
-                h, x = self.ops.add_rms_norm(h, mlp, norm.weight, self.eps)
-            else:  # the model's own sidecar; the columns are whole blocks from column 0
-                h = w["sidecar"](h + mlp, self._all_valid(h), self.B, 0)
-                x = self.ops.rms_norm(h, norm.weight, self.eps)
+            cache = () if write_cols is None else (self.k_cache[i], self.v_cache[i], write_cols)
+            q, k, v = self.ops.attention_inputs(F.linear(x, w["qkv"]), w["q_norm"], w["k_norm"], cos, sin, self.eps,
+                                                H, KV, *cache)
+            if write_cols is not None:
+                k, v = self.k_cache[i][:, :, :key_len], self.v_cache[i][:, :, :key_len]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h, x = self.ops.attention_output_and_mlp(o, h, w["o"], w["post_norm"], w["gate_up"], w["down"], self.eps,
+                                                     None if w["sidecar"] else w["next_norm"])
+            if w["sidecar"] is not None:
+                h, x = self._sidecar(h, w["sidecar"], w["next_norm"])
         return x
+
+    def _sidecar(self, h, w, next_norm):
+        """The model's sidecar (R2LMSidecar: a Mamba scanning each block right to left, LayerNorm, tanh gate) on
+        whole blocks from column 0, computed in time order: the conv's taps and the scan run right to left, so
+        nothing is flipped in memory; then the next RMSNorm. Returns (h, x)."""
+        b, s, d = h.shape
+        n_rows, L = b * s // self.B, self.B
+        xz = F.linear(h.reshape(-1, d), w["in_proj"])  # (N L, 2 d_inner), token-major
+        d_inner = xz.shape[1] // 2
+        x = self.ops.reverse_conv_silu(xz[:, :d_inner].view(n_rows, L, d_inner), w["conv"], w["conv_bias"])
+        dt, B, C = F.linear(x.view(-1, d_inner), w["x_proj"]).split([w["dt_rank"], w["d_state"], w["d_state"]], -1)
+        delta = F.linear(dt, w["dt_proj"])
+
+        def feature_major(t):  # (N L, c) -> (N, c, L) view
+            return t.view(n_rows, L, -1).transpose(1, 2)
+
+        y = self.reverse_scan(feature_major(x), feature_major(delta), w["A"], feature_major(B), feature_major(C),
+                              w["D"], feature_major(xz[:, d_inner:]), w["dt_bias"])
+        r = F.linear(y.transpose(1, 2).reshape(-1, d_inner), w["out_proj"]).view(b, s, d)
+        norm = w["norm"]
+        return self.ops.sidecar_output(h, r, norm.weight, norm.bias, norm.eps, w["gate"], next_norm, self.eps)
 
     @contextlib.contextmanager
     def _sidecars_as_decoded(self):
         """The model's own forward (the prefill) without the sidecars this decoder leaves out (the causal dLLM)."""
-        dropped = [(w["layer"], w["layer"].sidecar) for w in self.layers
-                   if getattr(w["layer"], "sidecar", None) is not None and w["sidecar"] is None]
+        dropped = [(layer, layer.sidecar) for layer, w in zip(self.model.model.layers, self.layers)
+                   if getattr(layer, "sidecar", None) is not None and w["sidecar"] is None]
         for layer, _ in dropped:
             layer.sidecar = None
         try:
@@ -254,9 +335,6 @@ class FastDecoder:
         finally:
             for layer, sidecar in dropped:
                 layer.sidecar = sidecar
-
-    def _all_valid(self, h):
-        return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
 
     # -- state -------------------------------------------------------------------------------------------------
 
@@ -375,14 +453,12 @@ class FastDecoder:
         fn = {"step": lambda: self._block_step(False, arg), "fused": lambda: self._block_step(True, arg),
               "ar": lambda: self._ar_step(arg), "bidirectional": lambda: self._bidirectional_step(arg)}[kind]
         if not self.graphs_on:
-            with sidecar_scan(self.model, self.scan):
-                if self.emulate_capture:  # the CPU tests: the warm-up runs of a capture, then the step
-                    self._warm_up(fn)
-                return fn()
+            if self.emulate_capture:  # the CPU tests: the warm-up runs of a capture, then the step
+                self._warm_up(fn)
+            return fn()
         key = (self.batch, kind, arg, self.key_valid is not None)
         if key not in self.graphs:
-            with sidecar_scan(self.model, self.scan):
-                self.graphs[key] = self._capture(fn)
+            self.graphs[key] = self._capture(fn)
         self.graphs[key].replay()
 
     def _warm_up(self, fn, runs=2):

@@ -2,7 +2,8 @@
 
 Same contract as `modeling_r2lm.selective_scan_ref` (and mamba-ssm's `selective_scan_fn` with delta_softplus=True):
 u, delta, z: (batch, d_inner, L), any strides; A: (d_inner, d_state) fp32; B, C: (batch, d_state, L);
-D, delta_bias: (d_inner,) fp32. Returns y (batch, d_inner, L) in u's dtype.
+D, delta_bias: (d_inner,) fp32. Returns y (batch, d_inner, L) in u's dtype, laid out as u. With reverse=True the
+state runs from the last step to the first (the sidecar's right-to-left scan, without flipping anything in memory).
 
 One program owns a (row, BLOCK_D channels) tile and walks the L steps with its (BLOCK_D, d_state) state in registers,
 so nothing of size (batch, d_inner, L, d_state) is ever written (the reference materialises exp(delta A) and
@@ -26,7 +27,7 @@ if triton is not None:
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
-        L: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
+        L: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
     ):
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -36,7 +37,11 @@ if triton is not None:
         D = tl.load(D_ptr + d, mask=dmask, other=0.0)
         bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
         state = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-        for t in range(L):
+        for i in range(L):
+            if REVERSE:
+                t = L - 1 - i
+            else:
+                t = i
             u = tl.load(u_ptr + row * su_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
             dt = tl.load(dt_ptr + row * sdt_b + d * sdt_d + t * sdt_l, mask=dmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + row * sz_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
@@ -51,17 +56,17 @@ if triton is not None:
             tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
 
 
-def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, block_d=64):
-    """Fused selective scan (see the module docstring); y (batch, d_inner, L) is laid out as z is (as mamba-ssm's
-    kernel does), so the model's following transposes stay free."""
+def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=False, block_d=64):
+    """Fused selective scan (see the module docstring); y (batch, d_inner, L) is laid out as u is (feature-major in the
+    model, token-major in the fast path), so the transposes that follow stay free."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
-    y = torch.empty_like(z, dtype=u.dtype)
+    y = torch.empty_like(u)
     grid = (batch, triton.cdiv(d_inner, block_d))
     _scan_kernel[grid](
         u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
         d_inner,
         *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
-        L=L, N=d_state, BLOCK_D=block_d,
+        L=L, N=d_state, BLOCK_D=block_d, REVERSE=reverse,
     )
     return y

@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.fast_decode import FastDecoder, sidecar_scan  # noqa: E402 (first: it makes `r2lm` importable without an install)
+from bench.fast_decode import REVERSE_SCANS, FastDecoder  # noqa: E402 (first: it makes `r2lm` importable without an install)
 from r2lm import R2LMConfig, R2LMForDiffusionLM  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only for a dry run (--tiny)
@@ -220,12 +220,6 @@ def section_exact(res, args):
     res["exactness_gpu"] = out
 
 
-def fd_scans():
-    from bench import fast_decode
-
-    return fast_decode.SCANS
-
-
 def fast_decoder(models, system, args, scan=None):
     r2lm, bidir, qwen = models
     common = dict(block_size=B, bucket=args.bucket, compile=args.compile)
@@ -383,36 +377,28 @@ def section_hf_ar(res, args, models):
 
 def section_scan(res, args, models):
     """The sidecar's scan inside the block step: the torch reference, the Triton kernel and mamba-ssm's
-    selective_scan_fn, each timed alone at the block-step shape and as the whole R2LM block step."""
-    from bench import fast_decode as fd
-
+    selective_scan_fn (each run right to left as the fast path runs it: Triton natively, the others on copies flipped
+    in time), timed alone at the block-step shape and as the whole R2LM block step."""
     r2lm = models[0]
     out = res.setdefault("scan", {})
     d_inner = 2 * r2lm.config.hidden_size
-    scans = {"ref": fd.selective_scan_ref}
-    if fd.triton is not None:
-        scans["triton"] = fd.selective_scan_triton
-    if fd.selective_scan_fn is not None:
-        scans["mamba"] = fd.selective_scan_fn
+    scans = {name: fn for name, fn in REVERSE_SCANS.items() if fn is not None}
     out["available"] = sorted(set(out.get("available", [])) | set(scans))
     for batch in args.scan_batches:
         N = batch * 2  # a fused step scans two blocks per row
+        # The fast path's layout: token-major (N, L, channels) tensors seen as (N, channels, L).
         u, dt, z = (torch.randn(N, B, d_inner, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
         A = -torch.rand(d_inner, 16, device=DEVICE) - 0.5
-        Bm, Cm = (torch.randn(N, 16, B, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        Bm, Cm = (torch.randn(N, B, 16, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
         D, bias = torch.randn(d_inner, device=DEVICE), torch.randn(d_inner, device=DEVICE)
-        ref = fd.selective_scan_ref(u, dt, A, Bm, Cm, D, z, bias).float()
+        scan_args = (u, dt, A, Bm, Cm, D, z, bias)
+        ref = scans["ref"](*scan_args).float()
         for name, fn in scans.items():
             try:
-                args_ = (u, dt, A, Bm, Cm, D, z, bias)
-                if name == "mamba":
-                    call = lambda: fn(u.contiguous(), dt.contiguous(), A, Bm, Cm, D, z.contiguous(),  # noqa: E731
-                                      delta_bias=bias, delta_softplus=True)
-                else:
-                    call = lambda: fn(*args_)  # noqa: E731
-                y = call().float()
+                y = fn(*scan_args).float()
                 err = float((y - ref).norm() / ref.norm())
-                out[f"alone/b{batch}/{name}"] = dict(ms=cuda_time(call, 20), rel_err_vs_ref=err)
+                out[f"alone/b{batch}/{name}"] = dict(ms=cuda_time(lambda fn=fn: fn(*scan_args), 20),
+                                                     rel_err_vs_ref=err)
             except Exception as e:  # noqa: BLE001
                 out[f"alone/b{batch}/{name}"] = dict(error=repr(e)[:300])
         for name in scans:
@@ -438,13 +424,12 @@ def section_profile(res, args, models):
         dec.graphs_on = False
         dec.setup(batch, 128 + 2 * B + 64, SETTINGS, random_cache=True)
         dec.cache_len.fill_(128)
-        with sidecar_scan(dec.model, dec.scan):  # the scan the grid uses
-            for _ in range(2):
-                dec._block_step(False, dec._key_len(128 + B))
+        for _ in range(2):
+            dec._block_step(False, dec._key_len(128 + B))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            dec._block_step(False, dec._key_len(128 + B))
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                dec._block_step(False, dec._key_len(128 + B))
-                torch.cuda.synchronize()
         rows = []
         for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]:
             rows.append(dict(name=ev.key[:90], count=ev.count, cuda_ms=ev.device_time_total / 1e3))

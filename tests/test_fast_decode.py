@@ -133,13 +133,18 @@ B, C = torch.randn(batch, d_state, length, generator=g), torch.randn(batch, d_st
 D, bias = torch.randn(d_inner, generator=g), torch.randn(d_inner, generator=g)
 torch.testing.assert_close(selective_scan_triton(u, delta, A, B, C, D, z, bias, block_d=32),
                            selective_scan_ref(u, delta, A, B, C, D, z, bias), rtol=1e-5, atol=1e-5)
+# Right to left: the reference on the inputs flipped in time, flipped back.
+flip = lambda t: t.flip(-1)
+torch.testing.assert_close(selective_scan_triton(u, delta, A, B, C, D, z, bias, reverse=True, block_d=32),
+                           flip(selective_scan_ref(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), bias)),
+                           rtol=1e-5, atol=1e-5)
 print("scan ok")
 """
 
 
 @pytest.mark.skipif(triton is None, reason="triton is not installed (it comes with CUDA builds of torch)")
 def test_triton_scan_matches_reference():
-    """The fused Triton scan against the model's selective_scan_ref, in Triton's CPU interpreter (which must be
+    """The fused Triton scan (both directions) against the model's selective_scan_ref, in Triton's CPU interpreter (which must be
     switched on before the kernel is defined, hence a fresh process)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", SCAN_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
