@@ -178,14 +178,29 @@ def select_tokens(logits, mask_token_id, temperature, noise=None):
 
 
 class Ops:
+    """The pieces above, as they are or compiled. Compiled, every shape gets its own static kernels (shape-generic
+    kernels index through runtime divisions: on an H200 at batch 128 the SwiGLU product took 87 us for a 36 us memory
+    pass), except the static cache's length, the one size that changes within a generation (see `mark_cache`)."""
+
     def __init__(self, compile=False):
-        wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
+        if compile:
+            torch._dynamo.config.automatic_dynamic_shapes = False  # a new shape is a new static compilation
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compiled = compile
+        wrap = torch.compile if compile else (lambda f: f)
         self.rms_norm = wrap(rms_norm)
         self.attention_inputs = wrap(attention_inputs)
         self.attention_output_and_mlp = wrap(attention_output_and_mlp)
         self.reverse_conv_silu = wrap(reverse_conv_silu)
         self.sidecar_output = wrap(sidecar_output)
         self.select_tokens = wrap(select_tokens)
+
+    def mark_cache(self, tensors):
+        """The cache's length (dim 2) stays symbolic in the compiled code: one compilation serves every cache size."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.mark_dynamic(t, 2)
+        return tensors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,8 +383,8 @@ class FastDecoder:
             return
         make = (torch.randn if random_cache else torch.zeros)
         shape = (batch, self.n_kv, max_len, self.head_dim)
-        self.k_cache = [make(shape, dtype=self.dtype, device=dev) for _ in self.layers]
-        self.v_cache = [make(shape, dtype=self.dtype, device=dev) for _ in self.layers]
+        self.k_cache = self.ops.mark_cache([make(shape, dtype=self.dtype, device=dev) for _ in self.layers])
+        self.v_cache = self.ops.mark_cache([make(shape, dtype=self.dtype, device=dev) for _ in self.layers])
 
     def release(self):
         """Drops the captured graphs (and their memory pool) and the cache."""
@@ -597,5 +612,5 @@ class FastDecoder:
             if t is not None:
                 setattr(self, name, t.index_select(0, keep))
         if self.k_cache is not None:
-            self.k_cache = [t.index_select(0, keep) for t in self.k_cache]
-            self.v_cache = [t.index_select(0, keep) for t in self.v_cache]
+            self.k_cache = self.ops.mark_cache([t.index_select(0, keep) for t in self.k_cache])
+            self.v_cache = self.ops.mark_cache([t.index_select(0, keep) for t in self.v_cache])
