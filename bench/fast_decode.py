@@ -301,8 +301,12 @@ class FastDecoder:
         h = self.model.model.embed_tokens(ids)
         cos, sin = self.model.model.rotary_emb(h, positions)
         H, KV = self.n_heads, self.n_kv
-        # The mask of the query rows as attention_inputs lays them out: the `rep` heads of a kv head, stacked.
-        mask = None if allowed is None else allowed.repeat(1, H // KV, 1)[:, None]  # (b|1, 1, rep * s, keys)
+        # The mask of the query rows as attention_inputs lays them out (the `rep` heads of a kv head, stacked), made
+        # additive once here: given a boolean mask, attention converts it in every layer.
+        mask = None
+        if allowed is not None:  # (b|1, 1, rep * s, keys)
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, -math.inf)
+            mask = mask.repeat(1, H // KV, 1)[:, None]
         x = self.ops.rms_norm(h, self.model.model.layers[0].input_layernorm.weight, self.eps)
         for i, w in enumerate(self.layers):
             cache = () if write_cols is None else (self.k_cache[i], self.v_cache[i], write_cols)
