@@ -180,20 +180,28 @@ def select_tokens(logits, mask_token_id, temperature, noise=None):
 class Ops:
     """The pieces above, as they are or compiled. Compiled, every shape gets its own static kernels (shape-generic
     kernels index through runtime divisions: on an H200 at batch 128 the SwiGLU product took 87 us for a 36 us memory
-    pass), except the static cache's length, the one size that changes within a generation (see `mark_cache`)."""
+    pass), except the static cache's length, the one size that changes within a generation (see `mark_cache`). The
+    dynamo settings for that apply to these functions only (transformers' own compiled generate is left alone)."""
 
     def __init__(self, compile=False):
-        if compile:
-            torch._dynamo.config.automatic_dynamic_shapes = False  # a new shape is a new static compilation
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.compiled = compile
-        wrap = torch.compile if compile else (lambda f: f)
+        wrap = self._static_compile if compile else (lambda f: f)
         self.rms_norm = wrap(rms_norm)
         self.attention_inputs = wrap(attention_inputs)
         self.attention_output_and_mlp = wrap(attention_output_and_mlp)
         self.reverse_conv_silu = wrap(reverse_conv_silu)
         self.sidecar_output = wrap(sidecar_output)
         self.select_tokens = wrap(select_tokens)
+
+    @staticmethod
+    def _static_compile(f):
+        compiled = torch.compile(f)
+
+        def run(*args, **kwargs):  # a new shape is a new static compilation
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+                return compiled(*args, **kwargs)
+
+        return run
 
     def mark_cache(self, tensors):
         """The cache's length (dim 2) stays symbolic in the compiled code: one compilation serves every cache size."""
