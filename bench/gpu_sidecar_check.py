@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 ROOT = Path(__file__).resolve().parents[1]

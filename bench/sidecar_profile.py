@@ -14,9 +14,7 @@ Without CUDA it runs small sizes with the reference path only, to debug the scri
 
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sidecar_check import errors, import_mamba, import_r2lm  # noqa: E402
+from gpu_sidecar_check import errors, import_mamba, import_r2lm, timed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,24 +90,6 @@ class Code:
 
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-def timed(fn, device, warmup=3, reps=10):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
 
 
 def profile(fn, device, iters=3):

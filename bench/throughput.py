@@ -30,8 +30,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
-import os
 import sys
 import time
 import traceback
@@ -236,8 +234,6 @@ def chosen_scan(args):
     """--scan, or with 'auto' the scan whose R2LM block step (batch 128, else the largest timed) was fastest."""
     if args.scan != "auto":
         return args.scan
-    steps = {k.split("/")[2]: v["step_ms"] for k, v in args.res.get("scan", {}).items()
-             if k.startswith("step/") and "step_ms" in v}
     by_batch = sorted({int(k.split("/")[1][1:]) for k in args.res.get("scan", {}) if k.startswith("step/")})
     if not by_batch:
         return None  # the model's own choice
@@ -782,7 +778,7 @@ def main():
         save(res, args)
         if part in ("fast", "hf", "e2e"):
             report(res, args.out)
-    rows = report(res, args.out)
+    report(res, args.out)
     save(res, args)
     print((args.out / "throughput.md").read_text()[-6000:])
     print(json.dumps({k: res[k] for k in ("hardware", "exactness_gpu", "errors") if k in res}, indent=1))

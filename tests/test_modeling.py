@@ -6,7 +6,6 @@ gives logits of order one, and `random_r2lm` perturbs every sidecar parameter an
 that is skipped, or reads the wrong columns, shows in any comparison.
 """
 
-import math
 import sys
 from pathlib import Path
 
