@@ -9,15 +9,18 @@ What makes it fast, against `model.generate` (DESIGN section 5, same tokens):
 - token selection and the unmasking rule run on the GPU and write the canvas in place: no host synchronisation
   inside a block (one per block when an EOS can stop rows, and one per step only when a threshold can end a block
   early); rows that stopped are dropped from the batch at the next block (the batch shrinks to a smaller size);
-- the Qwen3 weights are read from the model's own modules; q/k/v and gate/up projections are stacked into one
-  matrix each (one GEMM instead of three and two); the elementwise pieces can go through torch.compile.
+- the weights are the model's own tensors (q/k/v and gate/up stacked into one matrix each); each Qwen3 layer runs as
+  two compiled pieces around its matrix products and attention (`Ops(compile=True)`: static kernels per shape, the
+  cache write fused into the q/k norm and rotary);
+- the sidecar runs in time order: its conv taps and the Triton scan (bench/scan_triton.py) go right to left within
+  each block, so nothing is flipped in memory;
+- the prompt goes through the same forward (eager, not captured), straight into the static cache.
 
-It calls the model's submodules directly (`layer.self_attn.q_norm`, `layer.sidecar.mamba.in_proj`, ...), so it works
-with any R2LM or Qwen3 checkpoint. Greedy selection matches `model.generate` token for token (see
-tests/test_fast_decode.py); `temperature > 0` samples by Gumbel-max on the GPU.
+It reads the weights of any R2LM or Qwen3 checkpoint (`layer.self_attn.q_proj.weight`, `layer.sidecar.mamba.*`, ...).
+Greedy selection matches `model.generate` token for token (see tests/test_fast_decode.py); `temperature > 0` samples
+by Gumbel-max on the GPU.
 """
 
-import contextlib
 import math
 import sys
 
@@ -72,33 +75,6 @@ REVERSE_SCANS = {
     "mamba": selective_scan_fn and _flipped(_mamba_scan),
     "triton": triton and _triton_reverse_scan,
 }
-# The same scans behind the model's own dispatch point (mamba-ssm's `selective_scan_fn` signature), for the prefill.
-MODEL_SCANS = {
-    "ref": None,
-    "mamba": selective_scan_fn,
-    "triton": triton and (lambda u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True:
-                          selective_scan_triton(u, delta, A, B, C, D, z, delta_bias)),
-}
-
-
-@contextlib.contextmanager
-def sidecar_scan(model, name):
-    """Runs the model's own sidecar code with the scan `name`: the model sends CUDA tensors to its module's
-    `selective_scan_fn` when that is set and to `selective_scan_ref` when it is None, so the scan is swapped there."""
-    module = next((sys.modules[type(m).__module__] for m in model.modules() if type(m).__name__ == "R2LMMamba"), None)
-    if module is None or name is None:
-        yield
-        return
-    if name != "ref" and MODEL_SCANS.get(name) is None:
-        raise ValueError(f"scan {name!r} is not available here")
-    saved = module.selective_scan_fn
-    module.selective_scan_fn = MODEL_SCANS[name]
-    try:
-        yield
-    finally:
-        module.selective_scan_fn = saved
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Elementwise pieces (exactly the model's arithmetic); with `Ops(compile=True)` each becomes a few fused kernels
 # around its matrix products.
@@ -251,9 +227,9 @@ class FastDecoder:
 
     mode: "cached" (R2LM, or the causal dLLM when the model has no sidecars), "ar" (one token per forward, for a
     Qwen3ForCausalLM or an R2LM with block_size 1) or "bidirectional" (no cache: every step recomputes the canvas).
-    scan: the selective scan the model's sidecars use on CUDA: None (the model's own choice), "ref" (its PyTorch
-    reference), "triton" (bench/scan_triton.py) or "mamba" (mamba-ssm's kernel). The sidecars are the model's own
-    modules, called on whole blocks."""
+    scan: the sidecars' right-to-left scan (REVERSE_SCANS): "ref" (the model's PyTorch reference), "triton"
+    (bench/scan_triton.py) or "mamba" (mamba-ssm's kernel); None: what the model itself would use (mamba-ssm on CUDA
+    when installed, else the reference)."""
 
     def __init__(self, model, mode="cached", block_size=32, bucket=256, scan=None, compile=False, graphs=None,
                  mask_token_id=None, sidecars=True):
@@ -263,7 +239,6 @@ class FastDecoder:
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         self.emulate_capture = False
         self.ops = Ops(compile)
-        self.scan = scan  # None: the model's own choice
         cfg = model.config
         if getattr(cfg, "attention_bias", False):
             raise ValueError("the fast path stacks q, k, v without biases: models with attention_bias=True are not "
@@ -302,10 +277,11 @@ class FastDecoder:
 
     # -- the forward -------------------------------------------------------------------------------------------
 
-    def forward(self, ids, positions, write_cols=None, key_len=None, allowed=None):
+    def forward(self, ids, positions, write_cols=None, key_len=None, allowed=None, lead=0):
         """The decoder on ids (b, s) at `positions`; returns the final-normed hidden states (b, s, d). With
         `write_cols`, each layer's k, v are written at those columns of the static cache and the attention reads its
-        first `key_len` columns where `allowed` (b or 1, s, key_len) holds."""
+        first `key_len` columns where `allowed` (b or 1, s, key_len) holds. The sidecars' blocks start `lead`
+        columns before column 0 (the prefill's first block is cut)."""
         h = self.model.model.embed_tokens(ids)
         cos, sin = self.model.model.rotary_emb(h, positions)
         H, KV = self.n_heads, self.n_kv
@@ -326,16 +302,20 @@ class FastDecoder:
             h, x = self.ops.attention_output_and_mlp(o, h, w["o"], w["post_norm"], w["gate_up"], w["down"], self.eps,
                                                      None if w["sidecar"] else w["next_norm"])
             if w["sidecar"] is not None:
-                h, x = self._sidecar(h, w["sidecar"], w["next_norm"])
+                h, x = self._sidecar(h, w["sidecar"], w["next_norm"], lead)
         return x
 
-    def _sidecar(self, h, w, next_norm):
+    def _sidecar(self, h, w, next_norm, lead=0):
         """The model's sidecar (R2LMSidecar: a Mamba scanning each block right to left, LayerNorm, tanh gate) on
-        whole blocks from column 0, computed in time order: the conv's taps and the scan run right to left, so
-        nothing is flipped in memory; then the next RMSNorm. Returns (h, x)."""
+        whole blocks from column -lead, computed in time order: the conv's taps and the scan run right to left, so
+        nothing is flipped in memory; then the next RMSNorm. Returns (h, x).
+
+        The `lead` columns filling the first block come before every real column in time, so they are last in the
+        right-to-left scan and outside every real column's conv taps: whatever they hold (zeros here) changes nothing,
+        which is also why left padding needs no masking here (the model zeroes it; it only ever reaches padding)."""
         b, s, d = h.shape
-        n_rows, L = b * s // self.B, self.B
-        xz = F.linear(h.reshape(-1, d), w["in_proj"])  # (N L, 2 d_inner), token-major
+        n_rows, L = b * (s + lead) // self.B, self.B
+        xz = F.linear((F.pad(h, (0, 0, lead, 0)) if lead else h).reshape(-1, d), w["in_proj"])  # (N L, 2 d_inner)
         d_inner = xz.shape[1] // 2
         x = self.ops.reverse_conv_silu(xz[:, :d_inner].view(n_rows, L, d_inner), w["conv"], w["conv_bias"])
         dt, B, C = F.linear(x.view(-1, d_inner), w["x_proj"]).split([w["dt_rank"], w["d_state"], w["d_state"]], -1)
@@ -346,22 +326,9 @@ class FastDecoder:
 
         y = self.reverse_scan(feature_major(x), feature_major(delta), w["A"], feature_major(B), feature_major(C),
                               w["D"], feature_major(xz[:, d_inner:]), w["dt_bias"])
-        r = F.linear(y.transpose(1, 2).reshape(-1, d_inner), w["out_proj"]).view(b, s, d)
+        r = F.linear(y.transpose(1, 2).reshape(-1, d_inner), w["out_proj"]).view(b, s + lead, d)[:, lead:]
         norm = w["norm"]
         return self.ops.sidecar_output(h, r, norm.weight, norm.bias, norm.eps, w["gate"], next_norm, self.eps)
-
-    @contextlib.contextmanager
-    def _sidecars_as_decoded(self):
-        """The model's own forward (the prefill) without the sidecars this decoder leaves out (the causal dLLM)."""
-        dropped = [(layer, layer.sidecar) for layer, w in zip(self.model.model.layers, self.layers)
-                   if getattr(layer, "sidecar", None) is not None and w["sidecar"] is None]
-        for layer, _ in dropped:
-            layer.sidecar = None
-        try:
-            yield
-        finally:
-            for layer, sidecar in dropped:
-                layer.sidecar = sidecar
 
     # -- state -------------------------------------------------------------------------------------------------
 
@@ -514,7 +481,8 @@ class FastDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None):
-        """Runs the prompt through the model's own forward (DynamicCache) and copies its cache into the static one."""
+        """Runs the prompt through the fast forward (eager, compiled pieces), writing the static cache's first T
+        columns. Its blocks end at column T, as the model's cached prefill cuts them (block_offset = T % B)."""
         T = input_ids.shape[1]
         if attention_mask is not None and not attention_mask.bool().all():
             valid = attention_mask.bool().to(self.device)
@@ -523,23 +491,15 @@ class FastDecoder:
             self.key_valid[:, :T] = valid
             self.pad.copy_((~valid).sum(1))
         self.canvas[:, :T] = input_ids
+        self.cache_len.zero_()
         if self.mode == "bidirectional":
             self.cache_len.fill_(T)
             return
-        if self.mode == "ar":  # Qwen3Model numbers positions from 0 unless told: count valid tokens, as generate does
-            valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            kwargs = dict(position_ids=(valid.long().cumsum(-1) - 1).clamp(min=0))
-        else:
-            kwargs = dict(block_size=self.B, block_offset=T % self.B)
-        with sidecar_scan(self.model, self.scan), self._sidecars_as_decoded():
-            out = self.model.model(input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
-        cache = getattr(out, "past_key_values", None)
-        cache = cache if cache is not None else out.cache  # transformers >= 5.2x names it `cache`
-        for i, layer in enumerate(cache.layers):
-            self.k_cache[i][:, :, :T] = layer.keys
-            self.v_cache[i][:, :, :T] = layer.values
+        cols = torch.arange(T, device=self.device)
+        hidden = self.forward(self.canvas[:, :T], cols[None] - self.pad[:, None], cols, T, self._mask(T, T),
+                              lead=(-T) % self.B)
         self.cache_len.fill_(T)
-        last = out.last_hidden_state[:, -1]
+        last = hidden[:, -1]
         if self.mode == "ar":  # the prompt's last logits give the first new token
             self.canvas[:, T] = self.ops.select_tokens(self.model.lm_head(last[:, None]), None, 0.0)[0][:, 0]
         else:

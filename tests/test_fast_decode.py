@@ -154,14 +154,14 @@ def test_triton_scan_matches_reference():
 
 def test_causal_dllm_decoder_prefills_without_sidecars():
     """sidecars=False decodes the causal dLLM on an R2LM's weights: the prompt is prefilled without them too, so it
-    gives the tokens of the same model with its sidecars removed."""
+    gives the tokens of the same model with its sidecars removed (and the model keeps its sidecars)."""
     model = random_model()
     ids, mask = prompts()
     schedule = SCHEDULES["left_to_right_2_per_step"]
     sidecars = [layer.sidecar for layer in model.model.layers]
     tokens, _ = FastDecoder(model, block_size=4, bucket=8, sidecars=False).generate(ids, mask, max_new_tokens=14,
                                                                                    **schedule)
-    assert [layer.sidecar for layer in model.model.layers] == sidecars  # put back after the prefill
+    assert [layer.sidecar for layer in model.model.layers] == sidecars
     for layer in model.model.layers:
         layer.sidecar = None
     expected, _ = reference(model, ids, mask, **schedule)
