@@ -126,6 +126,18 @@ def attention_output_and_mlp(o, h, o_weight, post_weight, gate_up_weight, down_w
     return h, None if next_weight is None else rms_norm(h, next_weight, eps)
 
 
+def split_key_attention(q, k, v, mask, chunk):
+    """softmax(q k^T / sqrt(hd) + mask) v for a few query rows over many keys, as matrix products whose second one
+    runs per key chunk (then summed): one attention kernel per kv head would leave most of the GPU idle. q (b, h, r, hd);
+    k, v (b, h, L, hd) with L a multiple of `chunk`; mask additive, broadcastable to (b, h, r, L)."""
+    b, h, r, hd = q.shape
+    scores = torch.matmul(q, k.transpose(-1, -2)) * hd**-0.5
+    if mask is not None:
+        scores = scores + mask
+    p = scores.float().softmax(-1).to(v.dtype).unflatten(-1, (-1, chunk)).transpose(2, 3)  # (b, h, n, r, chunk)
+    return torch.matmul(p, v.unflatten(2, (-1, chunk))).float().sum(2).to(v.dtype)
+
+
 def reverse_conv_silu(x, weight, bias):
     """The sidecar's causal depthwise conv over each block flipped in time, computed in time order:
     out_t = bias + sum_k w_k x_{t + K - 1 - k} (zeros past the block's end), then silu. x (N, L, d_inner)."""
@@ -165,6 +177,7 @@ class Ops:
         self.rms_norm = wrap(rms_norm)
         self.attention_inputs = wrap(attention_inputs)
         self.attention_output_and_mlp = wrap(attention_output_and_mlp)
+        self.split_key_attention = wrap(split_key_attention)
         self.reverse_conv_silu = wrap(reverse_conv_silu)
         self.sidecar_output = wrap(sidecar_output)
         self.select_tokens = wrap(select_tokens)
@@ -229,11 +242,13 @@ class FastDecoder:
     Qwen3ForCausalLM or an R2LM with block_size 1) or "bidirectional" (no cache: every step recomputes the canvas).
     scan: the sidecars' right-to-left scan (REVERSE_SCANS): "ref" (the model's PyTorch reference), "triton"
     (bench/scan_triton.py) or "mamba" (mamba-ssm's kernel); None: what the model itself would use (mamba-ssm on CUDA
-    when installed, else the reference)."""
+    when installed, else the reference). split_keys_from: from this many keys on, decode steps of a small batch use
+    `split_key_attention` instead of the library's attention (None: never)."""
 
     def __init__(self, model, mode="cached", block_size=32, bucket=256, scan=None, compile=False, graphs=None,
-                 mask_token_id=None, sidecars=True):
+                 mask_token_id=None, sidecars=True, split_keys_from=None):
         self.model, self.mode, self.B, self.bucket = model, mode, block_size, bucket
+        self.split_keys_from = split_keys_from  # None: always the library's attention
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
@@ -298,12 +313,23 @@ class FastDecoder:
                                                 H, KV, *cache)
             if write_cols is not None:
                 k, v = self.k_cache[i][:, :, :key_len], self.v_cache[i][:, :, :key_len]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if self._split_keys(q, k):
+                o = self.ops.split_key_attention(q, k, v, mask, self.bucket)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             h, x = self.ops.attention_output_and_mlp(o, h, w["o"], w["post_norm"], w["gate_up"], w["down"], self.eps,
                                                      None if w["sidecar"] else w["next_norm"])
             if w["sidecar"] is not None:
                 h, x = self._sidecar(h, w["sidecar"], w["next_norm"], lead)
         return x
+
+    def _split_keys(self, q, k):
+        """Decode steps (few query rows) of a small batch over many keys: there cuDNN's attention runs one thread block
+        per kv head (8 of them at batch 1: 46 us per layer over 2304 keys on an H200)."""
+        b, heads, rows, _ = q.shape
+        keys = k.shape[2]
+        return (self.split_keys_from is not None and rows <= 128 and b * heads < 64 and keys >= self.split_keys_from
+                and keys % self.bucket == 0)
 
     def _sidecar(self, h, w, next_norm, lead=0):
         """The model's sidecar (R2LMSidecar: a Mamba scanning each block right to left, LayerNorm, tanh gate) on

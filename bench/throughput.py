@@ -220,7 +220,8 @@ def section_exact(res, args):
 
 def fast_decoder(models, system, args, scan=None):
     r2lm, bidir, qwen = models
-    common = dict(block_size=B, bucket=args.bucket, compile=args.compile)
+    common = dict(block_size=B, bucket=args.bucket, compile=args.compile,
+                  split_keys_from=args.res.get("attention", {}).get("split_keys_from"))
     if system == "r2lm_fast":
         return FastDecoder(r2lm, scan=scan or chosen_scan(args), **common)
     if system == "causal_fast":
@@ -408,6 +409,23 @@ def section_scan(res, args, models):
             torch.cuda.empty_cache()
         print("scan", batch, {k: v for k, v in out.items() if f"b{batch}/" in k}, flush=True)
         save(res, args)
+
+
+def section_attention(res, args, models):
+    """Attention of a decode step over long caches: cuDNN (through scaled_dot_product_attention) against
+    split_key_attention, in the R2LM block step at batch 1 and 8 over 2048 + 256 cached columns. The grid then
+    splits from 1024 keys on if that was faster at batch 1."""
+    out = res.setdefault("attention", {})
+    for batch in (1, 8):
+        for name, split in (("cudnn", None), ("split", 1024)):
+            dec = FastDecoder(models[0], block_size=B, bucket=args.bucket, compile=args.compile,
+                              scan=chosen_scan(args), split_keys_from=split)
+            out[f"b{batch}/{name}"] = time_cached_steps(dec, batch, 2048, (8,), 20)[8]
+            torch.cuda.empty_cache()
+        print("attention", batch, {k: v for k, v in out.items() if k.startswith(f"b{batch}/")}, flush=True)
+    faster = out["b1/split"]["step_ms"] < out["b1/cudnn"]["step_ms"]
+    out["split_keys_from"] = 1024 if faster else None
+    save(res, args)
 
 
 def section_profile(res, args, models):
@@ -703,7 +721,7 @@ def save(res, args):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-PARTS = ("hardware", "exact", "scan", "profile", "fast", "hf", "e2e")
+PARTS = ("hardware", "exact", "scan", "attention", "profile", "fast", "hf", "e2e")
 
 
 def main():
@@ -766,7 +784,7 @@ def main():
             else:
                 models = models or build_models(TINY if args.tiny else QWEN3_1_7B)
                 {"hardware": section_hardware, "scan": section_scan, "profile": section_profile,
-                 "fast": section_fast_steps, "hf": section_hf_ar, "e2e": section_e2e}[part](res, args, *(
+                 "attention": section_attention, "fast": section_fast_steps, "hf": section_hf_ar, "e2e": section_e2e}[part](res, args, *(
                     [models] if part != "hardware" else [models[0]]))
         except Exception as e:  # noqa: BLE001
             res.setdefault("errors", {})[part] = repr(e)[:1000]

@@ -80,6 +80,17 @@ def test_cached_fast_path_matches_generate(schedule, sidecars):
     assert forwards == nfe
 
 
+@pytest.mark.parametrize("schedule", ["left_to_right_2_per_step", "confidence_threshold"])
+def test_split_key_attention_matches_generate(schedule):
+    """The attention for few queries over many keys (matrix products per key chunk), used here from 0 keys on."""
+    model = random_model()
+    ids, mask = prompts()
+    expected, nfe = reference(model, ids, mask, **SCHEDULES[schedule])
+    fast = FastDecoder(model, block_size=4, bucket=8, split_keys_from=0)
+    tokens, forwards = fast.generate(ids, mask, max_new_tokens=14, **SCHEDULES[schedule])
+    assert torch.equal(tokens, expected) and forwards == nfe
+
+
 def test_finished_rows_are_dropped_and_padded_like_generate():
     """An EOS in row 0's second block: generate pads the row after it; the fast path drops the row from the batch
     (the batch shrinks) and must give the same sequences for every row."""
