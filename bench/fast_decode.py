@@ -39,7 +39,7 @@ except ImportError:  # the repo is not installed (the GPU machine): load its roo
     sys.modules["r2lm"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["r2lm"])
 
-from r2lm.modeling_r2lm import selective_scan_ref  # noqa: E402, F401 (re-exported for the benchmark)
+from r2lm.modeling_r2lm import selective_scan_ref  # noqa: E402
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -75,6 +75,8 @@ REVERSE_SCANS = {
     "mamba": selective_scan_fn and _flipped(_mamba_scan),
     "triton": triton and _triton_reverse_scan,
 }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Elementwise pieces (exactly the model's arithmetic); with `Ops(compile=True)` each becomes a few fused kernels
 # around its matrix products.
