@@ -1,6 +1,7 @@
 """Throughput of R2LM against AR and diffusion baselines on one GPU, Qwen3-1.7B shapes, random bf16 weights.
 
-    python bench/throughput.py --out bench/results [--parts hardware,exact,scan,attention,profile,fast,hf,e2e] [--resume JSON] [--tiny]
+    python bench/throughput.py --out bench/results [--resume JSON] [--tiny]
+        [--parts hardware,exact,scan,attention,profile,fast,hf,e2e]
 
 Systems (same backbone weights everywhere):
   ar_hf        Qwen3ForCausalLM.generate, default (dynamic) cache, eager: transformers as shipped
