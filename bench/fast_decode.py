@@ -103,7 +103,8 @@ def attention_inputs(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_heads, k_
     b, s, _ = qkv.shape
     hd = q_weight.shape[0]
     q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
-    q, k = rms_norm(q.unflatten(-1, (heads, hd)), q_weight, eps), rms_norm(k.unflatten(-1, (kv_heads, hd)), k_weight, eps)
+    q = rms_norm(q.unflatten(-1, (heads, hd)), q_weight, eps)
+    k = rms_norm(k.unflatten(-1, (kv_heads, hd)), k_weight, eps)
     cos, sin = cos[:, :, None], sin[:, :, None]
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     q = q.view(b, s, kv_heads, heads // kv_heads, hd).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, hd)
@@ -130,8 +131,8 @@ def attention_output_and_mlp(o, h, o_weight, post_weight, gate_up_weight, down_w
 
 def split_key_attention(q, k, v, mask, chunk):
     """softmax(q k^T / sqrt(hd) + mask) v for a few query rows over many keys, as matrix products whose second one
-    runs per key chunk (then summed): one attention kernel per kv head would leave most of the GPU idle. q (b, h, r, hd);
-    k, v (b, h, L, hd) with L a multiple of `chunk`; mask additive, broadcastable to (b, h, r, L)."""
+    runs per key chunk (then summed): one attention kernel per kv head would leave most of the GPU idle.
+    q (b, h, r, hd); k, v (b, h, L, hd) with L a multiple of `chunk`; mask additive, broadcastable to (b, h, r, L)."""
     b, h, r, hd = q.shape
     scores = torch.matmul(q, k.transpose(-1, -2)) * hd**-0.5
     if mask is not None:
