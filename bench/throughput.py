@@ -294,6 +294,25 @@ def time_prefill(dec, batch, prompt):
     return ms
 
 
+def measure_point(res, args, out, key, measure):
+    """out[key] = measure(), unless it holds a result already (from --resume) or the time is up; a failure is kept as
+    the point's error (one failing point must not lose the rest), and the results are saved after each point."""
+    if "error" not in out.get(key, {"error": 1}):
+        return
+    if out_of_time(args):
+        out[key] = dict(error="skipped: out of time")
+        return
+    try:
+        out[key] = measure()
+    except Exception as e:  # noqa: BLE001
+        out[key] = dict(error=repr(e)[:500])
+        traceback.print_exc()
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(key, json.dumps(out[key])[:300], flush=True)
+    save(res, args)
+
+
 def section_fast_steps(res, args, models):
     """Per-step costs of the fast systems over the grid's batches and prompts."""
     out = res.setdefault("fast_steps", {})
@@ -302,42 +321,33 @@ def section_fast_steps(res, args, models):
         dec = fast_decoder(models, system, args)
         for batch in args.batches:
             for prompt in args.prompts:
-                key = f"{system}/b{batch}/p{prompt}"
-                if "error" not in out.get(key, {"error": 1}):
-                    continue
-                if out_of_time(args):
-                    out[key] = dict(error="skipped: out of time")
-                    continue
-                try:
+                def measure(batch=batch, prompt=prompt):
                     reps = 20 if batch <= 32 else 8
-                    if system == "bidir_fast":
-                        entry = {}
-                        for gen in args.gens:
-                            dec.graphs_on = batch * (prompt + gen) < 65536  # compute-bound beyond: no graph
-                            dec.setup(batch, prompt + gen, SETTINGS)
-                            dec.canvas.random_(0, MASK - 1)
-                            dec.cache_len.fill_(prompt)  # the first block's column
-                            tokens = batch * (prompt + gen)
-                            n = 2 if tokens > 100_000 else 5
-                            entry[gen] = dict(step_ms=cuda_time(lambda: dec.run("bidirectional", prompt + gen), n,
-                                                                lambda: dec.block_step.zero_()))
-                            dec.release()
-                    elif system == "ar_fast":
-                        entry = dict(steps=time_ar_steps(dec, batch, prompt, reps),
-                                     prefill_ms=time_prefill(dec, batch, prompt))
-                    else:
-                        entry = dict(steps=time_cached_steps(dec, batch, prompt, args.blocks, reps),
-                                     prefill_ms=time_prefill(dec, batch, prompt))
-                    out[key] = entry
-                except Exception as e:  # noqa: BLE001 (one failing point must not lose the rest)
-                    out[key] = dict(error=repr(e)[:500])
-                    traceback.print_exc()
-                dec.release()
-                gc.collect()
-                torch.cuda.empty_cache()
-                print(key, json.dumps(out[key])[:300], flush=True)
-                save(res, args)
-        del dec
+                    try:
+                        if system == "bidir_fast":
+                            return {gen: dict(step_ms=bidirectional_step_ms(dec, batch, prompt, gen))
+                                    for gen in args.gens}
+                        if system == "ar_fast":
+                            return dict(steps=time_ar_steps(dec, batch, prompt, reps),
+                                        prefill_ms=time_prefill(dec, batch, prompt))
+                        return dict(steps=time_cached_steps(dec, batch, prompt, args.blocks, reps),
+                                    prefill_ms=time_prefill(dec, batch, prompt))
+                    finally:
+                        dec.release()
+
+                measure_point(res, args, out, f"{system}/b{batch}/p{prompt}", measure)
+
+
+def bidirectional_step_ms(dec, batch, prompt, gen):
+    """One step of the bidirectional baseline over the whole canvas (the same shape at every step)."""
+    dec.graphs_on = DEVICE == "cuda" and batch * (prompt + gen) < 65536  # compute-bound beyond: no graph
+    dec.setup(batch, prompt + gen, SETTINGS)
+    dec.canvas.random_(0, MASK - 1)
+    dec.cache_len.fill_(prompt)  # the first block's column
+    reps = 2 if batch * (prompt + gen) > 100_000 else 5
+    ms = cuda_time(lambda: dec.run("bidirectional", prompt + gen), reps, lambda: dec.block_step.zero_())
+    dec.release()
+    return ms
 
 
 def section_hf_ar(res, args, models):
@@ -348,16 +358,11 @@ def section_hf_ar(res, args, models):
     m = 32
     for batch in args.batches:
         for prompt in args.prompts:
-            key = f"ar_hf/b{batch}/p{prompt}"
-            if "error" not in out.get(key, {"error": 1}):
-                continue
-            if out_of_time(args):
-                out[key] = dict(error="skipped: out of time")
-                continue
-            try:
+            def measure(batch=batch, prompt=prompt):
                 entry = {}
                 for L in (prompt, prompt + max(GENS)):
                     ids = torch.randint(0, MASK - 1, (batch, L), device=DEVICE)
+
                     def gen(n, ids=ids):
                         return qwen.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                              eos_token_id=None, pad_token_id=0)
@@ -365,13 +370,9 @@ def section_hf_ar(res, args, models):
                     one = wall_time(lambda: gen(1), 2)
                     many = wall_time(lambda: gen(1 + m), 1)
                     entry[L] = dict(prefill_ms=one * 1e3, token_ms=(many - one) * 1e3 / m)
-                out[key] = entry
-            except Exception as e:  # noqa: BLE001
-                out[key] = dict(error=repr(e)[:500])
-                traceback.print_exc()
-            torch.cuda.empty_cache()
-            print(key, out[key], flush=True)
-            save(res, args)
+                return entry
+
+            measure_point(res, args, out, f"ar_hf/b{batch}/p{prompt}", measure)
 
 
 def section_scan(res, args, models):
@@ -464,14 +465,9 @@ def section_e2e(res, args, models):
     k = 4
     gen_kw = dict(unmasking="left_to_right", threshold=1.0, min_tokens_per_step=k, max_steps_per_block=B // k)
     for system, batch, prompt, gen in args.e2e_points:
-        key = f"{system}/b{batch}/p{prompt}/g{gen}/k{k}"
-        if "error" not in out.get(key, {"error": 1}):
-            continue
-        if out_of_time(args):
-            out[key] = dict(error="skipped: out of time")
-            continue
-        try:
+        def measure(system=system, batch=batch, prompt=prompt, gen=gen):
             ids = torch.randint(0, MASK - 1, (batch, prompt), device=DEVICE)
+            dec = None
             if system == "ar_hf":
                 fn = lambda: qwen.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False,  # noqa: E731
                                            eos_token_id=None, pad_token_id=0)
@@ -486,20 +482,18 @@ def section_e2e(res, args, models):
                 dec = fast_decoder(models, system, args)
                 kw = {} if system == "ar_fast" else gen_kw
                 fn = lambda: dec.generate(ids, None, max_new_tokens=gen, **kw)  # noqa: E731
-            t0 = time.perf_counter()
-            fn()  # warm-up (captures the graphs, compiles)
-            sync()
-            first = time.perf_counter() - t0
-            seconds = wall_time(fn, 1)
-            out[key] = dict(seconds=seconds, first_call_seconds=first, tokens_per_s=batch * gen / seconds)
-            if system.endswith("_fast"):
-                dec.release()
-        except Exception as e:  # noqa: BLE001
-            out[key] = dict(error=repr(e)[:500])
-            traceback.print_exc()
-        torch.cuda.empty_cache()
-        print(key, out[key], flush=True)
-        save(res, args)
+            try:
+                t0 = time.perf_counter()
+                fn()  # warm-up (captures the graphs, compiles)
+                sync()
+                first = time.perf_counter() - t0
+                seconds = wall_time(fn, 1)
+            finally:
+                if dec is not None:
+                    dec.release()
+            return dict(seconds=seconds, first_call_seconds=first, tokens_per_s=batch * gen / seconds)
+
+        measure_point(res, args, out, f"{system}/b{batch}/p{prompt}/g{gen}/k{k}", measure)
 
 
 def section_trained(res, args):
