@@ -18,8 +18,10 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.generation.stopping_criteria import EosTokenCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.utils import ModelOutput, logging
+
+from .engine_r2lm import R2LMEngine, idle_token
 
 
 logger = logging.get_logger(__name__)
@@ -118,27 +120,53 @@ class R2LMGenerateOutput(ModelOutput):
 
 
 class _CachedRunner:
-    """Causal decoding against a KV cache of finished blocks.
+    """The eager reference path: causal decoding against a transformers `DynamicCache` of finished blocks.
 
     The prompt is prefilled once; its last logits predict the first generated token. Each step runs the current block
     (b, B) against the cache and drops the block's keys and values again; the first step of a block runs
-    `[finished block ; new block]`, which keeps the finished block in the cache (the fused commit).
+    `[finished block ; new block]`, which keeps the finished block in the cache (the fused commit). It shares the
+    runner interface of `R2LMEngine` (`start`, `step`, `drop`, `canvas`, `slot_rows`, `forwards`).
     """
 
-    def __init__(self, model, canvas, valid, prompt_len, block_size):
-        self.model, self.canvas, self.valid, self.block_size = model, canvas, valid, block_size
-        self.block_offset = prompt_len % block_size
-        self.forwards = 0  # denoising forward passes; the prefill is not counted
-        out = model.model(
-            canvas[:, :prompt_len], attention_mask=valid[:, :prompt_len], use_cache=True,
-            block_size=block_size, block_offset=self.block_offset,
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, input_ids, valid, n_blocks, block_size, limit, commit, policy_key):
+        batch, T = input_ids.shape
+        self.B, self.T, self.limit, self.commit = block_size, T, limit, commit
+        self.canvas = torch.full((batch, T + n_blocks * block_size), self.model.config.mask_token_id,
+                                 dtype=torch.long, device=input_ids.device)
+        self.canvas[:, :T] = input_ids
+        self.valid = torch.cat([valid, valid.new_ones(batch, n_blocks * block_size)], dim=1)
+        self.slot_rows, self.forwards = list(range(batch)), 0
+        self.block_offset = T % block_size
+        self.prefill()
+
+    def prefill(self):
+        out = self.model.model(
+            self.canvas[:, : self.T], attention_mask=self.valid[:, : self.T], use_cache=True, block_size=self.B,
+            block_offset=self.block_offset,
         )
         self.cache = out.cache
-        self.first_logits = model.lm_head(out.last_hidden_state[:, -1:])  # predicts the first column of block 0
+        self.first_logits = self.model.lm_head(out.last_hidden_state[:, -1:])  # predicts the first column of block 0
 
-    def __call__(self, start, first_step):
+    def step(self, start, block_step):
+        """One denoising step of the block at [start, start + B): logits, token choice, commit. Returns the logits."""
+        logits = self.logits(start, block_step == 0)
+        wanted = torch.arange(start, start + self.B, device=self.canvas.device) < self.limit
+        block = self.canvas[:, start : start + self.B]
+        block.copy_(self.commit(block, wanted, logits, block_step))
+        return logits
+
+    def drop(self, slots):
+        """Finished rows: they idle (no mask left, so nothing is committed) until the end."""
+        for slot in slots:
+            self.slot_rows[slot] = -1
+        self.canvas[slots, self.T :] = idle_token(self.model.config)
+
+    def logits(self, start, first_step):
         """Logits (b, B, V) for the columns [start, start + B) of the current block."""
-        B = self.block_size
+        B = self.B
         commit = first_step and self.cache.get_seq_length() < start  # the finished block [start - B, start) goes in
         begin = start - B if commit else start
         end = start + B if B > 1 else start  # with B = 1 no position needs the block itself as input
@@ -160,24 +188,60 @@ class _CachedRunner:
         return torch.cat([self.first_logits, logits], dim=1)
 
 
-class _RecomputeRunner:
+class _RecomputeRunner(_CachedRunner):
     """Recomputes every column each step, without a cache: the causal oracle (`use_cache=False`) and the
     bidirectional baseline, which also sees the masks of every later block (LLaDA's semi-autoregressive decoding)."""
 
-    def __init__(self, model, canvas, valid, prompt_len, block_size):
-        self.model, self.canvas, self.valid, self.block_size = model, canvas, valid, block_size
-        self.block_offset = prompt_len % block_size
-        self.full = model.config.attention == "bidirectional"
-        self.forwards = 0
+    def prefill(self):
+        self.full = self.model.config.attention == "bidirectional"
 
-    def __call__(self, start, first_step):
+    def logits(self, start, first_step):
         self.forwards += 1
-        end = self.canvas.shape[1] if self.full else start + self.block_size
+        end = self.canvas.shape[1] if self.full else start + self.B
         hidden = self.model.model(
             self.canvas[:, :end], attention_mask=self.valid[:, :end], use_cache=False,
-            block_size=self.block_size, block_offset=self.block_offset,
+            block_size=self.B, block_offset=self.block_offset,
         ).last_hidden_state
-        return self.model.lm_head(hidden[:, start - 1 : start - 1 + self.block_size])  # column c from c - 1
+        return self.model.lm_head(hidden[:, start - 1 : start - 1 + self.B])  # column c from c - 1
+
+
+def commit_tokens(block, wanted, logits, processors, config, block_step):
+    """The decoding policy of one step, for every runner (the engine captures it in its CUDA graphs: no host sync).
+
+    block (b, B): the current block's tokens; wanted (B,): False on columns past max_new_tokens (they stay masks);
+    logits (b, B, V) predict the block's columns; block_step: steps already taken in this block (int or 0-d tensor).
+    Returns the block with some masked positions committed: every one whose confidence exceeds `threshold`, and at
+    least max(min_tokens_per_step, remaining / steps left) per row, ranked by the unmasking rule.
+    """
+    masked = (block == config.mask_token_id) & wanted
+    batch, size, vocab = logits.shape
+    logits = processors["suppress"](None, logits.reshape(-1, vocab).float())
+    # Confidence is the model's own probability (temperature 1, no truncation); the sampling settings only choose
+    # the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
+    probs = logits.softmax(-1).view(batch, size, vocab)
+    if config.do_sample:
+        x0 = torch.multinomial(processors["sample"](None, logits).softmax(-1), 1).view(batch, size)
+    else:
+        x0 = probs.argmax(-1)
+    x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    score = UNMASKING_RULES[config.unmasking](probs, x0_prob).masked_fill(~masked, -math.inf)
+    remaining = masked.sum(1, keepdim=True)
+    steps_left = config.max_steps_per_block - block_step
+    quota = torch.clamp(torch.maximum(torch.full_like(remaining, config.min_tokens_per_step),
+                                      (remaining + steps_left - 1) // steps_left), max=remaining)
+    order = score.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(size, device=order.device).expand_as(order))
+    return torch.where(masked & ((rank < quota) | (x0_prob > config.threshold)), x0, block)
+
+
+def steps_needed(wanted, steps, min_tokens):
+    """Steps the quota rule takes to commit `wanted` positions when no threshold can fire (threshold 1): the loop
+    then needs no host synchronisation to know when a block is done."""
+    taken = 0
+    while wanted > 0 and taken < steps:
+        wanted -= min(wanted, max(min_tokens, -(-wanted // (steps - taken))))
+        taken += 1
+    return taken
 
 
 class R2LMGenerationMixin(GenerationMixin):
@@ -209,6 +273,7 @@ class R2LMGenerationMixin(GenerationMixin):
         config = R2LMGenerationConfig.from_dict(base.to_dict())
         model_kwargs = config.update(**kwargs)
         config.block_size = config.block_size or self.config.block_size
+        config.use_cache = config.use_cache is not False  # None (transformers 5's default) means the cache
         config.max_steps_per_block = config.max_steps_per_block or config.block_size
         if config.mask_token_id is None:
             config.mask_token_id = self.config.mask_token_id
@@ -218,6 +283,9 @@ class R2LMGenerationMixin(GenerationMixin):
             eos = config.eos_token_id
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         config.validate()
+        if config.cache_implementation not in (None, "static", "dynamic"):
+            raise ValueError(f"`cache_implementation` must be 'static' (the engine), 'dynamic' (the eager cached "
+                             f"runner) or None (the engine on CUDA), got {config.cache_implementation!r}.")
         # Checked here rather than in `validate`, so that a checkpoint whose generation_config.json sets one still
         # loads; only decoding with it is refused.
         for name, accepted in UNSUPPORTED_OPTIONS.items():
@@ -258,9 +326,10 @@ class R2LMGenerationMixin(GenerationMixin):
             if tokenizer is None:
                 raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to `generate`.")
             criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
-        if config.eos_token_id is not None:
-            criteria.append(EosTokenCriteria(eos_token_id=config.eos_token_id))
-        return criteria
+        eos = config.eos_token_id
+        if eos is not None:
+            eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
+        return eos, criteria
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, streamer=None, step_callback=None,
@@ -270,64 +339,111 @@ class R2LMGenerationMixin(GenerationMixin):
         inputs / input_ids: (b, T) left-padded prompts, with `attention_mask`. `step_callback(step, canvas, logits)`
         is called after every step with the whole canvas (b, T + generated columns) and the block's logits.
         Streamers get the prompt, then each finished block (`put_draft` gets every step's block when it exists).
-        `use_cache=False` recomputes every column each step. Returns the sequences (b, T + max_new_tokens), or an
-        `R2LMGenerateOutput` with `return_dict_in_generate=True`.
+        On CUDA the engine (`engine_r2lm`) runs the steps; `cache_implementation="dynamic"` asks for the eager
+        cached runner, `use_cache=False` recomputes every column each step (the oracle). Returns the sequences
+        (b, T + max_new_tokens), or an `R2LMGenerateOutput` with `return_dict_in_generate=True`.
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         tokenizer = kwargs.pop("tokenizer", None)
         config, unused = self._r2lm_generation_config(generation_config, kwargs)
-        use_cache = config.use_cache and self.config.attention == "causal"
         if unused:
             raise ValueError(f"`generate` got arguments it does not use: {sorted(unused)}.")
         input_ids = input_ids.to(self.device) if input_ids is not None else None
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         valid_prompt, n_blocks = self._check_prompt(input_ids, attention_mask, config)
-        criteria = self._stopping_criteria(config, stopping_criteria, tokenizer)
+        eos, criteria = self._stopping_criteria(config, stopping_criteria, tokenizer)
 
         batch, prompt_len = input_ids.shape
         B = config.block_size
-        canvas = torch.full((batch, prompt_len + n_blocks * B), config.mask_token_id, device=self.device)
-        canvas[:, :prompt_len] = input_ids
-        valid = torch.cat([valid_prompt, valid_prompt.new_ones(batch, n_blocks * B)], dim=1)
-        runner = (_CachedRunner if use_cache else _RecomputeRunner)(self, canvas, valid, prompt_len, B)
+        limit = prompt_len + config.max_new_tokens
         processors = self._logits_processors(config, self.device)
-        end = torch.full((batch,), canvas.shape[1], device=self.device)  # first column after each row's output
+        runner = self._runner(config)
+        runner.start(input_ids, valid_prompt, n_blocks, B, limit,
+                     lambda *step: commit_tokens(*step[:3], processors, config, step[3]), _policy_key(config))
+        out = runner.canvas[:batch, : prompt_len + n_blocks * B].clone()  # every row's tokens, also finished ones
+        end = torch.full((batch,), out.shape[1], device=self.device)  # first column after each row's output
         history, step = [], 0
         if streamer is not None:
             streamer.put(input_ids.cpu())
-
-        limit = prompt_len + config.max_new_tokens
+        per_step = step_callback is not None or config.output_history or hasattr(streamer, "put_draft")
         for block in range(n_blocks):
             start = prompt_len + block * B
-            # Columns past max_new_tokens stay masks: they are input (right context) but never decoded.
-            wanted = torch.arange(start, start + B, device=self.device) < limit
-            for block_step in range(config.max_steps_per_block):
-                masked = (canvas[:, start : start + B] == config.mask_token_id) & wanted
-                if not masked.any():
+            stop = min(start + B, limit)
+            # With threshold 1 the quota rule alone fixes the steps a block takes: no host sync to find its end.
+            fixed = steps_needed(stop - start, config.max_steps_per_block, config.min_tokens_per_step) \
+                if config.threshold >= 1 else None
+            for block_step in range(config.max_steps_per_block if fixed is None else fixed):
+                if fixed is None and not bool((runner.canvas[:, start:stop] == config.mask_token_id).any()):
                     break
-                logits = runner(start, first_step=block_step == 0)
-                steps_left = config.max_steps_per_block - block_step
-                self._commit_step(canvas[:, start : start + B], masked, logits, processors, config, steps_left)
+                logits = runner.step(start, block_step)
                 step += 1
-                if step_callback is not None:
-                    step_callback(step, canvas, logits)
-                if config.output_history:
-                    history.append(canvas[:, prompt_len : prompt_len + config.max_new_tokens].clone())
-                if streamer is not None and hasattr(streamer, "put_draft"):
-                    streamer.put_draft(canvas[:, start : start + B].cpu())
-            self._finish_rows(canvas, end, start, min(start + B, limit), criteria, config.pad_token_id)
+                if per_step:
+                    self._per_step(runner, out, step, logits, step_callback, history, config, streamer, start)
+            self._gather_rows(runner, out)
+            finished = self._finish_rows(out, end, start, stop, eos, criteria, config.pad_token_id)
+            if finished:
+                runner.drop([runner.slot_rows.index(row) for row in finished])
             if streamer is not None:
-                self._stream_block(streamer, canvas, end, start, B, limit)
-            if bool((end <= start + B).all()):
+                self._stream_block(streamer, out, end, start, stop)
+            if all(row < 0 for row in runner.slot_rows):
                 break
 
         if streamer is not None:
             streamer.end()
-        sequences = canvas[:, : prompt_len + config.max_new_tokens]
+        sequences = out[:, :limit]
         if config.return_dict_in_generate:
-            return R2LMGenerateOutput(sequences=sequences, nfe=runner.forwards, history=history if config.output_history else None)
+            return R2LMGenerateOutput(sequences=sequences, nfe=runner.forwards,
+                                      history=history if config.output_history else None)
         return sequences
+
+    def _runner(self, config):
+        """The one switch between the engine, the eager cached runner and the recomputing oracle."""
+        causal = self.config.attention == "causal"
+        if not config.use_cache or config.cache_implementation == "dynamic":
+            return _CachedRunner(self) if causal and config.use_cache else _RecomputeRunner(self)
+        if config.cache_implementation is None and self.device.type != "cuda":
+            return _CachedRunner(self) if causal else _RecomputeRunner(self)
+        reason = self._engine_unsupported()
+        if reason is not None:
+            logger.warning_once(f"R2LM's decoding engine is not used ({reason}): decoding with the eager runner.")
+            return _CachedRunner(self) if causal else _RecomputeRunner(self)
+        compile = config.compile_config is not None and not config.disable_compile
+        return R2LMEngine.for_model(self, compile=compile)
+
+    def _engine_unsupported(self):
+        """Why the engine cannot run this model, or None. It reads the projections' weights directly, so adapters,
+        quantized layers and hooks would be skipped; and it keeps the whole model on one device."""
+        if getattr(self.config, "attention_bias", False):
+            return "attention_bias=True"
+        if len({p.device for p in self.parameters()}) > 1:
+            return "the model is spread over several devices"
+        for i, layer in enumerate(self.model.layers):
+            for name, module in (*layer.self_attn.named_children(), *layer.mlp.named_children()):
+                if name.endswith("_proj") and (type(module) is not torch.nn.Linear or module._forward_hooks
+                                               or module._forward_pre_hooks):
+                    return f"layers.{i}.{name} is a {type(module).__name__} with hooks or adapters, not a plain Linear"
+        return None
+
+    @staticmethod
+    def _gather_rows(runner, out):
+        """Copies the rows still decoding from the runner's canvas into `out`."""
+        live = [(slot, row) for slot, row in enumerate(runner.slot_rows) if row >= 0]
+        if live:
+            slots, rows = (torch.tensor(t, device=out.device) for t in zip(*live))
+            out[rows] = runner.canvas[slots, : out.shape[1]]
+
+    def _per_step(self, runner, out, step, logits, step_callback, history, config, streamer, start):
+        self._gather_rows(runner, out)
+        if step_callback is not None:
+            rows = torch.tensor([max(row, 0) for row in runner.slot_rows], device=out.device)
+            live = torch.tensor([row >= 0 for row in runner.slot_rows], device=out.device)
+            full = logits.new_zeros((out.shape[0], *logits.shape[1:])).index_put_((rows[live],), logits[live])
+            step_callback(step, out, full)
+        if config.output_history:
+            history.append(out[:, runner.T : runner.T + config.max_new_tokens].clone())
+        if streamer is not None and hasattr(streamer, "put_draft"):
+            streamer.put_draft(out[:, start : start + config.block_size].cpu())
 
     @staticmethod
     def _logits_processors(config, device):
@@ -344,49 +460,37 @@ class R2LMGenerationMixin(GenerationMixin):
         return {"suppress": suppress, "sample": sample}
 
     @staticmethod
-    def _commit_step(block, masked, logits, processors, config, steps_left):
-        """Unmasks, in place, the positions of `block` (b, B) whose confidence exceeds `threshold`, and at least
-        max(min_tokens_per_step, remaining / steps_left) per row, ranked by the unmasking rule."""
-        batch, size, vocab = logits.shape
-        logits = processors["suppress"](None, logits.reshape(-1, vocab).float())
-        # Confidence is the model's own probability (temperature 1, no truncation); the sampling settings only
-        # choose the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
-        probs = logits.softmax(-1).view(batch, size, vocab)
-        if config.do_sample:
-            sample_probs = processors["sample"](None, logits).softmax(-1)
-            x0 = torch.multinomial(sample_probs, 1).view(batch, size)
-        else:
-            x0 = probs.argmax(-1)
-        x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        rank_score = UNMASKING_RULES[config.unmasking](probs, x0_prob).masked_fill(~masked, -math.inf)
-        remaining = masked.sum(1, keepdim=True)
-        quota = torch.clamp(torch.maximum(torch.full_like(remaining, config.min_tokens_per_step),
-                                          (remaining + steps_left - 1) // steps_left), max=remaining)
-        order = rank_score.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(size, device=order.device).expand_as(order))
-        commit = masked & ((rank < quota) | (x0_prob > config.threshold))
-        block[commit] = x0[commit]
+    def _finish_rows(out, end, start, stop, eos, criteria, pad_token_id):
+        """Finds the rows that stop in the columns [start, stop): at their first EOS (all rows at once), or where
+        another stopping criterion fires (column by column); sets their `end`, pads them after it and returns them."""
+        running = end == out.shape[1]
+        stop_at = torch.full_like(end, out.shape[1])
+        if eos is not None:
+            is_eos = torch.isin(out[:, start:stop], eos)
+            stop_at = torch.where(is_eos.any(1), start + is_eos.int().argmax(1) + 1, stop_at)
+        for column in range(start, stop if criteria else start):
+            fired = criteria(out[:, : column + 1], None) & (stop_at > column + 1)
+            stop_at = torch.where(fired, column + 1, stop_at)
+        stopped = running & (stop_at < out.shape[1])
+        end.copy_(torch.where(stopped, stop_at, end))
+        rows = stopped.nonzero().flatten().tolist()  # the block's one host sync
+        for row in rows:
+            out[row, int(end[row]) :] = pad_token_id
+        return rows
 
     @staticmethod
-    def _finish_rows(canvas, end, start, stop, criteria, pad_token_id):
-        """Checks the stopping criteria at every column of the finished block up to `stop`; a row that stops is
-        padded after the column where it stopped, which ends its part in the decoding."""
-        for column in range(start, stop):
-            running = end > column
-            if not running.any():
-                break
-            stop = criteria(canvas[:, : column + 1], None) & running
-            end[stop] = column + 1
-        for row in torch.nonzero(end < canvas.shape[1]).flatten().tolist():
-            canvas[row, int(end[row]) :] = pad_token_id
-
-    @staticmethod
-    def _stream_block(streamer, canvas, end, start, block_size, limit):
+    def _stream_block(streamer, out, end, start, stop):
         """Puts the finished block's tokens, up to each row's end and max_new_tokens."""
-        stop = min(start + block_size, limit, int(end.max()))
+        stop = min(stop, int(end.max()))
         if stop > start:
-            tokens = canvas[:, start:stop].cpu()
+            tokens = out[:, start:stop].cpu()
             streamer.put(tokens[0] if tokens.shape[0] == 1 else tokens)
+
+
+def _policy_key(config):
+    """The settings a captured step bakes in."""
+    return (config.threshold, config.min_tokens_per_step, config.max_steps_per_block, config.unmasking,
+            config.do_sample, config.temperature, config.top_k, config.top_p, config.mask_token_id)
 
 
 __all__ = ["R2LMGenerationConfig", "R2LMGenerationMixin", "R2LMGenerateOutput", "UNMASKING_RULES"]
