@@ -38,11 +38,10 @@ import r2lm
 from convert import UserError
 from convert.model_card import SETTINGS_FILE, build_model_card, source_card_license
 from convert.push_to_hub import check_can_push, push_folder
-from r2lm import R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
+from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
 
 
 MASK_TOKEN = "<|mask|>"
-CODE_FILES = ("configuration_r2lm.py", "modeling_r2lm.py", "generation_r2lm.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_r2lm.R2LMConfig",
     "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
@@ -206,7 +205,7 @@ def make_generation_config(folder: Path, tokenizer, config: R2LMConfig) -> R2LMG
 
 
 def write_folder(model, tokenizer, generation_config, folder: Path, max_shard_size: str) -> None:
-    """config.json with auto_map, sharded safetensors, the three code files, the tokenizer, generation_config.json."""
+    """config.json with auto_map, sharded safetensors, the code files, the tokenizer, generation_config.json."""
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(folder, max_shard_size=max_shard_size)  # copies the code files (the classes' _auto_class)
     package_dir = Path(r2lm.__file__).parent

@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from convert import qwen3_to_r2lm
+from r2lm import CODE_FILES
 from helpers import ONE_THREAD, REPO, TOKENIZER_SIZE, make_tiny_qwen3, run_convert, run_isolated
 
 
@@ -51,7 +52,7 @@ def test_output_folder_layout(tiny_r2lm):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((folder / shard).is_file() for shard in shards)
-    for name in qwen3_to_r2lm.CODE_FILES:  # exactly the package's code, which ships to the Hub
+    for name in CODE_FILES:  # exactly the package's code, which ships to the Hub
         assert (folder / name).read_bytes() == (REPO / name).read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "r2lm_conversion.json"):
         assert (folder / name).is_file(), name
