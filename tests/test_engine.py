@@ -212,3 +212,34 @@ def test_unknown_cache_implementation_is_a_clear_error():
     ids, mask = left_padded((7,))
     with pytest.raises(ValueError, match="cache_implementation"):
         model.generate(ids, attention_mask=mask, max_new_tokens=8, cache_implementation="offloaded")
+
+
+def test_engine_travels_as_remote_code(tmp_path):
+    """save_pretrained copies the engine and kernel files (imported relatively); a fresh offline process that cannot
+    import this repo loads the folder through trust_remote_code and decodes with the engine: the same tokens."""
+    from helpers import run_isolated
+    from r2lm import CODE_FILES
+
+    model = tiny_r2lm(peak=4)
+    model.config.auto_map = {"AutoConfig": "configuration_r2lm.R2LMConfig",
+                             "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM"}
+    model.save_pretrained(tmp_path / "model")
+    assert all((tmp_path / "model" / name).is_file() for name in CODE_FILES)
+    ids, mask = left_padded((7, 4))
+    expected = decode(model, ids, mask, "eager", emulate_capture=False, threshold=0.5).sequences
+    torch.save({"ids": ids, "mask": mask, "expected": expected}, tmp_path / "expected.pt")
+    proc = run_isolated(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        data = torch.load("expected.pt")
+        model = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True).eval()
+        out = model.generate(data["ids"], attention_mask=data["mask"], max_new_tokens=13, pad_token_id=0,
+                             eos_token_id=None, threshold=0.5, cache_implementation="static")
+        assert type(model._r2lm_engine).__module__.startswith("transformers_modules"), type(model._r2lm_engine)
+        assert torch.equal(out, data["expected"]), (out, data["expected"])
+        print("engine ok")
+        """,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and "engine ok" in proc.stdout, proc.stdout + proc.stderr
