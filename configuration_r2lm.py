@@ -4,6 +4,8 @@ import math
 
 from transformers import PretrainedConfig
 
+from .kernels_r2lm import SCAN_IMPLEMENTATIONS
+
 
 ATTENTION_MODES = ("causal", "bidirectional")
 
@@ -32,6 +34,11 @@ class R2LMConfig(PretrainedConfig):
         sidecar_d_conv (`int`, defaults to 4): width of the sidecar's (anti-causal) depthwise convolution.
         sidecar_dt_rank (`int` or `"auto"`, defaults to `"auto"`): rank of the step-size projection;
             `"auto"` is `ceil(hidden_size / 16)`, as in mamba-ssm.
+        sidecar_scan (`str`, defaults to `"auto"`): which selective scan the sidecars run (a choice of kernel, not
+            of maths): `"auto"` is the Triton short-row scan on CUDA when Triton imports and the plain-PyTorch
+            reference otherwise; `"triton"` the Triton scan (CUDA only); `"mamba"` mamba-ssm's `selective_scan_fn`
+            (CUDA, when mamba-ssm is installed); `"torch"` the reference. A choice the machine cannot run raises a
+            ValueError at the forward.
         attention (`str`, defaults to `"causal"`): `"causal"` (R2LM; the causal dLLM when `sidecar_layers=[]`) or
             `"bidirectional"` (the bidirectional dLLM baseline: full attention, no sidecar, no KV cache).
         block_size (`int`, defaults to 32): tokens per diffusion block; the sidecars never look past a block's end.
@@ -69,6 +76,7 @@ class R2LMConfig(PretrainedConfig):
         sidecar_expand=2,
         sidecar_d_conv=4,
         sidecar_dt_rank="auto",
+        sidecar_scan="auto",
         attention="causal",
         block_size=32,
         mask_token_id=None,
@@ -106,6 +114,7 @@ class R2LMConfig(PretrainedConfig):
         self.sidecar_expand = sidecar_expand
         self.sidecar_d_conv = sidecar_d_conv
         self.sidecar_dt_rank = sidecar_dt_rank
+        self.sidecar_scan = sidecar_scan
         self.attention = attention
         self.block_size = block_size
         self.mask_token_id = mask_token_id
@@ -151,6 +160,8 @@ class R2LMConfig(PretrainedConfig):
             )
         if self.sidecar_dt_rank != "auto" and (not isinstance(self.sidecar_dt_rank, int) or self.sidecar_dt_rank < 1):
             raise ValueError(f"`sidecar_dt_rank` must be 'auto' or a positive integer, got {self.sidecar_dt_rank!r}.")
+        if self.sidecar_scan not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {self.sidecar_scan!r}.")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
         for i in self.sidecar_layers:

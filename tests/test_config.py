@@ -23,6 +23,15 @@ def test_bidirectional_and_causal_dllm_baselines_have_no_sidecar():
     assert R2LMConfig(**TINY, sidecar_layers=[]).sidecar_layers == []
 
 
+def test_sidecar_scan_defaults_to_auto_and_lists_the_kernels_choices():
+    """DESIGN section 2: one dispatch point; "auto" picks the Triton scan on CUDA, else the PyTorch reference."""
+    from r2lm.kernels_r2lm import SCAN_IMPLEMENTATIONS
+
+    assert R2LMConfig(**TINY).sidecar_scan == "auto"
+    for choice in SCAN_IMPLEMENTATIONS:
+        assert R2LMConfig(**TINY, sidecar_scan=choice).sidecar_scan == choice
+
+
 def test_dt_rank_auto_is_mamba_ssm_rule():
     """mamba-ssm: dt_rank = ceil(d_model / 16); 2048 -> 128, 33 -> 3."""
     assert R2LMConfig(hidden_size=2048).sidecar_dt_rank_value == 128
@@ -33,12 +42,12 @@ def test_dt_rank_auto_is_mamba_ssm_rule():
 def test_save_and_load_keeps_r2lm_fields(tmp_path):
     config = R2LMConfig(
         **TINY, sidecar_layers=[0, 2], sidecar_d_state=8, sidecar_expand=3, sidecar_d_conv=2, sidecar_dt_rank=4,
-        block_size=7, mask_token_id=98,
+        sidecar_scan="torch", block_size=7, mask_token_id=98,
     )
     config.save_pretrained(tmp_path)
     loaded = R2LMConfig.from_pretrained(tmp_path)
     fields = ("sidecar_layers", "sidecar_d_state", "sidecar_expand", "sidecar_d_conv", "sidecar_dt_rank",
-              "attention", "block_size", "mask_token_id", "rope_parameters", "tie_word_embeddings")
+              "sidecar_scan", "attention", "block_size", "mask_token_id", "rope_parameters", "tie_word_embeddings")
     assert {f: getattr(loaded, f) for f in fields} == {f: getattr(config, f) for f in fields}
 
 
@@ -78,6 +87,8 @@ def test_from_qwen3_config_rejects_another_architecture():
         ({"sidecar_d_conv": 0}, "sidecar_d_conv"),
         ({"sidecar_dt_rank": 0}, "sidecar_dt_rank"),
         ({"sidecar_dt_rank": "big"}, "sidecar_dt_rank"),
+        ({"sidecar_scan": "cuda"}, "sidecar_scan"),
+        ({"sidecar_scan": None}, "sidecar_scan"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"mask_token_id": 99}, "mask_token_id"),
         ({"layer_types": ["full_attention"] * 3}, "layer_types"),

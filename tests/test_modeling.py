@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM
+from r2lm.modeling_r2lm import reverse_conv_silu
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -208,13 +209,14 @@ def layer_norm(x, weight, bias, eps):
 
 
 def reference_sidecar(sidecar, h, columns, block_size, block_offset):
-    """The reverse block-local sidecar on one row, step by step: h (n, d) are the hidden states of the tokens at the
-    consecutive `columns`. For each block, from its last token leftwards, from a zero state:
+    """The reverse block-local sidecar on one row, as DESIGN section 2 defines it and step by step: h (n, d) are the
+    hidden states of the tokens at the consecutive `columns`. Each block is flipped in time, run through mamba-ssm's
+    Mamba left to right from a zero state, and flipped back. Over the flipped block x', from its first step:
 
-        conv_t = bias + sum_j w[K-1-j] x_{t+j}   (anti-causal depthwise conv; taps past the block's end are zero)
+        conv_t = bias + sum_k w_k x'_{t-(K-1)+k}   (mamba-ssm's causal depthwise conv; zeros before the start)
         u_t = silu(conv_t);  dt_t, B_t, C_t = x_proj u_t;  dt_t = softplus(dt_proj dt_t)
-        s = exp(dt_t A) s + dt_t u_t B_t;  y_t = (s C_t + D u_t) silu(z_t)
-        out_t = h_t + tanh(gate) layernorm(out_proj y_t)
+        s = exp(dt_t A) s + dt_t u_t B_t;  y_t = (s C_t + D u_t) silu(z'_t)
+        out_t = h_t + tanh(gate) layernorm(out_proj y_t)     (written back at the step's own column)
     """
     m = sidecar.mamba
     n_inner, K = m.conv1d.weight.shape[0], m.conv1d.weight.shape[2]
@@ -224,13 +226,13 @@ def reference_sidecar(sidecar, h, columns, block_size, block_offset):
     block = [(c - block_offset) // block_size for c in columns]
     out = h.clone()
     for b in sorted(set(block)):
-        steps = [i for i in range(len(columns)) if block[i] == b]
+        flipped = [i for i in range(len(columns)) if block[i] == b][::-1]  # the block's rows, last column first
         state = torch.zeros(n_inner, N, dtype=h.dtype)
-        for i in reversed(steps):  # right to left
+        for t, i in enumerate(flipped):
             conv = m.conv1d.bias.clone()
-            for j in range(K):
-                if i + j in steps:  # stops at the block's end
-                    conv = conv + m.conv1d.weight[:, 0, K - 1 - j] * x[i + j]
+            for k in range(K):
+                if t - (K - 1) + k >= 0:
+                    conv = conv + m.conv1d.weight[:, 0, k] * x[flipped[t - (K - 1) + k]]
             u = F.silu(conv)
             dt, B, C = (m.x_proj.weight @ u).split([R, N, N])
             dt = F.softplus(m.dt_proj.weight @ dt + m.dt_proj.bias)
@@ -243,13 +245,13 @@ def reference_sidecar(sidecar, h, columns, block_size, block_offset):
 
 @pytest.mark.parametrize(
     "block_size, block_offset, length",
-    [(4, 0, 12), (4, 1, 11), (3, 2, 13), (5, 7, 9), (1, 0, 5), (16, 0, 7)],
+    [(4, 0, 12), (4, 1, 11), (3, 2, 13), (5, 7, 9), (1, 0, 5), (16, 0, 7), (2, 0, 8), (8, 5, 21), (6, 3, 6)],
 )
 def test_sidecar_matches_sequential_reference(block_size, block_offset, length):
-    """float64. Row 1 is left-padded by 3 columns holding garbage: its valid tokens must come out as if the pads were
-    not there. Blocks cut by the sequence's ends, blocks shorter than the conv (3 < d_conv 4), B = 1 and a block
-    longer than the sequence are covered. The sidecar's scan runs in float32 internally (as mamba-ssm's
-    selective_scan_ref), hence atol 1e-5 rather than a float64 tolerance."""
+    """float64, where the sidecar computes everything (its scan included) in float64: so a tight tolerance. Row 1 is
+    left-padded by 3 columns holding garbage: its valid tokens must come out as if the pads were not there. Blocks
+    cut by the sequence's ends, blocks shorter than the conv (3 < d_conv 4), blocks of padding only (B 2), B = 1 and
+    a block longer than the sequence are covered."""
     model = random_r2lm().double()
     sidecar = model.model.layers[SIDECARS[0]].sidecar
     pads = [0, 3]
@@ -261,7 +263,84 @@ def test_sidecar_matches_sequential_reference(block_size, block_offset, length):
         got = sidecar(h, valid, block_size, block_offset)
         for row, pad in enumerate(pads):
             expected = reference_sidecar(sidecar, h[row, pad:], list(range(pad, length)), block_size, block_offset)
-            torch.testing.assert_close(got[row, pad:], expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got[row, pad:], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size, block_offset, length", [(4, 1, 11), (3, 2, 7)])
+def test_sidecar_gradients_match_sequential_reference(block_size, block_offset, length):
+    """float64, one left-padded row: the gradients of the valid outputs with respect to the hidden states and to
+    every sidecar parameter equal those of the step-by-step reference."""
+    model = random_r2lm().double()
+    sidecar = model.model.layers[SIDECARS[0]].sidecar
+    pad = 2
+    h = torch.randn(1, length, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    valid = left_padded_mask(1, length, [pad]).bool()
+    dy = torch.randn(length - pad, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    inputs = (h, *sidecar.parameters())
+    got = torch.autograd.grad(sidecar(h, valid, block_size, block_offset)[0, pad:], inputs, dy)
+    expected = reference_sidecar(sidecar, h[0, pad:], list(range(pad, length)), block_size, block_offset)
+    expected = torch.autograd.grad(expected, inputs, dy)
+    assert got[0][:, :pad].abs().max() == 0  # padding reaches no valid output
+    for (name, _), g, e in zip([("h", h), *sidecar.named_parameters()], got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("block_size, block_offset, length", [(4, 0, 12), (4, 1, 11), (5, 3, 5), (1, 0, 3)])
+def test_sidecar_without_validity_equals_all_valid(block_size, block_offset, length):
+    """`valid=None` (no padding, as the fast engine calls it on whole blocks) is exactly an all-True `valid`, also when
+    the blocks are cut by the row's ends (the filler columns are still kept out of the state)."""
+    sidecar = random_r2lm().double().model.layers[SIDECARS[0]].sidecar
+    h = torch.randn(2, length, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = sidecar(h, torch.ones(2, length, dtype=torch.bool), block_size, block_offset)
+        torch.testing.assert_close(sidecar(h, None, block_size, block_offset), expected, rtol=0, atol=0)
+
+
+def test_sidecar_segments_are_scanned_separately():
+    """The training layout [noisy ; clean]: with segments=2 each half is cut into blocks from the same offset and
+    scanned on its own, as two separate calls."""
+    sidecar = random_r2lm().double().model.layers[SIDECARS[0]].sidecar
+    h = torch.randn(2, 18, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    valid = left_padded_mask(2, 9, [0, 2]).bool()
+    with torch.no_grad():
+        got = sidecar(h, valid.repeat(1, 2), 4, 3, segments=2)
+        halves = [sidecar(half, valid, 4, 3) for half in h.split(9, dim=1)]
+    torch.testing.assert_close(got, torch.cat(halves, dim=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("length, d_conv", [(7, 4), (2, 4), (5, 1)])
+def test_reverse_conv_silu_is_the_causal_conv_of_the_flipped_rows(length, d_conv):
+    """reverse_conv_silu(x) = flip(silu(mamba-ssm's causal conv(flip(x)))), the conv being nn.Conv1d with K - 1 zeros
+    of padding and the last K - 1 outputs dropped; rows shorter than the conv included. Values and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+                       for shape in ((3, length, 6), (6, d_conv), (6,)))
+
+    def flipped_causal_conv(x, weight, bias):
+        causal = F.conv1d(x.flip(1).transpose(1, 2), weight[:, None], bias, padding=d_conv - 1, groups=6)
+        return F.silu(causal[..., :length]).transpose(1, 2).flip(1)
+
+    got, expected = reverse_conv_silu(x, weight, bias), flipped_causal_conv(x, weight, bias)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    dy = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, weight, bias), dy)
+    for g, e in zip(grads, torch.autograd.grad(expected, (x, weight, bias), dy)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    torch.testing.assert_close(reverse_conv_silu(x, weight), reverse_conv_silu(x, weight, torch.zeros_like(bias)))
+
+
+def test_sidecar_scan_comes_from_the_config():
+    """`config.sidecar_scan` reaches the one dispatch point at each call: "torch" and "auto" (on a CPU, the
+    reference) agree, and a scan this machine cannot run is refused there."""
+    model = random_r2lm()
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        auto = model(ids, block_offset=1).logits
+        model.config.sidecar_scan = "torch"
+        torch.testing.assert_close(model(ids, block_offset=1).logits, auto, rtol=0, atol=0)
+        model.config.sidecar_scan = "triton"  # CPU tensors
+        with pytest.raises(ValueError, match="triton"):
+            model(ids, block_offset=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
