@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
-from r2lm import R2LMConfig, R2LMForDiffusionLM
+from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM
 from r2lm.modeling_r2lm import reverse_conv_silu
 
 
@@ -33,7 +33,6 @@ AUTO_MAP = {
     "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
     "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
 }
-CODE_FILES = ("configuration_r2lm.py", "modeling_r2lm.py", "generation_r2lm.py")
 
 
 def tiny_config(**overrides) -> R2LMConfig:
@@ -625,8 +624,8 @@ def test_bfloat16_forward_is_close_to_float32():
 
 
 def test_default_model_ships_the_package_code():
-    """The built-in default model loads through trust_remote_code from its own copies of the three code files: they
+    """The built-in default model loads through trust_remote_code from its own copies of the code files: they
     must be the package's, byte for byte, or the Space and README would run stale code."""
     root = Path(__file__).resolve().parent.parent
-    for name in ("configuration_r2lm.py", "modeling_r2lm.py", "generation_r2lm.py"):
+    for name in CODE_FILES:
         assert (root / "models" / "r2lm-tiny-pycode" / name).read_bytes() == (root / name).read_bytes(), name
