@@ -55,7 +55,45 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):
     return (y * F.silu(z)).to(dtype)
 
 
+# The backward keeps (BLOCK_D, d_state, L) tiles in registers: rows longer than this go to the PyTorch reference.
+TRITON_MAX_L = 128
+# The backward's register tiles, (BLOCK_D, d_state, L) padded to powers of two: 4 channels, as many or as few as keep
+# a tile within 1024..4096 elements, 16 elements a thread. Measured on an H200 (bf16, d_state 16, 16k rows x 2048
+# channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
+# within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
+_BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
+
+
 if triton is not None:
+
+    @triton.jit
+    def _softplus(x):
+        # torch's threshold 20: above it softplus(x) is x to float32's precision, and exp(x) would overflow soon after.
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _load_tile(ptr, stride_i, stride_j, i, j, mask, ACC: tl.constexpr):
+        """The tile ptr[i, j] as ACC, 0 where masked."""
+        return tl.load(ptr + i[:, None] * stride_i + j[None, :] * stride_j, mask=mask, other=0.0).to(ACC)
+
+    @triton.jit
+    def _scan_steps(L: tl.constexpr, LP: tl.constexpr, REVERSE: tl.constexpr):
+        """The scan steps s = 0 .. LP - 1 and the time steps of s and of s + 1 (t = s, or L - 1 - s right to left)."""
+        s = tl.arange(0, LP)
+        if REVERSE:
+            t, t_next = L - 1 - s, L - 2 - s
+        else:
+            t, t_next = s, s + 1
+        return s, t, t_next
+
+    @triton.jit
+    def _first_order_combine(a1, b1, a2, b2):
+        # h -> a1 h + b1, then h -> a2 h + b2: the linear recurrence h_s = a_s h_{s-1} + b_s as an associative scan.
+        return a1 * a2, a2 * b1 + b2
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -63,33 +101,106 @@ if triton is not None:
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
-        L: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
+        ACC: tl.constexpr,
     ):
+        """One program: row `program_id(0)`, BLOCK_D channels; the (BLOCK_D, NP) state steps through the row in
+        registers (NP: d_state padded to a power of two, the padding masked)."""
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        n = tl.arange(0, N)
-        dmask = d < d_inner
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dmask[:, None], other=0.0)  # (BLOCK_D, N)
-        D = tl.load(D_ptr + d, mask=dmask, other=0.0)
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0)
-        state = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+        n = tl.arange(0, NP)
+        dmask, nmask = d < d_inner, n < N
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0).to(ACC)
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        state = tl.zeros((BLOCK_D, NP), dtype=ACC)
         for i in range(L):
             if REVERSE:
                 t = L - 1 - i
             else:
                 t = i
-            u = tl.load(u_ptr + row * su_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + row * sdt_b + d * sdt_d + t * sdt_l, mask=dmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + row * sz_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + row * sB_b + n * sB_n + t * sB_l).to(tl.float32)  # (N,)
-            Ct = tl.load(C_ptr + row * sC_b + n * sC_n + t * sC_l).to(tl.float32)
-            dt = dt + bias
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, threshold 20 as in torch
+            u = tl.load(u_ptr + row * su_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(ACC)
+            dt = tl.load(dt_ptr + row * sdt_b + d * sdt_d + t * sdt_l, mask=dmask, other=0.0).to(ACC)
+            z = tl.load(z_ptr + row * sz_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(ACC)
+            Bt = tl.load(B_ptr + row * sB_b + n * sB_n + t * sB_l, mask=nmask, other=0.0).to(ACC)  # (NP,)
+            Ct = tl.load(C_ptr + row * sC_b + n * sC_n + t * sC_l, mask=nmask, other=0.0).to(ACC)
+            dt = _softplus(dt + bias)
             # h_t = exp(dt A) h_{t-1} + dt B_t u_t ;  y_t = C_t . h_t + D u_t, gated by silu(z_t)
             state = tl.exp(dt[:, None] * A) * state + (dt * u)[:, None] * Bt[None, :]
             y = tl.sum(state * Ct[None, :], axis=1) + D * u
-            y = y * (z / (1.0 + tl.exp(-z)))
+            y = y * z * _sigmoid(z)
             tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
+        du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+        d_inner,
+        su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+        sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr,
+        REVERSE: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """One program: row `program_id(0)`, BLOCK_D channels, the whole row at once as (BLOCK_D, NP, LP) tiles in
+        scan order s (t = s, or L - 1 - s right to left; NP, LP: d_state and L padded to powers of two). du, ddt, dz
+        are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every program
+        of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
+        row = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, NP)
+        s, t, t_next = _scan_steps(L, LP, REVERSE)
+        dmask, nmask, smask = d < d_inner, n < N, s < L
+        m = dmask[:, None] & smask[None, :]
+        m_next = dmask[:, None] & (s < L - 1)[None, :]  # the step after s exists
+        mB = nmask[:, None] & smask[None, :]
+        u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
+        dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
+        dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
+        z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
+        dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
+        B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+        C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
+        A = _load_tile(A_ptr, N, 1, d, n, dmask[:, None] & nmask[None, :], ACC)[:, :, None]  # (BLOCK_D, NP, 1)
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+
+        # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding a=1, b=0.
+        delta = tl.where(m, _softplus(dt + bias), 0.0)
+        delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
+        b = (delta * u)[:, None, :] * B
+        _, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
+        sig_z = _sigmoid(z)
+        g = dy * z * sig_z  # dL/dy'_s, y'_s = C_s . h_s + D u_s the output before its gate
+        y = tl.sum(C * h, axis=1) + D * u
+        dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
+
+        # The adjoint lambda_s = dL/dh_s = g_s C_s + a_{s+1} lambda_{s+1} (a_L = 0): the same recurrence, right to left.
+        a_next = tl.where(m_next[:, None, :], tl.exp(delta_next[:, None, :] * A), 0.0)
+        _, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine, reverse=True)
+        lam_B = tl.sum(lam * B, axis=1)
+        lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
+        du = g * D + lam_B * delta
+        ddelta = tl.sum(lam_ah * A, axis=1) + lam_B * u
+        x = dt + bias
+        ddt = ddelta * tl.where(x > 20.0, 1.0, _sigmoid(x))
+
+        out = row * d_inner * L + d[:, None] * L + t[None, :]
+        tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        # Sums over this tile's channels (dB, dC) and over this row's steps (dA, dD, dbias); other programs add theirs.
+        rows = row * N * L + n[:, None] * L + t[None, :]
+        tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
+        tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
+        tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], tl.sum(lam_ah * delta[:, None, :], axis=2),
+                      mask=dmask[:, None] & nmask[None, :])
+        tl.atomic_add(dD_ptr + d, tl.sum(g * u, axis=1), mask=dmask)
+        tl.atomic_add(dbias_ptr + d, tl.sum(ddt, axis=1), mask=dmask)
+
+
+def _accumulate_dtype(dtype):
+    """The kernels compute in float32, or in float64 for float64 inputs (as the reference does)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None):
@@ -107,9 +218,37 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=N
         u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
         d_inner,
         *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
-        L=L, N=d_state, BLOCK_D=block_d, REVERSE=reverse,
+        L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
+        ACC=_accumulate_dtype(u.dtype),
     )
     return y
+
+
+def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, reverse):
+    """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
+    (du, ddelta, dz: contiguous (batch, d_inner, L)). Tiles of BLOCK_D channels as _BWD_CHANNELS says."""
+    batch, d_inner, L = u.shape
+    d_state = A.shape[1]
+    NP, LP = triton.next_power_of_2(d_state), triton.next_power_of_2(L)
+    block_d = min(max(_BWD_CHANNELS, _BWD_TILE_MIN // (NP * LP)), max(1, _BWD_TILE_MAX // (NP * LP)))
+    block_d = min(block_d, triton.next_power_of_2(d_inner))
+    num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    du, ddelta, dz = (torch.empty(batch, d_inner, L, dtype=t.dtype, device=u.device) for t in (u, delta, z))
+    dB, dC = (torch.zeros(batch, d_state, L, dtype=acc, device=u.device) for _ in range(2))
+    dA = torch.zeros(d_inner, d_state, dtype=acc, device=u.device)
+    dD, dbias = (torch.zeros(d_inner, dtype=acc, device=u.device) for _ in range(2))
+    grid = (batch, triton.cdiv(d_inner, block_d))
+    _scan_bwd_kernel[grid](
+        u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy,
+        du, ddelta, dz, dA, dB, dC, dD, dbias,
+        d_inner,
+        *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
+        L=L, N=d_state, NP=NP, LP=LP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype),
+        num_warps=num_warps,
+    )
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dbias.to(delta_bias.dtype))
 
 
 class _TritonScan(torch.autograd.Function):
@@ -121,11 +260,16 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        raise NotImplementedError("the Triton scan's backward is not written yet")
+        # Every gradient comes out of the one kernel, needed or not: skipping some would not shorten it much.
+        return *_scan_triton_backward(dy, *ctx.saved_tensors, ctx.reverse), None
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=False):
-    """The Triton short-row scan, differentiable."""
+    """The Triton short-row scan, differentiable; rows of at most TRITON_MAX_L steps (its backward holds whole rows
+    in registers)."""
+    if u.shape[-1] > TRITON_MAX_L:
+        raise ValueError(f"The Triton scan takes rows of at most {TRITON_MAX_L} steps, got {u.shape[-1]}: use "
+                         "sidecar_scan='torch' or 'mamba' for longer rows.")
     return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, reverse)
 
 
@@ -143,14 +287,18 @@ SCANS = {"triton": selective_scan_triton, "mamba": _mamba_scan, "torch": selecti
 def scan_implementation(requested, x):
     """The one dispatch point: `requested` ("auto", "triton", "mamba" or "torch") for a tensor `x`.
 
-    auto: the Triton scan on CUDA when Triton imports, else the PyTorch reference. mamba-ssm's kernel runs only when
-    asked for (on 32-step rows it is about 8x slower than the Triton scan)."""
+    auto: the Triton scan on CUDA when Triton imports and the rows (x's last dimension, the scan's L) have at most
+    TRITON_MAX_L steps, else the PyTorch reference. mamba-ssm's kernel runs only when asked for (on 32-step rows it
+    is about 8x slower than the Triton scan)."""
     if requested not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {requested!r}.")
     if requested == "auto":
-        requested = "triton" if triton is not None and x.is_cuda else "torch"
+        requested = "triton" if triton is not None and x.is_cuda and x.shape[-1] <= TRITON_MAX_L else "torch"
     elif requested == "triton" and (triton is None or not x.is_cuda):
         raise ValueError("sidecar_scan='triton' needs Triton and CUDA tensors: use 'auto' or 'torch' here.")
+    elif requested == "triton" and x.shape[-1] > TRITON_MAX_L:
+        raise ValueError(f"sidecar_scan='triton' takes rows of at most {TRITON_MAX_L} steps, got {x.shape[-1]}: use "
+                         "'auto' or 'torch' here.")
     elif requested == "mamba" and (selective_scan_fn is None or not x.is_cuda):
         raise ValueError("sidecar_scan='mamba' needs mamba-ssm (`pip install mamba-ssm`) and CUDA tensors: use "
                          "'auto' or 'torch' here.")
@@ -163,4 +311,4 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False, implement
     return SCANS[scan_implementation(implementation, u)](u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
 
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]
+__all__ = ["TRITON_MAX_L", "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]

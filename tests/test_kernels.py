@@ -1,0 +1,130 @@
+"""The selective scans of kernels_r2lm.py: the PyTorch reference in both directions, the Triton scan's forward and
+backward against it, and the dispatch between them.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on (TRITON_INTERPRET=1)
+before `triton` is imported: those checks run in a fresh process (`check_triton_scan`). The interpreter computes in
+numpy with the tensors' dtypes, so float64 inputs give a float64 scan and the comparison with the reference's autograd
+gradients can be tight. On a GPU the compiled kernels are checked too, in float32 and float64.
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2lm.kernels_r2lm import TRITON_MAX_L, scan_implementation, selective_scan_ref, selective_scan_triton, triton
+
+
+REPO = Path(__file__).resolve().parents[1]
+NO_TRITON = "triton is not installed (it comes with CUDA builds of torch)"
+GRADIENTS = ("y", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+
+
+def scan_inputs(batch=2, d_inner=20, length=8, d_state=16, dtype=torch.float64, device="cpu"):
+    """(u, delta, A, B, C, D, z, delta_bias) and an output gradient dy. u, delta, B and dy are token-major
+    ((batch, L, .) transposed, the strides the sidecar passes). The first channel's bias puts delta + delta_bias above
+    softplus's threshold 20, so both of its branches run."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    u, delta, dy = (randn(batch, length, d_inner).transpose(1, 2) for _ in range(3))
+    B, C = randn(batch, length, d_state).transpose(1, 2), randn(batch, d_state, length)
+    z = randn(batch, d_inner, length)
+    A = -2 * torch.rand(d_inner, d_state, generator=g, dtype=dtype)  # A = -exp(A_log) < 0
+    D, delta_bias = randn(d_inner), randn(d_inner)
+    delta_bias[0] = 25.0
+    return [t.to(device) for t in (u, delta, A, B, C, D, z, delta_bias)], dy.to(device)
+
+
+def gradients(scan, inputs, dy, reverse):
+    """y = scan(*inputs) and the gradients of <y, dy> w.r.t. every input, in GRADIENTS' order."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    y = scan(*inputs, reverse=reverse)
+    return (y, *torch.autograd.grad(y, inputs, dy))
+
+
+def assert_scans_close(inputs, dy, reverse, case, **tolerance):
+    """selective_scan_triton's y and gradients against the reference's (autograd), same shapes and dtypes."""
+    expected = gradients(selective_scan_ref, inputs, dy, reverse)
+    for name, got, want in zip(GRADIENTS, gradients(selective_scan_triton, inputs, dy, reverse), expected):
+        torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}, {case}, reverse={reverse}: {m}")
+
+
+def check_triton_scan(reverse):
+    """In Triton's interpreter: rows of 5 steps (padded to 8) and of 8, d_state 16 and 5 (padded to 8), 20 channels
+    (the forward's tiles hold 16, the backward's 8 or 16: the last tile is part padding)."""
+    for length, d_state in itertools.product((5, 8), (16, 5)):
+        inputs, dy = scan_inputs(length=length, d_state=d_state)
+        assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_scan_matches_reference(reverse):
+    """check_triton_scan in a fresh process with the interpreter on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    code = f"from test_kernels import check_triton_scan; check_triton_scan(reverse={reverse}); print('scan ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "scan ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_triton_scan_matches_reference(reverse, dtype):
+    """The compiled kernels on R2LM's block size (32 steps) and on the longest rows they take (with a padded
+    d_state); float32 against the float32 reference (both sum in float32, in different orders, over up to 128 steps)."""
+    tolerance = dict(rtol=6e-4, atol=2e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    for length, d_state in ((32, 16), (TRITON_MAX_L, 5)):
+        inputs, dy = scan_inputs(batch=3, d_inner=300, length=length, d_state=d_state, dtype=dtype, device="cuda")
+        assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}", **tolerance)
+
+
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+def test_triton_scan_refuses_long_rows():
+    """Its backward holds whole rows in registers: longer rows are refused by name, before any kernel runs."""
+    inputs, _ = scan_inputs(length=TRITON_MAX_L + 1)
+    with pytest.raises(ValueError, match=f"at most {TRITON_MAX_L} steps"):
+        selective_scan_triton(*inputs)
+
+
+def test_reverse_reference_is_the_forward_one_flipped():
+    """reverse=True against an independent oracle: the left-to-right reference on the inputs flipped in time, flipped
+    back (gradients included, through autograd)."""
+    inputs, dy = scan_inputs(length=7, d_state=5)
+
+    def flipped(u, delta, A, B, C, D, z, delta_bias, reverse):
+        u, delta, B, C, z = (t.flip(-1) for t in (u, delta, B, C, z))
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias).flip(-1)
+
+    expected = gradients(flipped, inputs, dy, reverse=True)
+    for name, got, want in zip(GRADIENTS, gradients(selective_scan_ref, inputs, dy, reverse=True), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_scan_implementation_refuses_what_cannot_run():
+    x = torch.zeros(2, 20, 8)
+    assert scan_implementation("auto", x) == "torch"
+    assert scan_implementation("torch", x) == "torch"
+    with pytest.raises(ValueError, match="must be one of"):
+        scan_implementation("cuda", x)
+    with pytest.raises(ValueError, match="'triton' needs Triton and CUDA tensors"):
+        scan_implementation("triton", x)
+    with pytest.raises(ValueError, match="'mamba' needs mamba-ssm"):
+        scan_implementation("mamba", x)
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
+def test_scan_implementation_sends_long_rows_to_torch():
+    short, long = torch.zeros(2, 20, TRITON_MAX_L, device="cuda"), torch.zeros(2, 20, TRITON_MAX_L + 1, device="cuda")
+    assert scan_implementation("auto", short) == "triton"
+    assert scan_implementation("auto", long) == "torch"
+    with pytest.raises(ValueError, match=f"at most {TRITON_MAX_L} steps"):
+        scan_implementation("triton", long)
