@@ -149,6 +149,9 @@ class R2LMEngine:
         # The graphs and compiled kernels hold the weights' addresses: a model moved or reloaded needs a new engine.
         self.fingerprint = self._fingerprint(model)
 
+    def __reduce__(self):  # copies and pickles of the model get no engine (it holds graphs): they build their own
+        return _no_engine, ()
+
     @classmethod
     def for_model(cls, model, compile=False):
         """The model's engine, built on first use and rebuilt only when its weights moved or `compile` changed."""
@@ -452,6 +455,10 @@ class R2LMEngine:
 
 
 _EAGER_OPS = Ops(compile=False)
+
+
+def _no_engine():
+    return None
 
 
 __all__ = ["R2LMEngine", "idle_token"]

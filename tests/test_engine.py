@@ -243,3 +243,16 @@ def test_engine_travels_as_remote_code(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0 and "engine ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_copies_of_a_model_build_their_own_engine():
+    import copy
+    import pickle
+
+    model = tiny_r2lm(peak=4)
+    ids, mask = left_padded((7, 4))
+    expected = decode(model, ids, mask, "engine", threshold=0.5).sequences
+    twin = copy.deepcopy(model)
+    assert twin._r2lm_engine is None and pickle.loads(pickle.dumps(model._r2lm_engine)) is None
+    assert torch.equal(decode(twin, ids, mask, "engine", threshold=0.5).sequences, expected)
+    assert twin._r2lm_engine is not model._r2lm_engine
