@@ -83,9 +83,10 @@ _ISOLATION = """
 import sys
 from pathlib import Path
 
-# Hide this repository: drop the editable-install finder and any sys.path entry pointing into the repo.
+# Hide this repository: drop the editable-install finder and the repository root from sys.path (the current folder
+# too, when it is the root). Only the root itself: a virtual environment inside the checkout keeps its site-packages.
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
-sys.path[:] = [p for p in sys.path if p and not Path(p).resolve().is_relative_to({repo!r})]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path({repo!r}).resolve()]
 try:
     import r2lm
 except ImportError:
@@ -93,6 +94,11 @@ except ImportError:
 else:
     raise SystemExit("test isolation failed: r2lm is importable from " + r2lm.__file__)
 """
+
+
+def isolation_script(code: str, repo=REPO) -> str:
+    """`code` preceded by the lines that hide `repo` (and the `r2lm` package) from the running Python."""
+    return _ISOLATION.format(repo=str(repo)) + "\n" + textwrap.dedent(code)
 
 
 def run_isolated(code: str, cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -106,9 +112,8 @@ def run_isolated(code: str, cwd, env: dict | None = None, timeout: float = 300) 
     full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
     full_env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf_home"), PYTHONNOUSERSITE="1", **ONE_THREAD)
     full_env.update(env or {})
-    script = _ISOLATION.format(repo=str(REPO)) + "\n" + textwrap.dedent(code)
     return subprocess.run(
-        [sys.executable, "-c", script], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", isolation_script(code)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 
