@@ -1,6 +1,7 @@
 """r2lm-convert: a tiny Qwen3 checkpoint becomes a verified R2LM checkpoint (DESIGN.md section 6)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from safetensors import safe_open
 
 from convert import qwen3_to_r2lm
 from r2lm import CODE_FILES
-from helpers import ONE_THREAD, REPO, TOKENIZER_SIZE, make_tiny_qwen3, run_convert, run_isolated
+from helpers import ONE_THREAD, REPO, TOKENIZER_SIZE, isolation_script, make_tiny_qwen3, run_convert, run_isolated
 
 
 SIDECAR_PARAMS = {
@@ -126,6 +127,28 @@ def test_round_trip_in_a_fresh_process_without_the_repo(tiny_r2lm, tiny_qwen3, t
     assert out["ids"].count(TOKENIZER_SIZE) == 1  # one token, never split
     assert out["decoded"] == "x = <|mask|> + 1"
     assert "<|mask|>" not in out["skipped"]  # a special token
+
+
+def test_isolation_hides_the_checkout_but_not_a_virtual_environment_inside_it(tmp_path):
+    """The isolation of `run_isolated` hides the checkout's root, and only the root: with `python -m venv .venv` in the
+    checkout (the most common set-up), the packages installed in it stay importable. The checkout's name has spaces."""
+    checkout = tmp_path / "my checkout"
+    site_packages = checkout / ".venv" / "lib" / "python3" / "site-packages"
+    site_packages.mkdir(parents=True)
+    (site_packages / "installed_in_venv.py").write_text("")
+    (checkout / "module_of_the_checkout.py").write_text("")
+    code = """
+    import installed_in_venv
+    try:
+        import module_of_the_checkout
+    except ImportError:
+        print("checkout hidden")
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(site_packages)])}
+    result = subprocess.run([sys.executable, "-c", isolation_script(code, repo=checkout)], cwd=checkout, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "checkout hidden"
 
 
 def test_model_card_metadata_and_body(tiny_r2lm):
