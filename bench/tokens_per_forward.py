@@ -6,22 +6,20 @@ The held-out prompts come from the default model's held-out files (models/r2lm-t
 of this Python's standard library, site-packages excluded, the 5% whose relative path hashes lowest, as
 train.data.split_by_file draws them): the first `--prompt-tokens` tokens of each of the first `--prompts` held-out
 files. Each prompt decodes alone (batch 1, greedy, the model's generation_config: blocks of 32, threshold 0.9), and
-tokens per forward = tokens generated (up to and including an EOS) / forwards (nfe). bench/throughput.py combines
-this with the GPU step costs of the 1.7B-shaped model.
+tokens per forward = tokens generated (up to and including an EOS) / forwards (nfe).
 """
 
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from train.data import find_files, split_by_file
 
-from train.data import find_files, split_by_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main():
