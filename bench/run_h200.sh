@@ -4,8 +4,9 @@
 # (default 540). Results and the log go to $OUT (else bench/results): engine_check.{json,md}, throughput.{json,md},
 # run_h200.log. Arguments go to throughput.py; CHECK=0 skips engine_check.py. From the device tool:
 #   run(command="bash bench/run_h200.sh", timeout_s=600)
-# A second call can add the points the first skipped, from its JSON copied into bench/results (untracked, carried):
-#   run(command="CHECK=0 bash bench/run_h200.sh --resume bench/results/throughput.json", timeout_s=600)
+# A second call can add the points the first skipped, from its JSON copied here first (an untracked file is carried):
+#   cp <files_at>/throughput.json bench/results/throughput_h200_1.json
+#   run(command="CHECK=0 bash bench/run_h200.sh --resume bench/results/throughput_h200_1.json", timeout_s=600)
 set -u
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
