@@ -1,5 +1,7 @@
-"""Tools that turn a Qwen3 checkpoint into an R2LM checkpoint and publish it (DESIGN.md section 6)."""
+"""Tools that turn a Qwen3 checkpoint into an R2LM checkpoint and publish it (DESIGN.md section 6); `convert.cli` holds
+the error convention all R2LM command lines share."""
+
+from .cli import UserError
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad argument, wrong source, offline...): the CLIs print it and exit with 2."""
+__all__ = ["UserError"]

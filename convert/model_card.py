@@ -1,11 +1,16 @@
-"""The model card (README.md) of a converted R2LM checkpoint, built from its conversion settings."""
+"""The model card (README.md) of an R2LM folder, built from what the folder records: `r2lm_conversion.json` (written by
+r2lm-convert), `r2lm_training.json` (written by `python -m train` into its checkpoints and final folder), or, for a
+folder that records neither, a plain card (with the held-out metrics of an `eval.json` if there is one)."""
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 
 SETTINGS_FILE = "r2lm_conversion.json"
+TRAINING_FILE = "r2lm_training.json"
+EVAL_FILE = "eval.json"
 TAGS = ["r2lm", "diffusion", "text-diffusion", "qwen3", "custom_code"]
 PAPER = "https://arxiv.org/abs/2606.27732"
 
@@ -76,6 +81,13 @@ Made with `r2lm-convert` (r2lm {r2lm_version}); `{settings_file}` records every 
 """
 
 
+def package_version() -> str:
+    try:
+        return version("r2lm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def source_card_license(folder) -> dict:
     """The license fields (`license`, `license_name`, `license_link`) of the model card in `folder`, if any."""
     readme = Path(folder) / "README.md"
@@ -132,6 +144,165 @@ def build_model_card(settings: dict) -> ModelCard:
         sidecar_share=params["sidecars"] / params["backbone"],
         r2lm_version=settings["r2lm_version"],
         settings_file=SETTINGS_FILE,
+        bibtex=BIBTEX,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+INTRO = """This is an **R2LM** (Right-to-Left Mamba) checkpoint: a *Bifocal* diffusion language model
+([arXiv:2606.27732]({paper})): a Qwen3-style decoder with causal attention and an exact KV cache, plus reverse
+Mamba "sidecars" that scan each diffusion block right to left. Decoding unmasks several tokens of a block per
+forward pass."""
+
+USAGE = """## Usage
+
+The model code ships with the checkpoint, hence `trust_remote_code=True`. Generation settings (block size, confidence
+threshold, unmasking rule, ...) live in `generation_config.json` and can be overridden per call.
+
+```python
+{snippet}
+```"""
+
+TRAINED_BODY = """
+# R2LM trained with the block-diffusion objective
+
+{intro}
+
+{origin} It was then trained for {steps:,} steps ({tokens:,} tokens) with {objective}.
+
+{usage}
+
+## Training
+
+| setting | value |
+|---|---|
+| initialised from | {init} |
+| objective | {objective} |
+| data | {data} |
+| steps | {steps:,} of {max_steps:,} |
+| tokens seen | {tokens:,} |
+| batch | {batch} |
+| optimiser | {optimiser} |
+| trained parameters | {trained} |
+
+{metrics}
+
+Made with `python -m train` (r2lm {r2lm_version}); `{record_file}` records every setting.
+
+## Citation
+
+```bibtex
+{bibtex}
+```
+"""
+
+PLAIN_BODY = """
+# R2LM checkpoint
+
+{intro}
+
+This folder records neither a conversion (`{settings_file}`) nor a training run (`{record_file}`): edit this card to say
+where the weights come from.
+
+{usage}
+
+{metrics}
+
+## Citation
+
+```bibtex
+{bibtex}
+```
+"""
+
+METRIC_NAMES = {"ar_nll": "next-token (AR) NLL"}
+
+
+def metrics_table(metrics) -> str:
+    """The held-out metrics of `train.evaluate` as a Markdown table, in nats per token."""
+    if not metrics:
+        return "No held-out evaluation is recorded."
+    rows = [
+        (METRIC_NAMES.get(k, f"masked-token NLL, mask rate {k.removeprefix('nll@')}"), v)
+        for k, v in metrics.items()
+        if (k.startswith("nll@") or k == "ar_nll") and v is not None
+    ]
+    step = f" (step {metrics['step']:,})" if "step" in metrics else ""
+    table = "\n".join(f"| {name} | {value:.4f} |" for name, value in rows)
+    return f"## Held-out evaluation{step}\n\n| metric | nats per token |\n|---|---|\n{table}"
+
+
+def init_markdown(init: dict) -> tuple[str, str]:
+    """(table cell, sentence) saying where the trained weights started."""
+    base = init.get("base_model") or init.get("source")
+    base_md = f"[`{base}`](https://huggingface.co/{base})" if init.get("base_model") else f"`{base}`"
+    if init.get("kind") == "converted":
+        return f"{base_md}, converted by r2lm-convert", f"It starts from {base_md}, converted by `r2lm-convert`."
+    if init.get("kind") == "trained":
+        origin = f" that started from {base_md}" if base else ""
+        return f"an earlier R2LM training run{origin}", f"It continues an earlier R2LM training run{origin}."
+    if init.get("model"):
+        return f"the R2LM folder `{init['model']}`", f"It starts from the R2LM folder `{init['model']}`."
+    size = ", ".join(f"{key} {value}" for key, value in init.get("config", {}).items())
+    return f"random ({size})", f"It starts from random weights ({size})."
+
+
+def data_markdown(data: dict) -> str:
+    text = (f"{data['train_files']:,} training files ({data['train_tokens']:,} tokens), "
+            f"{data['heldout_files']:,} held out")
+    if data.get("files_not_utf8"):
+        text += f"; {data['files_not_utf8']:,} files were not UTF-8 (invalid bytes read as U+FFFD)"
+    return text
+
+
+def build_training_card(record: dict) -> ModelCard:
+    """The card of a trained folder, from the contents of its `r2lm_training.json`."""
+    init = record["init"]
+    base_model = init.get("base_model")
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[tag for tag in TAGS if tag != "qwen3" or init.get("source")],
+        **init.get("license", {}),
+    )
+    batch, opt = record["batch"], record["optimizer"]
+    init_cell, origin = init_markdown(init)
+    body = TRAINED_BODY.format(
+        intro=INTRO.format(paper=PAPER),
+        origin=origin,
+        usage=USAGE.format(snippet=usage_snippet(record["model_id"])),
+        init=init_cell,
+        objective="the block-diffusion objective" if record["objective"] == "diffusion" else "the next-token loss",
+        data=data_markdown(record["data"]),
+        steps=record["steps"],
+        max_steps=record["max_steps"],
+        tokens=record["tokens"],
+        batch=f"{batch['batch_size']} rows x {batch['grad_accum']} accumulation x {batch['processes']} processes x "
+        f"{batch['seq_len']} tokens",
+        optimiser=f"AdamW, learning rate {opt['lr']:g} ({opt['warmup_steps']} warmup steps, cosine to "
+        f"{opt['min_lr_ratio']:g} x), weight decay {opt['weight_decay']:g}, gradient clipping {opt['max_grad_norm']:g}",
+        trained="sidecars only" if record.get("freeze_backbone") else "all",
+        metrics=metrics_table(record.get("metrics")),
+        r2lm_version=record["r2lm_version"],
+        record_file=TRAINING_FILE,
+        bibtex=BIBTEX,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def build_plain_card(model_id: str, metrics: dict | None) -> ModelCard:
+    """The card of an R2LM folder that records neither a conversion nor a training run."""
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation", tags=[tag for tag in TAGS if tag != "qwen3"]
+    )
+    body = PLAIN_BODY.format(
+        intro=INTRO.format(paper=PAPER),
+        settings_file=SETTINGS_FILE,
+        record_file=TRAINING_FILE,
+        usage=USAGE.format(snippet=usage_snippet(model_id)),
+        metrics=metrics_table(metrics),
         bibtex=BIBTEX,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -5,17 +5,21 @@
 The Qwen3 weights are copied unchanged; a reverse Mamba sidecar with its gate at zero follows each layer of
 `--sidecar-layers`; `<|mask|>` joins the tokenizer on an unused embedding row. The folder is written beside OUTPUT_DIR,
 loaded in a fresh process through `AutoModel.from_pretrained(..., trust_remote_code=True)` and compared with the
-source (same logits), and only then renamed to OUTPUT_DIR.
+source (same logits), and only then renamed to OUTPUT_DIR. What can be checked before that work is checked first
+(OUTPUT_DIR writable and not a mount point, --max-shard-size, a tokenizer in the source, readable shards); a problem the
+user can fix ends the command with one line and exit status 2 (see convert/cli.py).
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
+import threading
 from pathlib import Path
 
 import torch
@@ -28,15 +32,16 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.serialization._base import parse_size_to_int  # what save_pretrained parses max_shard_size with
 from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig, Qwen3Config
+from transformers import GenerationConfig, Qwen3Config
 from transformers.initialization import no_init_weights
 
 import r2lm
-from convert import UserError
-from convert.model_card import SETTINGS_FILE, build_model_card, source_card_license
+from convert.cli import ArgumentParser, UserError, check_output_folder, load_tokenizer, one_line
+from convert.model_card import SETTINGS_FILE, build_model_card, package_version, source_card_license
 from convert.push_to_hub import check_can_push, push_folder
 from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
 
@@ -52,6 +57,7 @@ TOLERANCE = 1e-4  # on float32 logits (verify_folder.py runs both models in floa
 ROW_MULTIPLE = 64  # a resized embedding gets a multiple of 64 rows, like Qwen3's 151936
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "README.md", "LICENSE*"]
 VERIFY_SCRIPT = Path(__file__).with_name("verify_folder.py")
+WORK_INFIX = ".r2lm-tmp-"  # the folder beside OUTPUT_DIR: .NAME.r2lm-tmp-PID-XXXXXXXX (PID: the converting process)
 
 
 class VerificationError(Exception):
@@ -90,10 +96,69 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"OUTPUT_DIR {output_dir} is a file: choose a folder path.")
+    check_output_folder(output_dir, "OUTPUT_DIR", renamed_into_place=True)  # a file, read-only, a mount point
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise UserError(f"OUTPUT_DIR {output_dir} exists and is not empty: pass --overwrite to replace it.")
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def remove_stale_work_dirs(output_dir: Path) -> None:
+    """Removes the temporary folders that killed conversions to `output_dir` left beside it (a full model copy each);
+    the folder of a conversion still running on this machine is left alone."""
+    prefix = f".{output_dir.name}{WORK_INFIX}"
+    stale = []
+    for path in output_dir.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name.removeprefix(prefix).split("-")[0]
+        if path.is_dir() and not (pid.isdigit() and pid_running(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path.name)
+    if stale:
+        log(f"removed {len(stale)} temporary folder(s) left beside OUTPUT_DIR by an interrupted conversion: {stale}")
+
+
+def make_work_dir(output_dir: Path) -> Path:
+    """The temporary folder beside `output_dir` (same filesystem: the result is renamed into place)."""
+    try:
+        remove_stale_work_dirs(output_dir)
+        return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{WORK_INFIX}{os.getpid()}-", dir=output_dir.parent))
+    except OSError as err:
+        raise UserError(
+            f"cannot write beside OUTPUT_DIR {output_dir} ({err.strerror or err}): choose a folder on a writable "
+            "filesystem where you may create files."
+        ) from None
+
+
+def parse_shard_size(value) -> int:
+    """--max-shard-size in bytes: an integer, or a number with a unit as save_pretrained reads it ("5GB", "40KB")."""
+    try:
+        size = int(value) if str(value).strip().isdigit() else parse_size_to_int(str(value))
+    except ValueError:
+        size = None
+    if size is None or size <= 0:
+        raise UserError(
+            f"--max-shard-size {value!r} is not a size: give a positive number with a unit (KB, MB, GB, TB), "
+            "such as 5GB or 500MB."
+        )
+    return size
+
+
+def read_json(path: Path, source: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(
+            f"{source}: {path.name} is not valid JSON ({one_line(err)}): the download or copy is incomplete; fetch "
+            "the checkpoint again."
+        ) from None
 
 
 def check_source_outside(folder: Path, output_dir: Path) -> None:
@@ -107,7 +172,7 @@ def read_qwen3_config(folder: Path, source: str) -> Qwen3Config:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{source} has no config.json: pass a Qwen3 checkpoint (a folder or a Hub id).")
-    model_type = json.loads(path.read_text()).get("model_type")
+    model_type = read_json(path, source).get("model_type")
     if model_type != "qwen3":
         raise UserError(
             f"{source} is a {model_type!r} checkpoint (config.json model_type), not Qwen3: r2lm-convert only "
@@ -120,7 +185,7 @@ def read_weights(folder: Path, dtype: str) -> dict[str, torch.Tensor]:
     """All tensors of the source's safetensors shards, floating ones cast to `dtype` ("auto" keeps theirs)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index, str(folder)).get("weight_map", {}).values()))
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -129,15 +194,20 @@ def read_weights(folder: Path, dtype: str) -> dict[str, torch.Tensor]:
             "r2lm-convert reads safetensors only; re-save the checkpoint with transformers' save_pretrained."
         )
     missing = [shard for shard in shards if not (folder / shard).is_file()]
-    if missing:
-        raise UserError(f"{folder} lacks the weight shards {missing}: the download is incomplete.")
+    if missing or not shards:
+        raise UserError(f"{folder} lacks the weight shards {missing or 'of its index'}: the download is incomplete.")
     cast = None if dtype == "auto" else getattr(torch, dtype)
     state = {}
     for shard in tqdm(shards, desc="Reading shards", unit="shard"):
-        with safe_open(folder / shard, framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                state[key] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+        try:
+            with safe_open(folder / shard, framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    state[key] = tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor
+        except SafetensorError as err:
+            raise UserError(
+                f"{folder / shard} is truncated or corrupt ({err}): download or copy that shard again."
+            ) from None
     return state
 
 
@@ -251,20 +321,10 @@ def parameter_counts(model) -> dict:
     return counts
 
 
-def package_version() -> str:
-    try:
-        return version("r2lm")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def prepare(source: str, folder: Path, *, dtype, block_size, sidecar_layers, sidecar_expand, sidecar_d_state):
     """Reads the source and builds the R2LM model; returns (model, tokenizer, settings, verification batch)."""
     qwen3_config = read_qwen3_config(folder, source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{source} has no tokenizer that transformers can load: {err}") from None
+    tokenizer = load_tokenizer(folder, "SOURCE")
     rows, n_tokens = qwen3_config.vocab_size, len(tokenizer)
     mask_id, new_rows = add_mask_token(tokenizer, rows)
     state = read_weights(folder, dtype)
@@ -304,20 +364,22 @@ def convert(source: str, output_dir, *, block_size=None, sidecar_layers=None, si
 
     `sidecar_layers`: None (every 4th layer), "all", or a list of layer indices. `base_model`: the card's base_model
     (default: SOURCE when it is a Hub id). `model_id`: the id the card's snippet loads (default: `output_dir`).
+    Everything is written in a temporary folder beside `output_dir`, removed at the end whatever happens; one that a
+    killed conversion left is removed by the next conversion to the same `output_dir`.
     """
     output_dir = Path(output_dir).expanduser().absolute()
+    max_shard_size = parse_shard_size(max_shard_size)
     check_output_dir(output_dir, overwrite)  # before a possibly long download
-    folder, hub_id = resolve_source(source)
-    check_source_outside(folder, output_dir)
-    log(f"source: {source}" + (f" (Hub snapshot {folder.name})" if hub_id else " (local folder)"))
-    model, tokenizer, settings, (n_tokens, length) = prepare(
-        source, folder, dtype=dtype, block_size=block_size, sidecar_layers=sidecar_layers,
-        sidecar_expand=sidecar_expand, sidecar_d_state=sidecar_d_state,
-    )
-    generation_config = make_generation_config(folder, tokenizer, model.config)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.r2lm-tmp-", dir=output_dir.parent))
+    work = make_work_dir(output_dir)
     try:
+        folder, hub_id = resolve_source(source)
+        check_source_outside(folder, output_dir)
+        log(f"source: {source}" + (f" (Hub snapshot {folder.name})" if hub_id else " (local folder)"))
+        model, tokenizer, settings, (n_tokens, length) = prepare(
+            source, folder, dtype=dtype, block_size=block_size, sidecar_layers=sidecar_layers,
+            sidecar_expand=sidecar_expand, sidecar_d_state=sidecar_d_state,
+        )
+        generation_config = make_generation_config(folder, tokenizer, model.config)
         staged = work / "model"
         write_folder(model, tokenizer, generation_config, staged, max_shard_size)
         del model  # free the weights before the verifying process loads them again
@@ -345,8 +407,15 @@ def parse_sidecar_layers(value: str):
         raise argparse.ArgumentTypeError(f"expected 'all', 'none' or a comma list of layer indices, got {value!r}")
 
 
+def shard_size_argument(value: str) -> int:
+    try:
+        return parse_shard_size(value)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--max-shard-size ")) from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="r2lm-convert", description="Convert a Qwen3 checkpoint into an R2LM checkpoint (verified, atomic)."
     )
     parser.add_argument("source", metavar="SOURCE", help="Qwen3 checkpoint: a local folder or a Hub id")
@@ -357,7 +426,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sidecar-expand", type=int, default=2, help="sidecar inner width / hidden size (2)")
     parser.add_argument("--sidecar-d-state", type=int, default=16, help="sidecar state size (16)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: the source's)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (5GB)")
+    parser.add_argument("--max-shard-size", type=shard_size_argument, default="5GB",
+                        help="largest safetensors shard, as save_pretrained reads it (5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     parser.add_argument("--base-model", help="Hub id of the source for the card's base_model (default: a Hub SOURCE)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hub repo")
@@ -369,25 +439,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class _TerminateAsExit:
+    """While active (in the main thread), SIGTERM (`kill PID`) raises SystemExit, so that `finally` clauses remove the
+    temporary folder; SIGKILL leaves it to the next conversion (`remove_stale_work_dirs`)."""
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGTERM, self.terminate)
+
+    @staticmethod
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.push_to_hub:
-            check_can_push(args.push_to_hub)  # fail before converting, not after
-        output_dir = convert(
-            args.source, args.output_dir, block_size=args.block_size, sidecar_layers=args.sidecar_layers,
-            sidecar_expand=args.sidecar_expand, sidecar_d_state=args.sidecar_d_state, dtype=args.dtype,
-            overwrite=args.overwrite, max_shard_size=args.max_shard_size, base_model=args.base_model,
-            model_id=args.push_to_hub,
-        )
-        if args.push_to_hub:
-            push_folder(output_dir, args.push_to_hub, private=args.private, revision=args.revision)
+        with _TerminateAsExit():
+            return _convert_and_push(args)
     except UserError as err:
-        print(f"r2lm-convert: error: {err}", file=sys.stderr)
+        print(f"r2lm-convert: error: {one_line(err)}", file=sys.stderr)
         return 2
     except VerificationError as err:
         print(f"r2lm-convert: verification failed: {err}", file=sys.stderr)
         return 1
+
+
+def _convert_and_push(args) -> int:
+    if args.push_to_hub:
+        check_can_push(args.push_to_hub)  # fail before converting, not after
+    output_dir = convert(
+        args.source, args.output_dir, block_size=args.block_size, sidecar_layers=args.sidecar_layers,
+        sidecar_expand=args.sidecar_expand, sidecar_d_state=args.sidecar_d_state, dtype=args.dtype,
+        overwrite=args.overwrite, max_shard_size=args.max_shard_size, base_model=args.base_model,
+        model_id=args.push_to_hub,
+    )
+    if args.push_to_hub:
+        push_folder(output_dir, args.push_to_hub, private=args.private, revision=args.revision)
     return 0
 
 

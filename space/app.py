@@ -5,7 +5,8 @@ The app only calls the library's public API, as a user would: the model and toke
 step_callback=...)` does all the decoding; the app turns each step's canvas into coloured spans.
 
 Run `python space/app.py` (model: env `R2LM_MODEL`, a Hub id or a local folder, else the built-in default model;
-server: `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`, else 127.0.0.1:7860).
+server: `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`, else 127.0.0.1:7860). A model it cannot serve (a missing folder,
+a model that is not an R2LM, the Hub offline) ends it with one line saying what to do, exit status 2.
 """
 
 import logging
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
 
 logger = logging.getLogger("r2lm.space")
@@ -51,6 +54,10 @@ EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, t
 ]
 
 
+class ModelError(Exception):
+    """The model cannot be served, for a reason the user can fix; the message says how (one line)."""
+
+
 def default_model_path():
     """`R2LM_MODEL` if set, else the first built-in default model folder that exists."""
     if os.environ.get("R2LM_MODEL"):
@@ -58,17 +65,54 @@ def default_model_path():
     for folder in DEFAULT_MODEL_DIRS:
         if folder.is_dir():
             return str(folder)
-    raise FileNotFoundError(
+    raise ModelError(
         "No model: set R2LM_MODEL to a Hub id or a local folder, or provide the default model in one of "
         + ", ".join(str(folder) for folder in DEFAULT_MODEL_DIRS)
     )
 
 
+def check_model_path(path):
+    """Refuses, before anything loads, a path that names no R2LM model: a missing folder (which transformers would
+    report as a bad Hub id), a file, a folder without config.json."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ModelError(f"R2LM_MODEL={path} is a file: set it to the folder that holds the model (config.json).")
+    if local.is_dir() and not (local / "config.json").is_file():
+        inner = local / "final"
+        hint = f" (a training run's folder: set R2LM_MODEL={inner})" if (inner / "config.json").is_file() else ""
+        raise ModelError(f"R2LM_MODEL={path} holds no model (no config.json){hint}: set it to an R2LM model's folder.")
+    if not local.exists():
+        try:
+            validate_repo_id(path)
+        except HFValidationError:
+            raise ModelError(
+                f"R2LM_MODEL={path}: no such folder (nor a Hub id): set it to an R2LM model's folder or to a Hub id "
+                "such as namespace/name."
+            ) from None
+
+
 def load_model(path):
-    """Loads the tokenizer and the model (remote code shipped with it) from a Hub id or a local folder."""
+    """Loads the tokenizer and the model (remote code shipped with it) from a Hub id or a local folder; a model that
+    is not an R2LM is refused (ModelError) before its weights load."""
+    check_model_path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # an unknown Hub id, the Hub offline, a corrupt config.json
+        reason = " ".join(str(error).split())
+        if Path(path).expanduser().is_dir():
+            raise ModelError(f"R2LM_MODEL={path}: its config.json cannot be read ({reason}).") from None
+        raise ModelError(
+            f"R2LM_MODEL={path} is not a local folder, and loading it from the Hub failed ({reason}): check the id and "
+            "the connection (HF_HUB_OFFLINE), or set R2LM_MODEL to a local R2LM folder."
+        ) from None
+    if config.model_type != "r2lm":
+        raise ModelError(
+            f"R2LM_MODEL={path} is a {config.model_type!r} model, not an R2LM: convert it first (`r2lm-convert "
+            f"{path} OUTPUT_DIR`, for a Qwen3 checkpoint) and set R2LM_MODEL=OUTPUT_DIR."
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)  # the loaded config: no remote-code question
     return model.to(device).eval(), tokenizer
 
@@ -357,8 +401,9 @@ def main():
     try:
         path = default_model_path()
         model, tokenizer = load_model(path)
-    except (OSError, ValueError) as error:  # a missing folder, an unknown Hub id, or the Hub offline
-        sys.exit(f"Could not load the model: {error}")
+    except ModelError as error:
+        print(f"space/app.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     logger.info("Serving %s", path)
     build_demo(model, tokenizer).queue(max_size=QUEUE_SIZE).launch()
 

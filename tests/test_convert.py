@@ -3,6 +3,9 @@
 import json
 import os
 import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +268,23 @@ def test_refuses_a_non_empty_output_dir_without_overwrite(tiny_qwen3, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def copy_source(source: Path, folder: Path, leave_out=()) -> Path:
+    """A copy of the checkpoint folder `source` at `folder`, without the files named in `leave_out`."""
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name not in leave_out:
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def one_error_line(errors: str, prog: str = "r2lm-convert") -> str:
+    """The error line of a refused command, checked to be its only one, its last, and no traceback."""
+    assert "Traceback" not in errors
+    lines = [line for line in errors.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(lines) == 1 and errors.rstrip().endswith(lines[0]), errors
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -273,9 +293,15 @@ def test_refuses_a_non_empty_output_dir_without_overwrite(tiny_qwen3, tmp_path):
         ("missing_folder", "neither an existing folder nor a valid Hub model id"),
         ("bad_sidecar_layer", "invalid R2LM settings"),
         ("pytorch_bin_only", "safetensors"),
+        ("output_is_a_file", "is a file: choose a folder path"),
+        ("no_tokenizer", "has no tokenizer (none of tokenizer.json"),
+        ("truncated_shard", "model-00002-of-00005.safetensors is truncated or corrupt"),
+        ("corrupt_config", "config.json is not valid JSON"),
     ],
 )
 def test_refusals_name_the_problem(case, expected, tiny_qwen3, tmp_path):
+    """Each refusal: exit status 2, one line naming the problem (and the fix), nothing written. A source without a
+    tokenizer used to convert with exit 0 (transformers 5 loads an empty tokenizer: `<|mask|>` landed on id 1)."""
     source, output, options = tiny_qwen3, tmp_path / "out", []
     if case == "output_is_source":
         output, options = tiny_qwen3, ["--overwrite"]
@@ -286,17 +312,146 @@ def test_refusals_name_the_problem(case, expected, tiny_qwen3, tmp_path):
     elif case == "bad_sidecar_layer":
         options = ["--sidecar-layers", "1,9"]
     elif case == "pytorch_bin_only":
-        source = tmp_path / "bin"
-        source.mkdir()
-        for path in tiny_qwen3.glob("*.json"):
-            if not path.name.startswith("model.safetensors"):
-                (source / path.name).write_bytes(path.read_bytes())
+        source = copy_source(tiny_qwen3, tmp_path / "bin", [p.name for p in tiny_qwen3.glob("model*.safetensors*")])
         torch.save(read_tensors(tiny_qwen3), source / "pytorch_model.bin")
+    elif case == "output_is_a_file":
+        output.write_text("a file")
+    elif case == "no_tokenizer":
+        source = copy_source(tiny_qwen3, tmp_path / "src", ["tokenizer.json", "tokenizer_config.json"])
+    elif case == "truncated_shard":
+        source = copy_source(tiny_qwen3, tmp_path / "src")
+        shard = source / "model-00002-of-00005.safetensors"
+        shard.write_bytes(shard.read_bytes()[:-100])  # an interrupted download
+    elif case == "corrupt_config":
+        source = copy_source(tiny_qwen3, tmp_path / "src")
+        (source / "config.json").write_text('{"model_type": "qwen3", "hidden')
     conversion = run_convert(source, output, *options)
     assert conversion.status == 2, conversion.errors
-    assert expected in conversion.errors
-    assert "Traceback" not in conversion.errors
-    assert not (tmp_path / "out").exists()
+    assert expected in one_error_line(conversion.errors)
+    assert not (tmp_path / "out").is_dir()
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left
+
+
+@pytest.mark.parametrize("value, size", [("40KB", 40_000), ("1.5GB", 1_500_000_000), ("5 gb", 5 * 10**9), ("123", 123)])
+def test_max_shard_size_reads_as_save_pretrained_does(value, size):
+    assert qwen3_to_r2lm.parse_shard_size(value) == size
+
+
+@pytest.mark.parametrize("value", ["banana", "5GiB", "-1GB", "0"])
+def test_bad_max_shard_size_is_refused_before_any_work(value, tiny_qwen3, tmp_path, capsys):
+    """It used to fail inside huggingface_hub, after the whole conversion."""
+    with pytest.raises(SystemExit) as exited:
+        qwen3_to_r2lm.main([str(tiny_qwen3), str(tmp_path / "out"), f"--max-shard-size={value}"])
+    assert exited.value.code == 2
+    assert f"{value!r} is not a size" in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def signal_during_verification(source: Path, output: Path, signum: int) -> int:
+    """Runs `r2lm-convert SOURCE OUTPUT` in a subprocess, sends `signum` to it (and its verifying child) once it is
+    verifying, and returns its exit status."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convert.qwen3_to_r2lm", str(source), str(output)], cwd=REPO,
+        env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,  # its own process group, which the signal goes to
+    )
+    try:
+        for line in process.stdout:
+            if "verifying:" in line:
+                break
+        os.killpg(process.pid, signum)
+    finally:
+        process.wait(timeout=60)
+    return process.returncode
+
+
+def test_a_terminated_conversion_removes_its_temporary_folder(tiny_qwen3, tmp_path):
+    """`kill PID` (SIGTERM) during verification: the converter exits through its `finally` clause."""
+    assert signal_during_verification(tiny_qwen3, tmp_path / "out", signal.SIGTERM) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_conversion_killed_during_verification_is_cleaned_up_by_the_next(tiny_qwen3, tmp_path):
+    """SIGKILL during verification (no `finally` runs) leaves `.out.r2lm-tmp-PID-*` beside OUTPUT_DIR, a full model
+    copy; the next conversion to OUTPUT_DIR removes it, and leaves alone the folder of a conversion still running."""
+    output = tmp_path / "out"
+    assert signal_during_verification(tiny_qwen3, output, signal.SIGKILL) == -signal.SIGKILL
+    leftovers = list(tmp_path.glob(".out.r2lm-tmp-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "model" / "config.json").is_file()
+    running = tmp_path / f".out.r2lm-tmp-{os.getpid()}-abcdefgh"  # the pid of a process that runs: this one
+    running.mkdir()
+    conversion = run_convert(tiny_qwen3, output)
+    assert conversion.status == 0, conversion.errors
+    assert "removed 1 temporary folder(s) left beside OUTPUT_DIR by an interrupted conversion" in conversion.log
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "out"])
+
+
+def can_mount_in_a_namespace() -> bool:
+    unshare = shutil.which("unshare")
+    return unshare is not None and subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode == 0
+
+
+CLI_CALLS = """
+import io, json, os, sys
+from contextlib import redirect_stderr
+from convert.push_to_hub import main as push
+from convert.qwen3_to_r2lm import main as convert
+from train.__main__ import main as train
+
+source, read_only, mount_point, model = sys.argv[1:]
+calls = {
+    "convert_read_only": (convert, [source, read_only + "/out"]),
+    "convert_mount_point": (convert, [source, mount_point]),
+    "train_read_only": (train, ["--data", source, "--tokenizer", source, "--output-dir", read_only + "/run"]),
+    "push_read_only": (push, [model, "someone/tiny-r2lm"]),
+}
+results = {}
+for name, (main, argv) in calls.items():
+    errors = io.StringIO()
+    with redirect_stderr(errors):
+        try:
+            status = main(argv)
+        except SystemExit as exited:
+            status = exited.code
+    results[name] = [status, errors.getvalue()]
+results["left"] = sorted(os.listdir(read_only) + os.listdir(mount_point))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not can_mount_in_a_namespace(), reason="mounting needs `unshare -rm` (user + mount namespaces)")
+def test_unwritable_outputs_are_refused_before_any_work(tiny_qwen3, tiny_r2lm, tmp_path):
+    """In a private mount namespace: a read-only filesystem, an empty mount point, and a read-only copy of a converted
+    folder. r2lm-convert used to fail only after the whole conversion and verification (`[Errno 30] Read-only file
+    system`, `[Errno 16] Device or resource busy`), python -m train at its first save, r2lm-push while rewriting the
+    card; now each says so in one line, exit status 2, before any work."""
+    read_only, mount_point, model, read_only_model = (tmp_path / n for n in ("ro", "mount point", "model", "ro model"))
+    for folder in (read_only, mount_point, read_only_model):
+        folder.mkdir()
+    shutil.copytree(tiny_r2lm.folder, model)
+    q = lambda path: shlex.quote(str(path))  # noqa: E731
+    mounts = (f"mount -t tmpfs -o ro tmpfs {q(read_only)} && mount -t tmpfs tmpfs {q(mount_point)} && "
+              f"mount --bind {q(model)} {q(read_only_model)} && mount -o remount,bind,ro {q(read_only_model)}")
+    env = {**os.environ, **ONE_THREAD, "HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing may reach the Hub: the card is written first
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'{mounts} && exec "$0" -c "$1" "$2" "$3" "$4" "$5"', sys.executable,
+         CLI_CALLS, str(tiny_qwen3), str(read_only), str(mount_point), str(read_only_model)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {
+        "convert_read_only": ("r2lm-convert", "Read-only file system"),
+        "convert_mount_point": ("r2lm-convert", "is a mount point, which cannot be replaced by a rename"),
+        "train_read_only": ("python -m train", "Read-only file system"),
+        "push_read_only": ("r2lm-push", "cannot write README.md"),
+    }
+    for name, (prog, message) in expected.items():
+        status, errors = results[name]
+        assert status == 2 and message in one_error_line(errors, prog), (name, errors)
+        assert "Reading shards" not in errors, name  # refused before the work
+    assert results["left"] == []  # nothing written
 
 
 def test_push_to_hub_offline_fails_before_converting(tiny_qwen3, tmp_path, monkeypatch):

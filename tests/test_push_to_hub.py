@@ -1,4 +1,6 @@
-"""r2lm-push, tested up to the network boundary: the real huggingface_hub client talks to a fake Hub on 127.0.0.1."""
+"""r2lm-push, tested up to the network boundary: the real huggingface_hub client talks to a fake Hub on 127.0.0.1.
+Folders pushed: a converted one (the session's `tiny_r2lm`), one trained from it by `python -m train` (its final folder
+and a checkpoint), and an R2LM folder that records neither."""
 
 import base64
 import json
@@ -10,6 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from huggingface_hub import ModelCard
 
 from helpers import REPO
 
@@ -164,9 +167,89 @@ def test_push_reports_a_rejected_token(hub, folder, tmp_path):
     assert TOKEN not in result.stdout + result.stderr
 
 
-def test_push_refuses_a_folder_not_made_by_the_converter(hub, tmp_path):
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text("{}")
-    result = push(hub, tmp_path, tmp_path / "other", REPO_ID, HF_TOKEN=TOKEN)
-    assert result.returncode == 2 and "r2lm_conversion.json" in result.stderr
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("not_r2lm", "holds a 'qwen3' model, not an R2LM: convert a Qwen3 checkpoint first (`r2lm-convert"),
+        ("training_run_folder", "holds no model (no config.json) (a training run's folder: push {folder}/final)"),
+        ("missing", "FOLDER {folder} is not a folder"),
+        ("corrupt_record", "r2lm_conversion.json is not valid JSON"),
+    ],
+)
+def test_push_refuses_what_it_cannot_push_in_one_line(case, expected, hub, tiny_r2lm, tmp_path):
+    folder = tmp_path / "folder"
+    if case == "not_r2lm":
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    elif case == "training_run_folder":
+        (folder / "final").mkdir(parents=True)
+        (folder / "final" / "config.json").write_text("{}")
+    elif case == "corrupt_record":
+        shutil.copytree(tiny_r2lm.folder, folder)
+        (folder / "r2lm_conversion.json").write_text('{"source": ')
+    result = push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("r2lm-push: error: ")
+    assert expected.format(folder=folder) in result.stderr
     assert hub.requests == []
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_r2lm, tmp_path_factory):
+    """`python -m train` for 2 steps from the converted tiny model (a fine-tuning run): checkpoints and final."""
+    from train.__main__ import main as train
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "data").mkdir()
+    for i in range(4):
+        text = "".join(f"def f{i}_{j}(x):\n    return x + {j}\n\n" for j in range(12))
+        (root / "data" / f"part{i}.py").write_text(text)
+    status = train([
+        "--model", str(tiny_r2lm.folder), "--data", str(root / "data"), "--output-dir", str(root / "run"),
+        "--max-steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-rows", "4", "--heldout-fraction", "0.5",
+        "--save-every", "1", "--eval-every", "1000", "--warmup-steps", "1",
+    ])
+    assert status == 0
+    return root / "run"
+
+
+def test_push_a_trained_folder_writes_its_card_from_the_training_record(hub, trained_run, tmp_path):
+    """r2lm-push used to refuse `runs/NAME/final` (no r2lm_conversion.json). The card now says where the weights
+    started (the conversion's base model and license carry over), the data, the steps and the held-out metrics."""
+    folder = shutil.copytree(trained_run / "final", tmp_path / "final")
+    result = push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN)
+    assert result.returncode == 0, result.stderr
+    local = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert committed_files(hub) == local
+    record = json.loads(local["r2lm_training.json"])
+    assert record["model_id"] == REPO_ID and record["init"]["kind"] == "converted"
+    card = ModelCard(local["README.md"].decode())
+    assert card.data.base_model == "Qwen/Qwen3-0.6B" and card.data.license == "apache-2.0" and "qwen3" in card.data.tags
+    assert "It starts from [`Qwen/Qwen3-0.6B`](https://huggingface.co/Qwen/Qwen3-0.6B), converted by" in card.text
+    assert "| steps | 2 of 2 |" in card.text and "| data | 2 training files" in card.text
+    assert f'model_id = "{REPO_ID}"' in card.text and "| next-token (AR) NLL |" in card.text
+    commit = next(r for r in hub.requests if "/commit/" in r["path"])
+    summary = json.loads(commit["body"].splitlines()[0])["value"]["summary"]
+    assert summary == f"R2LM trained for 2 steps (diffusion objective, 2 files, {record['tokens']} tokens)"
+
+
+def test_push_a_checkpoint_leaves_its_optimizer_state_local(hub, trained_run, tmp_path):
+    folder = shutil.copytree(trained_run / "checkpoint-0000002", tmp_path / "checkpoint")
+    result = push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN)
+    assert result.returncode == 0, result.stderr
+    files = committed_files(hub)
+    assert set(files) == {p.name for p in folder.iterdir() if p.is_file()}  # no training_state/
+    assert b"| steps | 2 of 2 |" in files["README.md"]
+
+
+def test_push_a_folder_that_records_nothing_gets_a_plain_card_once(hub, tiny_r2lm, tmp_path):
+    """An R2LM folder without records (saved by hand, say) gets a plain card; a card edited by hand stays as it is."""
+    folder = shutil.copytree(tiny_r2lm.folder, tmp_path / "plain", ignore=shutil.ignore_patterns("r2lm_*", "README.md"))
+    assert push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN).returncode == 0
+    card = committed_files(hub)["README.md"].decode()
+    assert "records neither a conversion" in card and f'model_id = "{REPO_ID}"' in card
+    (folder / "README.md").write_text("# my own card\n")
+    hub.requests.clear()
+    result = push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN)
+    assert result.returncode == 0 and "left as is" in result.stdout
+    assert committed_files(hub)["README.md"] == b"# my own card\n"

@@ -194,8 +194,40 @@ def test_model_path_comes_from_the_environment_else_the_default_folders(app, mon
     if default.is_dir() and not (REPO / "space" / "r2lm-tiny-pycode").is_dir():
         assert app.default_model_path() == str(default)  # the README's command serves the built-in default model
     monkeypatch.setattr(app, "DEFAULT_MODEL_DIRS", (Path("/nonexistent/r2lm-tiny-pycode"),))
-    with pytest.raises(FileNotFoundError, match="set R2LM_MODEL"):
+    with pytest.raises(app.ModelError, match="set R2LM_MODEL"):
         app.default_model_path()
+
+
+def test_a_model_that_is_not_r2lm_is_refused_before_its_weights_load(app, tiny_qwen3):
+    """R2LM_MODEL at a Qwen3 folder used to end in `AttributeError: 'Qwen3Config' object has no attribute
+    'mask_token_id'`."""
+    with pytest.raises(app.ModelError, match=r"is a 'qwen3' model, not an R2LM: convert it first \(`r2lm-convert "):
+        app.load_model(str(tiny_qwen3))
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_folder", "R2LM_MODEL={model}: no such folder (nor a Hub id): set it to an R2LM model's folder"),
+        ("training_run_folder", "(a training run's folder: set R2LM_MODEL={model}/final)"),
+        ("a_file", "R2LM_MODEL={model} is a file: set it to the folder that holds the model"),
+    ],
+)
+def test_the_command_names_a_model_it_cannot_serve_in_one_line(case, expected, app, tmp_path, monkeypatch, capsys):
+    """A missing folder used to give transformers' message about repo ids, and exit status 1."""
+    model = tmp_path / "model"
+    if case == "training_run_folder":
+        (model / "final").mkdir(parents=True)
+        (model / "final" / "config.json").write_text("{}")
+    elif case == "a_file":
+        model.write_text("")
+    monkeypatch.setenv("R2LM_MODEL", str(model))
+    with pytest.raises(SystemExit) as exited:
+        app.main()
+    errors = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in errors
+    assert errors.strip() == "space/app.py: error: " + errors.strip().removeprefix("space/app.py: error: ")
+    assert len(errors.strip().splitlines()) == 1 and expected.format(model=model) in errors
 
 
 def test_page_decodes_in_a_browser(served, tmp_path):

@@ -1,4 +1,5 @@
-"""train/: data discovery and the by-file split, packing, the training loop, exact resume, and its error messages.
+"""train/: data discovery and the by-file split, packing, the training loop, exact resume, the training record, and
+its error messages (one line, exit status 2, before any training).
 
 Everything runs in-process on a tiny R2LM (hidden 32, 2 layers, a sidecar after layer 1, block size 8) and a
 300-token BPE trained on a synthetic corpus under tmp_path, one thread (tiny matmuls on a shared 2-core machine
@@ -6,12 +7,15 @@ are faster that way).
 """
 
 import json
+import shutil
 
 import pytest
 import torch
 from accelerate.utils import set_seed
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from convert.cli import UserError
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 from train.__main__ import main
 from train.data import find_files, pack, prepare_tokens, split_by_file, tokenize_files
@@ -55,8 +59,22 @@ def tokenizer_dir(corpus, tmp_path_factory):
 
 def train(corpus, tokenizer_dir, out, *extra):
     """Runs `python -m train` in-process on the tiny model; returns the metrics records."""
-    main(["--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--output-dir", str(out), *TINY, *extra])
+    status = main(["--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--output-dir", str(out), *TINY, *extra])
+    assert status == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def refused(capsys, *argv) -> str:
+    """Runs `python -m train *argv` in-process; checks that it stops with exit status 2 and one error line (no
+    traceback), and returns that line."""
+    try:
+        status = main([str(arg) for arg in argv])
+    except SystemExit as exited:  # argparse's errors
+        status = exited.code
+    errors = capsys.readouterr().err
+    lines = [line for line in errors.splitlines() if line.startswith("python -m train: error: ")]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in errors, errors
+    return lines[0]
 
 
 def test_find_files_expands_folders_and_globs(corpus):
@@ -66,9 +84,9 @@ def test_find_files_expands_folders_and_globs(corpus):
 
 
 def test_glob_matching_nothing_is_a_clear_error(corpus):
-    with pytest.raises(FileNotFoundError, match="matched no file"):
+    with pytest.raises(UserError, match="matched no file"):
         find_files([str(corpus / "**" / "*.txt")])
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    with pytest.raises(UserError, match="no such file or folder"):
         find_files([str(corpus / "missing")])
 
 
@@ -88,7 +106,7 @@ def test_packing_keeps_held_out_files_out_of_training(corpus, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     split = split_by_file(find_files([str(corpus)]), 0.25)
     stream, not_utf8 = tokenize_files(split.train, tokenizer)
-    assert not_utf8 == 0 and (stream == tokenizer.eos_token_id).sum() == len(split.train)  # one EOS after each file
+    assert not_utf8 == [] and (stream == tokenizer.eos_token_id).sum() == len(split.train)  # one EOS after each file
     rows = pack(stream, 32)
     assert rows.shape == (len(stream) // 32, 32) and rows.flatten().tolist() == stream[: rows.numel()].tolist()
     text = tokenizer.decode(rows.flatten())
@@ -105,8 +123,8 @@ def test_prepared_tokens_train_like_text(corpus, tokenizer_dir, tmp_path):
     meta = prepare_tokens(tmp_path / "tokens", [str(corpus)], AutoTokenizer.from_pretrained(tokenizer_dir), 0.25)
     assert not set(meta["train"]["files"]) & set(meta["heldout"]["files"]) and len(meta["heldout"]["files"]) == 3
     args = [a for a in TINY if a not in ("--heldout-fraction", "0.25")]
-    main(["--tokens", str(tmp_path / "tokens"), "--tokenizer", str(tokenizer_dir), "--output-dir", str(tmp_path / "run"),
-          *args, "--max-steps", "2"])
+    assert main(["--tokens", str(tmp_path / "tokens"), "--tokenizer", str(tokenizer_dir), "--output-dir",
+                 str(tmp_path / "run"), *args, "--max-steps", "2"]) == 0
     assert (tmp_path / "run" / "final" / "eval.json").is_file()
 
 
@@ -120,6 +138,18 @@ def test_a_few_steps_lower_the_loss(corpus, tokenizer_dir, tmp_path):
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_r2lm.R2LMForDiffusionLM"
     assert all((tmp_path / "final" / f).is_file() for f in ("modeling_r2lm.py", "tokenizer.json"))
+    # The training record (read by r2lm-push for the card): 30 steps x 4 rows x 32 tokens; 12 files, 3 held out.
+    record = json.loads((tmp_path / "final" / "r2lm_training.json").read_text())
+    assert record["init"] == {"kind": "scratch", "config": {"hidden_size": 32, "layers": 2, "sidecar_layers": [1],
+                                                             "attention": "causal", "block_size": 8}}
+    assert (record["steps"], record["max_steps"], record["tokens"]) == (30, 30, 30 * 4 * 32)
+    data = record["data"]
+    assert (data["train_files"], data["heldout_files"], data["files_not_utf8"]) == (9, 3, 0)
+    assert record["metrics"] == final and record["train_loss"] == losses[-1]
+    assert record["optimizer"]["lr"] == 1e-2 and record["model_id"] == str(tmp_path / "final")
+    card = ModelCard.load(tmp_path / "final" / "README.md")
+    assert "| steps | 30 of 30 |" in card.text and f'model_id = "{tmp_path / "final"}"' in card.text
+    assert f"| masked-token NLL, mask rate 0.5 | {final['nll@0.5']:.4f} |" in card.text
 
 
 def test_resume_repeats_the_uninterrupted_run(corpus, tokenizer_dir, tmp_path):
@@ -128,13 +158,14 @@ def test_resume_repeats_the_uninterrupted_run(corpus, tokenizer_dir, tmp_path):
     straight = train(corpus, tokenizer_dir, tmp_path / "straight", *common)
     train(corpus, tokenizer_dir, tmp_path / "split", *common, "--stop-after-steps", "4")
     assert not (tmp_path / "split" / "final").exists()
-    main(["--resume", str(tmp_path / "split")])
-    resumed = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    shutil.move(tmp_path / "split", tmp_path / "moved")  # a run resumes where it is now, not where it started
+    assert main(["--resume", str(tmp_path / "moved")]) == 0
+    resumed = [json.loads(line) for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for a, b in zip(straight, resumed):
         assert a.get("loss") == pytest.approx(b.get("loss"), abs=1e-6)
         assert a.get("eval", {}).get("nll@0.5") == pytest.approx(b.get("eval", {}).get("nll@0.5"), abs=1e-6)
-    weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "split")]
+    weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "moved")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
@@ -147,17 +178,135 @@ def test_freeze_backbone_trains_only_the_sidecars(corpus, tokenizer_dir, tmp_pat
     assert changed and all(".sidecar." in k for k in changed)
 
 
-def test_seq_len_not_a_multiple_of_the_block_size(corpus, tokenizer_dir, tmp_path):
-    with pytest.raises(ValueError, match="--seq-len 30 is not a multiple of the block size 8: use 24 or 32"):
-        train(corpus, tokenizer_dir, tmp_path, "--seq-len", "30")
+def test_seq_len_not_a_multiple_of_the_block_size(corpus, tokenizer_dir, tmp_path, capsys):
+    line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path, *TINY,
+                   "--seq-len", "30")
+    assert "--seq-len 30 is not a multiple of the block size 8: use 24 or 32" in line
 
 
-def test_checkpoint_folder_that_is_not_r2lm(corpus, tmp_path):
+def test_checkpoint_folder_that_is_not_r2lm(corpus, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    with pytest.raises(ValueError, match="not an R2LM checkpoint .*model_type 'qwen3'.*r2lm-convert"):
-        main(["--model", str(tmp_path), "--data", str(corpus)])
+    line = refused(capsys, "--model", tmp_path, "--data", corpus, "--output-dir", tmp_path / "run")
+    assert "not an R2LM checkpoint" in line and "model_type 'qwen3'" in line and "r2lm-convert" in line
 
 
-def test_resume_refuses_changed_options(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["--resume", str(tmp_path), "--lr", "1"])
+def test_resume_refuses_changed_options(tmp_path, capsys):
+    assert "only --time-limit-minutes and --stop-after-steps may be given again (got --lr)" in refused(
+        capsys, "--resume", tmp_path, "--lr", "1"
+    )
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--lr", "-1", "--lr must be positive, got -1.0"),
+        ("--lr", "nan", "--lr must be positive, got nan"),
+        ("--min-lr-ratio", "2", "--min-lr-ratio must be from 0 to 1, got 2.0"),
+        ("--warmup-steps", "-1", "--warmup-steps must be 0 or more, got -1"),
+        ("--max-grad-norm", "0", "--max-grad-norm must be positive, got 0.0"),
+        ("--heldout-fraction", "1", "--heldout-fraction must be between 0 and 1 (both excluded), got 1.0"),
+        ("--block-size", "0", "--block-size must be at least 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(option, value, expected, corpus, tokenizer_dir, tmp_path, capsys):
+    """`--lr -1` used to end in AdamW's traceback; NaN went through."""
+    line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "run", *TINY,
+                   f"{option}={value}")
+    assert expected in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("output_is_a_file", "--output-dir {tmp}/run is a file: choose a folder path"),
+        ("missing_data", "--data '{tmp}/missing': no such file or folder"),
+        ("one_file", "The data has 1 file(s): the held-out split is by file, so it needs at least 2"),
+        ("tokenizer_folder_without_tokenizer", "--tokenizer {tmp} has no tokenizer (none of tokenizer.json"),
+        ("config_not_json", "{tmp}/config.json is truncated or corrupt (not valid JSON"),
+        ("config_not_a_model", "--config {tmp}/config.json do not make a valid R2LM: `sidecar_layers` holds layer 5"),
+        ("freeze_backbone_without_sidecars", "--freeze-backbone trains only the sidecars, and this model has none"),
+        ("batch_larger_than_the_heldout_split", "fewer than one evaluation round of 64"),
+        ("missing_resume", "--resume {tmp}/run: no such folder"),
+        ("tokens_folder_without_meta", "--tokens {tmp}: no meta.json there"),
+    ],
+)
+def test_user_errors_are_one_line(case, expected, corpus, tokenizer_dir, tmp_path, capsys):
+    args = ["--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "run", *TINY, "--max-steps", "1"]
+    if case == "output_is_a_file":
+        (tmp_path / "run").write_text("a file")
+    elif case == "missing_data":
+        args[1] = tmp_path / "missing"
+    elif case == "one_file":
+        args[1] = corpus / "mod00.py"
+    elif case == "tokenizer_folder_without_tokenizer":
+        (tmp_path / "tokenizer_config.json").write_text("{}")
+        args[3] = tmp_path
+    elif case == "config_not_json":
+        (tmp_path / "config.json").write_text('{"hidden_size": 32,')
+        args += ["--config", tmp_path / "config.json"]
+    elif case == "config_not_a_model":
+        (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "sidecar_layers": [5]}))
+        args += ["--config", tmp_path / "config.json"]
+    elif case == "freeze_backbone_without_sidecars":
+        args += ["--sidecar-layers", "--freeze-backbone"]
+    elif case == "batch_larger_than_the_heldout_split":
+        args += ["--batch-size", "64"]
+    elif case == "missing_resume":
+        args = ["--resume", tmp_path / "run"]
+    elif case == "tokens_folder_without_meta":
+        args[:2] = ["--tokens", tmp_path]
+    assert expected.format(tmp=tmp_path) in refused(capsys, *args)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(corpus, tokenizer_dir, tmp_path_factory):
+    """A run stopped after 2 steps, with checkpoints at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(corpus, tokenizer_dir, out, "--max-steps", "4", "--save-every", "1", "--eval-every", "1000",
+          "--stop-after-steps", "2")
+    return out
+
+
+def flip_bytes(path, start=200, count=60):
+    data = bytearray(path.read_bytes())
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damaged, damage, expected",
+    [
+        ("train_args.json", "truncate", "train_args.json is truncated or corrupt (Expecting"),
+        ("model.safetensors", "truncate", "model.safetensors is truncated or corrupt (Error while deserializing"),
+        ("training_state/optimizer.bin", "truncate", "optimizer.bin is truncated or corrupt (not a complete torch"),
+        ("training_state/custom_checkpoint_0.pkl", "flip", "training_state holds a damaged file (UnpicklingError"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_with_the_one_before_it(damaged, damage, expected, stopped_run, tmp_path,
+                                                              capsys):
+    """A damaged checkpoint used to end in the raw JSONDecodeError, SafetensorError or UnpicklingError; now the line
+    names the file and the checkpoint to resume from instead (files are checked before anything loads; damage inside a
+    torch.save archive is caught when accelerate reads it)."""
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    path = run / "checkpoint-0000002" / damaged
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        flip_bytes(path)
+    line = refused(capsys, "--resume", run)
+    assert expected in line and f"resume from the checkpoint before it: --resume {run / 'checkpoint-0000001'}" in line
+
+
+def test_files_that_are_not_utf8_are_counted_and_named(corpus, tokenizer_dir, tmp_path, capsys):
+    """Random bytes mixed with the text files used to train with no word (the not-UTF-8 count was dropped)."""
+    data = shutil.copytree(corpus, tmp_path / "data")
+    (data / "blob.txt").write_bytes(bytes(range(256)) * 8)  # 0x80-0xFF alone are not UTF-8
+    train(data, tokenizer_dir, tmp_path / "run", "--max-steps", "1", "--eval-every", "1000")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: 1 of 13 data files are not valid UTF-8 ({data.resolve() / 'blob.txt'}): their invalid bytes are "
+        "read as U+FFFD; leave them out with --exclude, or convert them to UTF-8."
+    ]
+    record = json.loads((tmp_path / "run" / "final" / "r2lm_training.json").read_text())
+    assert record["data"]["files_not_utf8"] == 1

@@ -1,14 +1,19 @@
-"""`python -m train` / `r2lm-train` / `accelerate launch -m train`: see `python -m train --help`."""
+"""`python -m train` / `r2lm-train` / `accelerate launch -m train`: see `python -m train --help`.
+
+A problem the user can fix (an option out of range, missing data, a corrupt checkpoint...) ends the run with one line
+on stderr and exit status 2, before any training where it can be found before (see convert/cli.py).
+"""
 
 import json
 import sys
 
-from .cli import args_from_checkpoint, parse_args
+from convert.cli import run_cli
+
+from .cli import PROG, args_from_checkpoint, parse_args
 from .trainer import Trainer, latest_checkpoint
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def train(argv):
     args = parse_args(argv)
     resume_from = None
     if args.resume is not None:
@@ -21,5 +26,10 @@ def main(argv=None):
         print(f"final model: {trainer.output_dir / 'final'}")
 
 
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_cli(PROG, train, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

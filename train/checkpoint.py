@@ -1,12 +1,16 @@
-"""Model folders: loading an R2LM folder (and refusing anything else), saving one atomically with its code files."""
+"""Model folders: loading an R2LM folder (and refusing anything else), saving one atomically with its code files,
+and checking a checkpoint's files before resuming from it."""
 
 import contextlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from convert.cli import UserError, one_line
 from r2lm import R2LMForDiffusionLM
 
 
@@ -56,14 +60,24 @@ def atomic_dir(final):
     commit_dir(tmp, final)
 
 
+def read_json(path):
+    """The contents of a JSON file; a truncated or corrupt one is a UserError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path} is truncated or corrupt (not valid JSON: {one_line(err)}).") from None
+
+
 def check_r2lm_folder(folder):
-    """Raises a ValueError naming the problem unless `folder` holds an R2LM model (config.json, model_type r2lm)."""
+    """Raises a UserError naming the problem unless `folder` holds an R2LM model (config.json, model_type r2lm)."""
     config_file = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise UserError(f"--model {folder}: no such folder; pass an R2LM folder (e.g. written by r2lm-convert).")
     if not config_file.is_file():
-        raise ValueError(f"{folder} is not a model folder: it has no config.json.")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+        raise UserError(f"{folder} is not a model folder: it has no config.json.")
+    model_type = read_json(config_file).get("model_type")
     if model_type != "r2lm":
-        raise ValueError(
+        raise UserError(
             f"{folder} is not an R2LM checkpoint (its config.json has model_type {model_type!r}): convert a Qwen3 "
             "checkpoint first with `r2lm-convert`, or train from scratch with --config or the size options."
         )
@@ -72,7 +86,10 @@ def check_r2lm_folder(folder):
 def load_model(folder):
     """An R2LM folder as a float32 `R2LMForDiffusionLM` (float32 master weights; bf16 comes from autocast)."""
     check_r2lm_folder(folder)
-    return R2LMForDiffusionLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        return R2LMForDiffusionLM.from_pretrained(folder, dtype=torch.float32)
+    except SafetensorError as err:
+        raise UserError(f"the weights in {folder} are truncated or corrupt ({err}): copy the folder again.") from None
 
 
 def save_model(state_dict, config, tokenizer, folder, dtype=torch.float32, max_shard_size="15MB"):
@@ -85,3 +102,38 @@ def save_model(state_dict, config, tokenizer, folder, dtype=torch.float32, max_s
     type(model).register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
+
+
+def corrupt_file(path):
+    """Why the checkpoint file `path` cannot be read (None if it looks whole): JSON that does not parse, a
+    safetensors file whose header does not cover the file, a torch.save zip archive without its central directory.
+    Only headers are read, so checking a checkpoint costs little."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt"):
+                pass
+        elif path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
+            return "not a complete torch.save archive"
+    except (ValueError, SafetensorError) as err:
+        return one_line(err)
+    return None
+
+
+def resume_advice(checkpoint) -> str:
+    """What to do when `checkpoint` cannot be resumed: the checkpoint before it in its run folder, if any."""
+    checkpoint = Path(checkpoint)
+    earlier = sorted(p for p in checkpoint.parent.glob("checkpoint-*") if p.name < checkpoint.name)
+    if earlier:
+        return f"move {checkpoint} aside and resume from the checkpoint before it: --resume {earlier[-1]}"
+    return "start the run again (there is no earlier checkpoint)"
+
+
+def check_checkpoint(folder):
+    """Raises a UserError naming the first unreadable file of the checkpoint `folder`, and what to do instead."""
+    for path in sorted(Path(folder).rglob("*")):
+        problem = corrupt_file(path) if path.is_file() else None
+        if problem:
+            raise UserError(f"--resume: {path} is truncated or corrupt ({problem}): {resume_advice(folder)}.")

@@ -1,20 +1,38 @@
 """Command line of `python -m train` (also `r2lm-train`, or `accelerate launch -m train`)."""
 
-import argparse
 import json
+import math
 from pathlib import Path
 
+from convert.cli import ArgumentParser, UserError
+
+from .checkpoint import read_json
 from .data import add_data_arguments
 
 
 # Options that may be given again with --resume; every other one comes from the checkpoint's train_args.json.
 RESUME_OPTIONS = {"resume", "time_limit_minutes", "stop_after_steps"}
 ARGS_FILE = "train_args.json"
+PROG = "python -m train"
+# Each number option's allowed values, as (test, wording); None (an optional option left out) always passes.
+RANGES = {
+    **dict.fromkeys(
+        ("max_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "eval_every", "eval_rows",
+         "log_every", "seq_len", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+         "intermediate_size", "max_position_embeddings", "block_size", "eval_block_size", "stop_after_steps"),
+        (lambda x: x >= 1, "at least 1"),
+    ),
+    **dict.fromkeys(("warmup_steps", "freeze_backbone_steps", "seed"), (lambda x: x >= 0, "0 or more")),
+    **dict.fromkeys(("lr", "max_grad_norm", "rope_theta", "time_limit_minutes"), (lambda x: x > 0, "positive")),
+    "weight_decay": (lambda x: x >= 0, "0 or more"),
+    "min_lr_ratio": (lambda x: 0 <= x <= 1, "from 0 to 1"),
+    "heldout_fraction": (lambda x: 0 < x < 1, "between 0 and 1 (both excluded)"),
+}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m train",
+    parser = ArgumentParser(
+        prog=PROG,
         description="Trains an R2LM with the block-diffusion objective (DESIGN section 4), from an R2LM folder or "
         "from scratch, on local text files.",
     )
@@ -83,10 +101,19 @@ def given_options(parser, argv):
     return given
 
 
+def check_ranges(parser, args):
+    """Refuses a number option outside its range (RANGES), NaN and infinities included."""
+    for name, (allowed, wording) in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and allowed(value)):
+            parser.error(f"--{name.replace('_', '-')} must be {wording}, got {value}.")
+
+
 def parse_args(argv):
     """Parses and checks the options; with --resume, every option but RESUME_OPTIONS comes from the checkpoint."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_ranges(parser, args)
     if args.resume is not None:
         extra = sorted("--" + e.replace("_", "-") for e in given_options(parser, argv) - RESUME_OPTIONS)
         if extra:
@@ -95,10 +122,6 @@ def parse_args(argv):
                 f"and --stop-after-steps may be given again (got {', '.join(extra)})."
             )
         return args
-    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "eval_every", "eval_rows",
-                 "log_every", "seq_len"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if (args.data is None) == (args.tokens is None):
         parser.error("give the training text with exactly one of --data (files, folders, globs) or --tokens.")
     if args.model and args.config:
@@ -115,14 +138,17 @@ def args_to_json(args):
 
 
 def args_from_checkpoint(checkpoint, resume_args):
-    """The saved options of a run, with the RESUME_OPTIONS of this command line."""
-    saved = json.loads((Path(checkpoint) / ARGS_FILE).read_text())
+    """The saved options of a run, with the RESUME_OPTIONS of this command line. The run's folder is the checkpoint's
+    parent, wherever the run was first started (it may have been moved since)."""
+    saved = read_json(Path(checkpoint) / ARGS_FILE)
+    if not isinstance(saved, dict):
+        raise UserError(f"{Path(checkpoint) / ARGS_FILE} is corrupt (not a JSON object of options).")
     args = build_parser().parse_args([])
     for key, value in saved.items():
         setattr(args, key, value)
-    for key in ("output_dir", "config"):
-        if getattr(args, key) is not None:
-            setattr(args, key, Path(getattr(args, key)))
+    if args.config is not None:
+        args.config = Path(args.config)
+    args.output_dir = Path(checkpoint).parent
     for key in RESUME_OPTIONS:
         setattr(args, key, getattr(resume_args, key))
     return args

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convert.cli import UserError
+
 
 MASK_RATES = (0.15, 0.5, 0.85, 1.0)
 AR_NOTE_BIDIRECTIONAL = "bidirectional attention has no causal forward: no AR NLL (see nll@1.0)"
@@ -35,7 +37,7 @@ def eval_rows(rows, batch_size, accelerator):
     per_round = batch_size * accelerator.num_processes
     usable = len(rows) // per_round * per_round
     if usable == 0:
-        raise ValueError(
+        raise UserError(
             f"The held-out split has {len(rows)} rows, fewer than one evaluation round of {per_round} "
             "(--batch-size x processes): hold out more files or lower --batch-size."
         )

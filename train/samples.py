@@ -6,12 +6,14 @@ Greedy decoding with the model's generation config (threshold, block size); prin
 the number of denoising forward passes (NFE).
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from convert.cli import ArgumentParser, UserError, run_cli
 
 
 # Each prompt ends inside a line: a prompt ending in whitespace ends on a token boundary that byte-level BPE rarely
@@ -28,7 +30,7 @@ PROMPTS = (
 def complete(folder, prompts=PROMPTS, max_new_tokens=64, device="cpu"):
     """[{"prompt", "completion", "nfe"}] for each prompt, decoded one prompt at a time (no padding)."""
     if not Path(folder, "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
+        raise UserError(f"{folder} is not a model folder (no config.json): pass a folder such as runs/NAME/final.")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, config=model.config)  # the config: no remote-code question
     results = []
@@ -41,12 +43,16 @@ def complete(folder, prompts=PROMPTS, max_new_tokens=64, device="cpu"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.samples", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m train.samples", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a model folder")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the samples here")
     args = parser.parse_args(argv)
+    return run_cli(parser.prog, show_samples, args)
+
+
+def show_samples(args):
     results = complete(args.model, max_new_tokens=args.max_new_tokens, device=args.device)
     for r in results:
         print(f"--- {r['nfe']} forwards for {args.max_new_tokens} tokens\n{r['prompt']}{r['completion']}")
@@ -55,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,12 +7,14 @@ OUT_DIR is a `PreTrainedTokenizerFast` folder (tokenizer.json, tokenizer_config.
 offline, with `<|endoftext|>` (EOS, also used for padding) and `<|mask|>` as special tokens 0 and 1.
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from convert.cli import ArgumentParser, check_output_folder, run_cli
 
 from .checkpoint import atomic_dir
 from .data import add_data_arguments, find_files, read_text, split_by_file
@@ -45,11 +47,19 @@ def train_tokenizer(files, vocab_size=8192, model_max_length=4096):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="tokenizer folder to write")
     add_data_arguments(parser)
     parser.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args(argv)
+    if args.vocab_size < 258:
+        parser.error(f"--vocab-size must be at least 258 (256 bytes, 2 special tokens), got {args.vocab_size}.")
+    return run_cli(parser.prog, write_tokenizer, args)
+
+
+def write_tokenizer(args):
+    """`python -m train.tokenizer`: checks OUT_DIR, trains on the training side of the split, writes atomically."""
+    check_output_folder(args.out_dir, "OUT_DIR", renamed_into_place=True)
     split = split_by_file(find_files(args.data, args.include, args.exclude), args.heldout_fraction)
     tokenizer = train_tokenizer(split.train, args.vocab_size)
     with atomic_dir(args.out_dir) as tmp:
@@ -63,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,11 +5,15 @@ Exact resume holds because nothing random is carried in hidden state: the rows o
 (seed, k) through per-epoch permutations, and the masks and block offset of micro-batch k on process r come from a
 generator seeded with (seed, k, r). A checkpoint stores the weights, the optimizer, the scheduler, the step and the
 RNG states (accelerate's `save_state`), so step k + 1 after a resume is step k + 1 of the uninterrupted run.
+
+Every checkpoint and the final folder also hold `r2lm_training.json` (where the weights started, the data, the steps,
+the optimiser, the last held-out metrics) and a model card built from it, which `r2lm-push` updates when it uploads.
 """
 
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -17,16 +21,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
+from convert.cli import UserError, check_output_folder, load_tokenizer, one_line
+from convert.model_card import SETTINGS_FILE, TRAINING_FILE, build_training_card, package_version
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 
-from .checkpoint import commit_dir, fresh_temp_dir, load_model, save_model, temp_dir_path
+from .checkpoint import (
+    check_checkpoint, commit_dir, fresh_temp_dir, load_model, read_json, resume_advice, save_model, temp_dir_path,
+)
 from .cli import ARGS_FILE, args_to_json
-from .data import find_files, load_tokens, pack, split_by_file, tokenize_files
-from .evaluate import Objective, evaluate
+from .data import find_files, load_tokens, pack, split_by_file, tokenize_files, warn_not_utf8
+from .evaluate import Objective, eval_rows, evaluate
 
 
 STATE_DIR = "training_state"
@@ -44,7 +52,7 @@ class Progress:
 
     def load_state_dict(self, state):
         if state["train_rows"] != self.train_rows:
-            raise ValueError(
+            raise UserError(
                 f"The checkpoint was trained on {state['train_rows']} rows, this data packs into {self.train_rows}: "
                 "resume with the same files, tokenizer and --seq-len."
             )
@@ -74,9 +82,11 @@ class RowSampler:
 def new_config(args, tokenizer):
     """An R2LMConfig for a model trained from scratch: --config JSON or the size options, the tokenizer's ids."""
     if tokenizer.mask_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer needs a mask token and an EOS token (train.tokenizer adds both).")
+        raise UserError("The tokenizer needs a mask token and an EOS token (train.tokenizer adds both).")
     if args.config is not None:
-        fields = json.loads(Path(args.config).read_text())
+        if not Path(args.config).is_file():
+            raise UserError(f"--config {args.config}: no such file; pass a JSON file of R2LMConfig fields.")
+        fields = read_json(args.config)
     else:
         fields = dict(
             hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -87,58 +97,96 @@ def new_config(args, tokenizer):
         )
     vocab_size = fields.get("vocab_size", len(tokenizer))
     if vocab_size < len(tokenizer):
-        raise ValueError(f"--config has vocab_size {vocab_size}, smaller than the tokenizer's {len(tokenizer)}.")
+        raise UserError(f"--config has vocab_size {vocab_size}, smaller than the tokenizer's {len(tokenizer)}.")
     fields.update(vocab_size=vocab_size, mask_token_id=tokenizer.mask_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.block_size is not None:
         fields["block_size"] = args.block_size
-    return R2LMConfig(**fields)
+    try:
+        return R2LMConfig(**fields)
+    except (TypeError, ValueError) as err:
+        where = f"--config {args.config}" if args.config is not None else "the size options"
+        raise UserError(f"{where} do not make a valid R2LM: {one_line(err)}") from None
 
 
-def build_model(args):
-    """(model, tokenizer): an R2LM folder (--model) or a new model, with the training block size checked."""
-    if args.model:
-        model = load_model(args.model)
+def build_model(args, folder=None):
+    """(model, tokenizer): the R2LM folder `folder` (a checkpoint to resume, else --model) or a new model, with the
+    training block size checked."""
+    folder = folder or args.model
+    if folder:
+        model = load_model(folder)
         # Passing the config keeps AutoTokenizer from reading config.json, whose auto_map would make it ask
         # whether to trust remote code.
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, config=model.config)
+        tokenizer = load_tokenizer(args.tokenizer or folder, "--tokenizer" if args.tokenizer else "--model",
+                                   config=model.config)
         if args.block_size is not None:
             model.config.block_size = args.block_size
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
         model = R2LMForDiffusionLM(new_config(args, tokenizer))
     config = model.config
     if config.mask_token_id is None:
-        raise ValueError(f"{args.model}: config.mask_token_id is not set; the diffusion objective needs `<|mask|>`.")
+        raise UserError(f"{folder}: config.mask_token_id is not set; the diffusion objective needs `<|mask|>`.")
     block_size = 1 if args.objective == "ar" else config.block_size
     if args.seq_len % block_size:
         lower, upper = args.seq_len // block_size * block_size, -(-args.seq_len // block_size) * block_size
-        raise ValueError(
+        raise UserError(
             f"--seq-len {args.seq_len} is not a multiple of the block size {block_size}: use {lower or upper} or "
             f"{upper} (or change --block-size)."
         )
     if args.seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings {config.max_position_embeddings}.")
+        raise UserError(
+            f"--seq-len {args.seq_len} exceeds max_position_embeddings {config.max_position_embeddings}: lower it."
+        )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
-def load_rows(args, tokenizer):
-    """(train rows, held-out rows), each (n, seq_len), from --tokens or by tokenizing --data."""
+def load_rows(args, tokenizer, warn=True):
+    """(train rows, held-out rows, data record), the rows (n, seq_len), from --tokens or by tokenizing --data; files
+    that are not UTF-8 are counted, recorded and named in a warning (`warn`)."""
     if args.tokens:
-        train, heldout, _ = load_tokens(args.tokens, len(tokenizer))
+        train, heldout, meta = load_tokens(args.tokens, len(tokenizer))
+        record = {"tokens": str(Path(args.tokens).absolute()), "train_files": len(meta["train"]["files"]),
+                  "heldout_files": len(meta["heldout"]["files"]),
+                  "files_not_utf8": meta["train"]["files_not_utf8"] + meta["heldout"]["files_not_utf8"]}
     else:
         split = split_by_file(find_files(args.data, args.include, args.exclude), args.heldout_fraction)
-        train, heldout = (tokenize_files(files, tokenizer)[0] for files in (split.train, split.heldout))
-    return pack(train, args.seq_len), pack(heldout, args.seq_len)
+        train, not_utf8 = tokenize_files(split.train, tokenizer)
+        heldout, heldout_not_utf8 = tokenize_files(split.heldout, tokenizer)
+        if warn:
+            warn_not_utf8(not_utf8 + heldout_not_utf8, len(split.train) + len(split.heldout))
+        record = {"data": list(args.data), "include": list(args.include), "exclude": list(args.exclude),
+                  "heldout_fraction": args.heldout_fraction, "train_files": len(split.train),
+                  "heldout_files": len(split.heldout), "files_not_utf8": len(not_utf8) + len(heldout_not_utf8)}
+    record.update(train_tokens=int(len(train)), heldout_tokens=int(len(heldout)))
+    return pack(train, args.seq_len), pack(heldout, args.seq_len), record
+
+
+def init_record(args, config, folder):
+    """Where the weights start, for r2lm_training.json: a converted folder (and its Qwen3 source), a trained folder
+    (and what that started from), another R2LM folder, or random weights of the given size."""
+    if not folder:
+        size = {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+                "sidecar_layers": config.sidecar_layers, "attention": config.attention, "block_size": config.block_size}
+        return {"kind": "scratch", "config": size}
+    folder = Path(folder).absolute()
+    carried = ("source", "base_model", "license")
+    if (folder / TRAINING_FILE).is_file():
+        earlier = read_json(folder / TRAINING_FILE).get("init", {})
+        return {"kind": "trained", "model": str(folder), **{k: earlier[k] for k in carried if k in earlier}}
+    if (folder / SETTINGS_FILE).is_file():
+        conversion = read_json(folder / SETTINGS_FILE)
+        return {"kind": "converted", "model": str(folder), **{k: conversion.get(k) for k in carried}}
+    return {"kind": "folder", "model": str(folder)}
 
 
 def param_groups(model, args):
     """AdamW groups: weight decay on matrices, none on norms, biases, gates and Mamba's A_log and D."""
     if args.freeze_backbone:
         if not model.config.sidecar_layers:
-            raise ValueError("--freeze-backbone trains only the sidecars, and this model has none (sidecar_layers=[]).")
+            raise UserError("--freeze-backbone trains only the sidecars, and this model has none (sidecar_layers=[]).")
         for name, param in model.named_parameters():
             param.requires_grad_(".sidecar." in name)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -155,30 +203,48 @@ class Trainer:
         mixed = args.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=mixed)
+        acc = self.accelerator = Accelerator(mixed_precision=mixed)
+        self.output_dir = Path(args.output_dir)
+        if acc.is_main_process:
+            check_output_folder(self.output_dir, "--output-dir")  # before any work, not at the first checkpoint
         set_seed(args.seed)
-        if resume_from is not None:
-            args.model = str(resume_from)
-        model, self.tokenizer = build_model(args)
+        model, self.tokenizer = build_model(args, resume_from)
         self.config = model.config
-        self.train_rows, self.heldout_rows = load_rows(args, self.tokenizer)
+        self.train_rows, self.heldout_rows, self.data = load_rows(args, self.tokenizer, warn=acc.is_main_process)
         self.heldout_rows = self.heldout_rows[: args.eval_rows]
+        eval_rows(self.heldout_rows, args.batch_size, acc)  # enough rows for an evaluation: said now, not at step N
+        self.init, self.last_eval, self.last_loss = init_record(args, self.config, args.model), None, None
+        if resume_from is not None and (Path(resume_from) / TRAINING_FILE).is_file():
+            record = read_json(Path(resume_from) / TRAINING_FILE)
+            self.init, self.last_eval, self.last_loss = record["init"], record["metrics"], record["train_loss"]
         optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
         )
-        self.objective, self.optimizer = self.accelerator.prepare(Objective(model), optimizer)
+        self.objective, self.optimizer = acc.prepare(Objective(model), optimizer)
         self.progress = Progress(len(self.train_rows))
-        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
-        acc = self.accelerator
+        acc.register_for_checkpointing(self.scheduler, self.progress)
         self.sampler = RowSampler(
             len(self.train_rows), args.batch_size, args.seed, acc.process_index, acc.num_processes
         )
         self.backbone = [p for n, p in self.objective.named_parameters() if ".sidecar." not in n]
-        self.output_dir = Path(args.output_dir)
         if resume_from is not None:
-            acc.load_state(str(Path(resume_from) / STATE_DIR))
+            self._load_state(resume_from)
             self._truncate_metrics()
+
+    def _load_state(self, checkpoint):
+        """accelerate's `load_state` of the checkpoint's training_state/; an unreadable file is a UserError (the
+        files were checked beforehand, see `latest_checkpoint`: this catches damage inside them)."""
+        try:
+            self.accelerator.load_state(str(Path(checkpoint) / STATE_DIR))
+        except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+                raise  # not a damaged torch.save file: a bug
+            detail = str(err).strip().splitlines()[0].split(". ")[0][:100]  # torch's messages run on for lines
+            raise UserError(
+                f"--resume: {Path(checkpoint) / STATE_DIR} holds a damaged file ({type(err).__name__}: {detail}): "
+                f"{resume_advice(checkpoint)}."
+            ) from None
 
     @property
     def tokens_per_step(self):
@@ -247,6 +313,7 @@ class Trainer:
             tmp = fresh_temp_dir(folder)
             save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp)
             (tmp / ARGS_FILE).write_text(args_to_json(self.args))
+            self.write_record(tmp, folder)
         acc.wait_for_everyone()
         acc.save_state(str(temp_dir_path(folder) / STATE_DIR))
         acc.wait_for_everyone()
@@ -258,15 +325,42 @@ class Trainer:
         return folder
 
     def export(self, results):
-        """output_dir/final: the model in --final-dtype (sharded by --max-shard-size) and eval.json."""
+        """output_dir/final: the model in --final-dtype (sharded by --max-shard-size), eval.json, the training record
+        and its model card."""
         state_dict = self.accelerator.get_state_dict(self.objective)
         if self.accelerator.is_main_process:
             tmp = fresh_temp_dir(self.output_dir / "final")
             dtype = getattr(torch, self.args.final_dtype)
             save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp, dtype, self.args.max_shard_size)
             (tmp / "eval.json").write_text(json.dumps(results, indent=1))
+            self.write_record(tmp, self.output_dir / "final")
             commit_dir(tmp, self.output_dir / "final")
         self.accelerator.wait_for_everyone()
+
+    def write_record(self, tmp, folder):
+        """r2lm_training.json (how the weights in `folder` were made) and the README.md card built from it, into
+        `tmp`, the folder that becomes `folder`."""
+        args, progress = self.args, self.progress
+        record = {
+            "init": self.init,
+            "objective": args.objective,
+            "data": self.data,
+            "steps": progress.step,
+            "max_steps": args.max_steps,
+            "tokens": progress.tokens,
+            "batch": {"batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                      "processes": self.accelerator.num_processes, "seq_len": args.seq_len},
+            "optimizer": {name: getattr(args, name) for name in
+                          ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "max_grad_norm")},
+            "freeze_backbone": args.freeze_backbone,
+            "freeze_backbone_steps": args.freeze_backbone_steps,
+            "metrics": self.last_eval,
+            "train_loss": self.last_loss,
+            "model_id": str(Path(folder).absolute()),
+            "r2lm_version": package_version(),
+        }
+        (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        build_training_card(record).save(tmp / "README.md")
 
     def should_stop(self, start, steps_this_run):
         """True when --stop-after-steps or --time-limit-minutes is reached (the same answer on every process)."""
@@ -290,9 +384,10 @@ class Trainer:
             if step % args.log_every == 0 or done:
                 record = meter.flush(step, progress.tokens, self.scheduler.get_last_lr()[0], time.time() - start)
                 self.log(record)
+                self.last_loss = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % args.eval_every == 0 or done:
-                results = {"step": step, "tokens": progress.tokens, **self.evaluate()}
+                results = self.last_eval = {"step": step, "tokens": progress.tokens, **self.evaluate()}
                 self.log({"step": step, "eval": results})
             stop = not done and self.should_stop(start, step - first_step)
             if step % args.save_every == 0 or done or stop:
@@ -331,11 +426,20 @@ def _strip_prefix(state_dict):
 
 
 def latest_checkpoint(path):
-    """`path` if it is a checkpoint, else the newest complete checkpoint inside it."""
+    """`path` if it is a checkpoint, else the newest complete checkpoint inside it; its files are checked first
+    (`check_checkpoint`), so a truncated or corrupt one is named before any work."""
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such folder; pass a run's --output-dir or one of its checkpoints.")
     if (path / ARGS_FILE).is_file():
-        return path
-    found = sorted(p for p in path.glob("checkpoint-*") if (p / ARGS_FILE).is_file())
-    if not found:
-        raise FileNotFoundError(f"--resume {path}: neither a checkpoint folder nor a run folder holding one.")
-    return found[-1]
+        checkpoint = path
+    else:
+        found = sorted(p for p in path.glob("checkpoint-*") if (p / ARGS_FILE).is_file())
+        if not found:
+            raise UserError(f"--resume {path}: neither a checkpoint folder nor a run folder holding one.")
+        checkpoint = found[-1]
+    for needed in ("config.json", STATE_DIR):
+        if not (checkpoint / needed).exists():
+            raise UserError(f"--resume: {checkpoint} is incomplete (no {needed}): {resume_advice(checkpoint)}.")
+    check_checkpoint(checkpoint)
+    return checkpoint
