@@ -113,7 +113,8 @@ def run_isolated(code: str, cwd, env: dict | None = None, timeout: float = 300) 
     full_env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf_home"), PYTHONNOUSERSITE="1", **ONE_THREAD)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-c", isolation_script(code)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", isolation_script(code)], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
     )
 
 
