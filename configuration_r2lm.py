@@ -3,6 +3,7 @@
 import math
 
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .kernels_r2lm import SCAN_IMPLEMENTATIONS
 
@@ -48,6 +49,7 @@ class R2LMConfig(PretrainedConfig):
     model_type = "r2lm"
     _auto_class = "AutoConfig"  # save_pretrained copies the code files next to config.json
     keys_to_ignore_at_inference = ["past_key_values"]
+    default_theta = 1000000.0  # Qwen3's checkpoints; transformers fills `rope_parameters["rope_theta"]` from it
 
     def __init__(
         self,
@@ -98,8 +100,9 @@ class R2LMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
-        rope_theta = kwargs.pop("rope_theta", 1000000.0)
-        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta}
+        # transformers completes it in `super().__init__`: `rope_theta` (a kwarg, else `default_theta`), the legacy
+        # `rope_scaling` kwarg (as written in Qwen3's config.json for YaRN) and `original_max_position_embeddings`.
+        self.rope_parameters = dict(rope_parameters) if rope_parameters else None
         self.attention_bias = attention_bias
         self.use_sliding_window = use_sliding_window
         self.sliding_window = sliding_window if use_sliding_window else None
@@ -127,6 +130,12 @@ class R2LMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"`rope_parameters` has rope_type {rope_type!r}: it must be 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
 
     @property
     def sidecar_dt_rank_value(self) -> int:

@@ -61,6 +61,25 @@ def test_from_qwen3_config_copies_architecture_and_applies_overrides():
     assert (config.sidecar_layers, config.mask_token_id, config.block_size) == ([1], 97, 8)
 
 
+def test_rope_parameters_are_completed_as_transformers_does(tmp_path):
+    """RoPE settings in every form a Qwen3 config.json carries them: the default (rope_theta 1e6, Qwen3's), a given
+    rope_theta, `rope_parameters` without rope_theta (YaRN gets original_max_position_embeddings =
+    max_position_embeddings), and the legacy `rope_scaling` next to `rope_theta` (Qwen3's YaRN recipe), which keeps
+    its rope_theta. The caller's dict is not modified; the result survives save and load."""
+    assert R2LMConfig(**TINY).rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+    assert R2LMConfig(**TINY, rope_theta=5e5).rope_parameters == {"rope_type": "default", "rope_theta": 5e5}
+    given = {"rope_type": "yarn", "factor": 2.0}
+    yarn = R2LMConfig(**TINY, rope_parameters=given)
+    assert given == {"rope_type": "yarn", "factor": 2.0}
+    assert yarn.rope_parameters == {**given, "rope_theta": 1e6, "original_max_position_embeddings": 128}
+    legacy = R2LMConfig(**TINY, rope_theta=5e5,
+                        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    assert legacy.rope_parameters == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                      "rope_theta": 5e5}
+    legacy.save_pretrained(tmp_path)
+    assert R2LMConfig.from_pretrained(tmp_path).rope_parameters == legacy.rope_parameters
+
+
 def test_from_qwen3_config_rejects_another_architecture():
     with pytest.raises(ValueError, match="qwen3"):
         R2LMConfig.from_qwen3_config(LlamaConfig(**TINY))
@@ -92,6 +111,7 @@ def test_from_qwen3_config_rejects_another_architecture():
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"mask_token_id": 99}, "mask_token_id"),
         ({"layer_types": ["full_attention"] * 3}, "layer_types"),
+        ({"rope_parameters": {"rope_type": "bogus"}}, "rope_type"),
     ],
 )
 def test_invalid_value_raises_naming_the_field(overrides, field):
