@@ -27,7 +27,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.import_utils import is_tracing
 
 from .configuration_r2lm import R2LMConfig
 from .generation_r2lm import R2LMGenerationConfig, R2LMGenerationMixin
@@ -59,6 +60,18 @@ def gated_residual(h, r, norm_weight, norm_bias, norm_eps, gate):
     """The sidecar's output: h + tanh(gate) * LayerNorm(r). h, r: (..., d_model); gate: a scalar tensor."""
     r = F.layer_norm(r, r.shape[-1:], norm_weight, norm_bias, norm_eps)
     return h + torch.tanh(gate).to(r.dtype) * r
+
+
+def _reshape(x, shape):
+    """x.reshape(shape). With symbolic sizes (torch.export with a dynamic length) x is contiguous (freshly padded, or a
+    projection's output) and the reshape is an `as_strided` view: the view algorithm would guard on sizes it cannot
+    compare symbolically (that a row holds more than one block)."""
+    if not any(isinstance(n, torch.SymInt) for n in shape):
+        return x.reshape(shape)
+    strides = [1]
+    for n in reversed(shape[1:]):
+        strides.insert(0, strides[0] * n)
+    return x.as_strided(shape, strides)
 
 
 class R2LMMamba(nn.Module):
@@ -130,17 +143,27 @@ class R2LMSidecar(nn.Module):
         batch, total, dim = hidden_states.shape
         rows, length = batch * segments, total // segments
         lead = (-block_offset) % block_size
-        trail = (-(lead + length)) % block_size
+        n_blocks = (lead + length + block_size - 1) // block_size
+        trail = n_blocks * block_size - lead - length
         h = hidden_states.reshape(rows, length, dim)
         valid = None if valid is None else valid.reshape(rows, length)
-        if lead or trail:  # (no copy when the blocks tile the row)
+        # No copy when the blocks tile the row. A symbolic length (torch.export with a dynamic length) must not decide
+        # a branch: it always pads (by zero columns where the blocks tile).
+        symbolic = isinstance(length, torch.SymInt)
+        if symbolic or lead or trail:
             h = F.pad(h, (0, 0, lead, trail))
-            if trail and valid is None:
+            if valid is None and (symbolic or trail):
                 valid = torch.ones(rows, length, dtype=torch.bool, device=h.device)
             if valid is not None:
                 valid = F.pad(valid, (lead, trail), value=False)
-        r = self.mamba(h.reshape(-1, block_size, dim), None if valid is None else valid.reshape(-1, block_size))
-        r = r.view(rows, -1, dim)[:, lead : lead + length].reshape(batch, total, dim)
+        blocks = rows * n_blocks
+        r = self.mamba(_reshape(h, (blocks, block_size, dim)),
+                       None if valid is None else _reshape(valid, (blocks, block_size)))
+        r = _reshape(r, (rows, n_blocks * block_size, dim))
+        # The real columns: a slice, or a gather under a symbolic length (a slice guards on its bounds).
+        r = r.index_select(1, torch.arange(length, device=r.device) + lead) if symbolic else r[:, lead : lead + length]
+        if segments > 1:
+            r = r.reshape(batch, total, dim)
         return gated_residual(hidden_states, r, self.norm.weight, self.norm.bias, self.norm.eps, self.gate)
 
 
@@ -152,10 +175,16 @@ class R2LMDecoderLayer(Qwen3DecoderLayer):
         self.sidecar = R2LMSidecar(config) if layer_idx in config.sidecar_layers else None
 
     def forward(self, hidden_states, sidecar_valid=None, block_size=None, block_offset=0, segments=1, **kwargs):
-        hidden_states = super().forward(hidden_states, **kwargs)
+        """Qwen3DecoderLayer's forward, keeping the attention weights it drops, then the sidecar. `kwargs` go to the
+        attention (mask, positions, cache). Returns (hidden_states, attention weights: None unless eager attention
+        computed them)."""
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         if self.sidecar is not None:
             hidden_states = self.sidecar(hidden_states, sidecar_valid, block_size, block_offset, segments)
-        return hidden_states
+        return hidden_states, attn_weights
 
 
 @dataclass
@@ -165,6 +194,7 @@ class R2LMModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     cache: DynamicCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -175,6 +205,7 @@ class R2LMCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: DynamicCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -214,6 +245,22 @@ def inference_attention_mask(key_valid, query_len, causal, dtype):
 def position_ids_from_validity(valid):
     """Position of each column: the number of tokens before it (left padding takes no positions)."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_token_ids(input_ids, vocab_size, sync=False):
+    """A ValueError naming the first id outside [0, vocab_size) instead of the embedding's IndexError, which names
+    nothing. The values are read only where that costs no host synchronisation (a CPU tensor, not traced) or when
+    `sync` allows it (generate checks its prompt once); the dtype always."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"Token ids must be integers, got a {input_ids.dtype} tensor.")
+    if (input_ids.device.type != "cpu" and not sync) or is_tracing(input_ids):
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        raise ValueError(
+            f"Token id {int(input_ids[bad][0])} is outside the vocabulary: ids must be in [0, {vocab_size}) "
+            f"(vocab_size={vocab_size}). Was the input made with another tokenizer?"
+        )
 
 
 def training_attention_mask(valid, block, dtype):
@@ -285,6 +332,7 @@ class R2LMModel(R2LMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -295,7 +343,8 @@ class R2LMModel(R2LMPreTrainedModel):
         inputs_embeds=None,
         block_size=None,
         block_offset=0,
-        output_hidden_states=False,
+        output_attentions=None,
+        output_hidden_states=None,
         **kwargs,
     ) -> R2LMModelOutput:
         """Runs the decoder over columns [P, P + q) after a cache of P columns (P = 0 without one).
@@ -303,11 +352,19 @@ class R2LMModel(R2LMPreTrainedModel):
         attention_mask: (b, P + q), 1 for tokens and 0 for (left) padding. position_ids default to the count of
         tokens before each column. block_offset: blocks are [block_offset + k B, block_offset + (k + 1) B) in
         column space. With a cache, only complete blocks are kept in it: a block cut by the input's end is dropped.
+        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's, as in transformers.
+        `max_position_embeddings` is the pre-training length, not a limit: longer inputs run (with RoPE scaling in
+        `config.rope_parameters` they are what it is for).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.2x names it `cache`
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
         batch, query_len = inputs_embeds.shape[:2]
         block_size = self._check_block_size(block_size)
@@ -324,36 +381,37 @@ class R2LMModel(R2LMPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = past_len + query_len
-        if total > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The sequence has {total} columns, more than max_position_embeddings="
-                f"{self.config.max_position_embeddings}: shorten the input or max_new_tokens."
-            )
         key_valid = self._key_validity(attention_mask, batch, total, inputs_embeds.device)
         if position_ids is None:
             position_ids = position_ids_from_validity(key_valid)[:, past_len:]
 
-        mask = self._attention_mask(key_valid, query_len, causal, inputs_embeds.dtype)
+        mask = self._attention_mask(attention_mask, key_valid, query_len, causal, inputs_embeds.dtype)
         sidecar_valid = None if attention_mask is None else key_valid[:, past_len:]  # None: nothing to zero
-        hidden_states = self._decode(
+        last, all_hidden, all_attentions = self._decode(
             inputs_embeds, mask, position_ids, past_key_values, sidecar_valid, block_size,
-            (block_offset - past_len) % block_size, 1, output_hidden_states,
+            (block_offset - past_len) % block_size, 1, output_hidden_states, output_attentions,
         )
         if use_cache:
             # Keep complete blocks only: the columns of a block the input cuts short will still change.
             incomplete = (total - block_offset) % block_size
             if incomplete and past_key_values.get_seq_length() > 0:
                 past_key_values.crop(-incomplete)
-        last, all_hidden = hidden_states
-        return R2LMModelOutput(last_hidden_state=last, cache=past_key_values if use_cache else None, hidden_states=all_hidden)
+        return R2LMModelOutput(
+            last_hidden_state=last, cache=past_key_values if use_cache else None, hidden_states=all_hidden,
+            attentions=all_attentions,
+        )
 
-    def _decode(self, hidden, mask, position_ids, cache, valid, block_size, block_offset, segments, output_hidden):
+    def _decode(self, hidden, mask, position_ids, cache, valid, block_size, block_offset, segments,
+                output_hidden=False, output_attentions=False):
         """The decoder stack; sidecars see `segments` runs of columns, each cut into blocks from `block_offset`, with
-        `valid` (b, segments * L) marking padding (None: no padding)."""
+        `valid` (b, segments * L) marking padding (None: no padding). Returns the final normed hidden states and, when
+        asked, the hidden states (the embeddings, then each layer's output; the last one normed, as transformers'
+        models give it) and each layer's attention weights (eager attention only: sdpa computes none and says so)."""
         position_embeddings = self.rotary_emb(hidden, position_ids)
         all_hidden = (hidden,) if output_hidden else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden = layer(
+            hidden, weights = layer(
                 hidden,
                 sidecar_valid=valid,
                 block_size=block_size,
@@ -364,19 +422,23 @@ class R2LMModel(R2LMPreTrainedModel):
                 position_embeddings=position_embeddings,
                 use_cache=cache is not None,
                 **{_CACHE_ARG: cache},
+                **({"output_attentions": True} if output_attentions else {}),
             )
             if output_hidden:
                 all_hidden += (hidden,)
-        return self.norm(hidden), all_hidden
+            if output_attentions and weights is not None:
+                all_attentions += (weights,)
+        hidden = self.norm(hidden)
+        if output_hidden:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        return hidden, all_hidden, all_attentions
 
-    def _attention_mask(self, key_valid, query_len, causal, dtype):
+    def _attention_mask(self, attention_mask, key_valid, query_len, causal, dtype):
         # sdpa reaches its flash kernel only without an explicit mask; a causal pass over every column with no
-        # padding needs none (sdpa then applies `is_causal`).
-        if (
-            causal
-            and self.config._attn_implementation == "sdpa"
-            and query_len == key_valid.shape[1]
-            and bool(key_valid.all())
+        # padding needs none (sdpa then applies `is_causal`). A given mask is read for padding only when running
+        # eagerly: a traced graph (torch.export, torch.compile) cannot branch on tensor values, so it keeps the mask.
+        if causal and self.config._attn_implementation == "sdpa" and query_len == key_valid.shape[1] and (
+            attention_mask is None or (not is_tracing(attention_mask) and bool(key_valid.all()))
         ):
             return None
         return inference_attention_mask(key_valid, query_len, causal, dtype)
@@ -408,6 +470,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         self.model = R2LMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # `forward(labels=...)` is the AR loss (transformers finds no type in our name)
         self.post_init()
         self.generation_config = R2LMGenerationConfig(
             block_size=config.block_size, mask_token_id=config.mask_token_id,
@@ -426,6 +489,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -438,12 +502,19 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         block_offset=0,
         labels=None,
         logits_to_keep=0,
-        output_hidden_states=False,
+        output_attentions=None,
+        output_hidden_states=None,
         **kwargs,
     ) -> R2LMCausalLMOutput:
         """Shifted logits: `logits[:, p]` predicts the token at p + 1. `labels` (b, q) give the AR cross-entropy
-        (shifted inside, -100 ignored). `logits_to_keep=n` computes the last n columns' logits only."""
-        if labels is not None and logits_to_keep:
+        through `self.loss_function` (transformers' `ForCausalLMLoss`: shifted inside, -100 ignored); the keyword
+        arguments `shift_labels` (labels already shifted: `shift_labels[:, p]` is the target of `logits[:, p]`),
+        `num_items_in_batch` (the loss is then summed and divided by it, as the Trainer asks under gradient
+        accumulation) and `ignore_index` go to it. `logits_to_keep=n` computes the last n columns' logits only.
+        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's."""
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in kwargs}
+        wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
+        if wants_loss and logits_to_keep:
             raise ValueError("`labels` needs the logits of every column: leave `logits_to_keep` at 0.")
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.2x names it `cache`
         outputs = self.model(
@@ -455,17 +526,18 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             inputs_embeds=inputs_embeds,
             block_size=block_size,
             block_offset=block_offset,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+        if wants_loss:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         return R2LMCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     def diffusion_loss(
@@ -482,6 +554,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         if self.config.mask_token_id is None:
             raise ValueError("`config.mask_token_id` is not set: add a `<|mask|>` token and set its id in the config.")
         block_size = self.model._check_block_size(block_size)
+        check_token_ids(input_ids, self.model.embed_tokens.num_embeddings)
         batch, length = input_ids.shape
         device = input_ids.device
         if block_offset is None:
@@ -511,9 +584,9 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             mask = training_attention_mask(valid, block, embeds.dtype)
         else:
             mask = inference_attention_mask(valid, length, causal=False, dtype=embeds.dtype)
-        hidden, _ = self.model._decode(
+        hidden, _, _ = self.model._decode(
             embeds, mask, position_ids_from_validity(valid).repeat(1, halves), None,
-            None if attention_mask is None else valid.repeat(1, halves), block_size, block_offset, halves, False,
+            None if attention_mask is None else valid.repeat(1, halves), block_size, block_offset, halves,
         )
         # Shift: the prediction for column p is the hidden state at p - 1, taken from the clean half when p starts
         # a block (p - 1 ends the previous, final block) and from the noisy half otherwise.

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.export import Dim
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers.utils import ModelOutput
 
 from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM
 from r2lm.modeling_r2lm import reverse_conv_silu
@@ -142,6 +144,148 @@ def test_zero_gates_give_qwen3_logits(pads):
         got = model(ids, attention_mask=mask, position_ids=positions, block_size=3, block_offset=1).logits
     valid = mask.bool()
     torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=1e-5)
+
+
+def converted(qwen3, **overrides) -> R2LMForDiffusionLM:
+    """The R2LM of a Qwen3 model: its weights, sidecars after SIDECARS with their gates at zero (so its Qwen3)."""
+    config = R2LMConfig.from_qwen3_config(qwen3.config, sidecar_layers=SIDECARS, mask_token_id=MASK, **overrides)
+    model = R2LMForDiffusionLM(config)
+    model.load_state_dict(qwen3.state_dict(), strict=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("source", ["call", "config"])
+def test_hidden_states_and_attentions_are_qwen3s(source):
+    """`output_hidden_states` / `output_attentions`, asked in the call or in the config, give what Qwen3 gives (eager
+    attention): the embeddings and every layer's output, the last one normed (5 states), and each layer's attention
+    weights (b, heads, q, k), on a left-padded batch (compared at tokens)."""
+    qwen3 = tiny_qwen3()
+    model = converted(qwen3)
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    for m in (qwen3, model):
+        m.config._attn_implementation = "eager"
+        if source == "config":
+            m.config.output_hidden_states, m.config.output_attentions = True, True
+    ids, mask = random_ids(2, 9), left_padded_mask(2, 9, [0, 2])
+    kwargs = flags if source == "call" else {}
+    with torch.no_grad():
+        expected = qwen3(ids, attention_mask=mask, **kwargs)
+        got = model(ids, attention_mask=mask, block_size=3, **kwargs)
+    valid = mask.bool()
+    assert len(got.hidden_states) == len(expected.hidden_states) == TINY["num_hidden_layers"] + 1
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
+    assert len(got.attentions) == len(expected.attentions) == TINY["num_hidden_layers"]
+    for a, b in zip(got.attentions, expected.attentions):
+        assert a.shape == (2, TINY["num_attention_heads"], 9, 9)
+        torch.testing.assert_close(a.transpose(1, 2)[valid], b.transpose(1, 2)[valid], rtol=0, atol=1e-6)
+
+
+def test_sdpa_output_attentions_is_qwen3s():
+    """sdpa computes no attention weights: transformers warns once, and Qwen3 and R2LM both return an empty tuple."""
+    qwen3 = tiny_qwen3()
+    model = converted(qwen3)
+    assert model.config._attn_implementation == qwen3.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert model(random_ids(1, 6), output_attentions=True).attentions == () == \
+            qwen3(random_ids(1, 6), output_attentions=True).attentions
+
+
+def test_return_dict_and_hidden_states_follow_the_call_then_the_config():
+    """`return_dict=False` (in the call, or `config.return_dict`) gives transformers' tuple (the output's non-None
+    fields in order); the call wins over the config, both ways; generate is unaffected."""
+    model = random_r2lm()
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        out = model(ids, labels=ids, use_cache=False)
+        as_tuple = model(ids, labels=ids, use_cache=False, return_dict=False)
+        assert type(as_tuple) is tuple and len(as_tuple) == 2
+        assert torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
+        assert type(model.model(ids, use_cache=False, return_dict=False)) is tuple
+        model.config.return_dict = False
+        assert type(model(ids, use_cache=False)) is tuple and type(model.model(ids, use_cache=False)) is tuple
+        assert isinstance(model(ids, use_cache=False, return_dict=True), ModelOutput)
+        assert model.generate(ids, max_new_tokens=4).shape == (2, 11)
+        model.config.return_dict, model.config.output_hidden_states = True, True
+        assert len(model(ids).hidden_states) == TINY["num_hidden_layers"] + 1
+        assert model(ids, output_hidden_states=False).hidden_states is None
+
+
+def test_loss_honours_num_items_in_batch_and_shift_labels():
+    """`forward(labels=...)` is transformers' ForCausalLMLoss: Qwen3's loss at zero gates (mean over labelled
+    tokens; -100 ignored), with `num_items_in_batch` the sum divided by it (the Trainer's gradient accumulation), and
+    `shift_labels` taken as already shifted (the target of logits[:, p] is shift_labels[:, p])."""
+    qwen3 = tiny_qwen3()
+    model = converted(qwen3)
+    ids = random_ids(2, 10)
+    labels = ids.masked_fill(torch.arange(10) < 3, -100)  # 2 * 6 labelled targets (columns 3..9 predicted from 2..8)
+    with torch.no_grad():
+        logits = model(ids, block_size=4).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum", ignore_index=-100)
+        for kwargs, expected in (({}, nll / 14), ({"num_items_in_batch": 5}, nll / 5),
+                                 ({"num_items_in_batch": torch.tensor(5)}, nll / 5)):
+            got = model(ids, labels=labels, block_size=4, **kwargs).loss
+            torch.testing.assert_close(got, expected)
+            torch.testing.assert_close(got, qwen3(ids, labels=labels, **kwargs).loss, rtol=1e-5, atol=1e-6)
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+        torch.testing.assert_close(model(ids, shift_labels=shifted, block_size=4).loss, nll / 14)
+        same_column = F.cross_entropy(logits.flatten(0, 1), ids.flatten())  # no second shift inside
+        torch.testing.assert_close(model(ids, labels=ids, shift_labels=ids, block_size=4).loss, same_column)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["R2LMModel", "R2LMForDiffusionLM"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-length"])
+def test_torch_export_matches_eager(head, dynamic):
+    """torch.export of both classes (use_cache=False, as for Qwen3: a DynamicCache is no graph output) matches eager:
+    static shapes without a mask (sdpa's is_causal path), and a dynamic length with a left-padded mask, run at lengths
+    that cut the last block (block size 4) differently, one shorter than a block."""
+    model = random_r2lm()
+    module = model if head else model.model
+    ids, mask = random_ids(2, 11), left_padded_mask(2, 11, [0, 3])
+    kwargs = dict(attention_mask=mask, use_cache=False) if dynamic else dict(use_cache=False)
+    shapes = None
+    if dynamic:
+        length = Dim("length", min=2, max=64)
+        shapes = {"input_ids": {1: length}, "attention_mask": {1: length}, "use_cache": None}
+    program = torch.export.export(module, (), dict(input_ids=ids, **kwargs), dynamic_shapes=shapes).module()
+    key = "logits" if head else "last_hidden_state"
+    for length, pads in ((11, [0, 3]), (16, [2, 0]), (3, [0, 1])) if dynamic else ((11, None),):
+        ids = random_ids(2, length, seed=length)
+        if dynamic:
+            kwargs["attention_mask"] = left_padded_mask(2, length, pads)
+        with torch.no_grad():
+            expected = getattr(module(input_ids=ids, **kwargs), key)
+            got = program(input_ids=ids, **kwargs)
+        torch.testing.assert_close(getattr(got, key, None) if not isinstance(got, dict) else got[key], expected,
+                                   rtol=0, atol=1e-6)
+
+
+ROPE_SCALING = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_SCALING))
+def test_rope_scaling_runs_past_the_pretraining_length_as_qwen3(rope):
+    """max_position_embeddings is the pre-training length, not a cap: with RoPE scaling (factor 2 over 32 positions)
+    a 64-column sequence runs, gives Qwen3's logits with the same `rope_parameters` (zero gates), and not those of
+    the default RoPE."""
+    pretrained = {**TINY, "max_position_embeddings": 32, "tie_word_embeddings": False}
+    torch.manual_seed(0)
+    rope_parameters = {**ROPE_SCALING[rope], "rope_theta": 1e4}
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**pretrained, rope_parameters=rope_parameters)).eval()
+    model = converted(qwen3)
+    assert model.config.rope_parameters["rope_type"] == rope
+    unscaled = R2LMForDiffusionLM(R2LMConfig(**pretrained, sidecar_layers=SIDECARS, mask_token_id=MASK,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 1e4}))
+    unscaled.load_state_dict(qwen3.state_dict(), strict=False)
+    ids = random_ids(1, 64)
+    with torch.no_grad():
+        got = model(ids, block_size=3).logits
+        torch.testing.assert_close(got, qwen3(ids).logits, rtol=0, atol=1e-5)
+        assert (got - unscaled.eval()(ids, block_size=3).logits).abs().max() > 1e-2
 
 
 def test_from_pretrained_of_a_qwen3_folder_initialises_sidecars(tmp_path):
@@ -496,18 +640,21 @@ def test_block_size_zero_in_forward_raises():
         random_r2lm()(random_ids(1, 6), block_size=0)
 
 
-def test_sequence_longer_than_max_position_embeddings_raises():
+@pytest.mark.parametrize("bad", [99, -1])
+def test_out_of_vocabulary_ids_raise_naming_the_id(bad):
+    """An id outside [0, vocab_size) is a ValueError naming it and the vocabulary, in `forward` and `diffusion_loss`
+    (on CPU tensors: elsewhere the check would cost a host sync, and the embedding's own error remains)."""
     model = random_r2lm()
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(random_ids(1, TINY["max_position_embeddings"] + 1))
+    ids = random_ids(2, 6)
+    ids[1, 2] = bad
+    for call in (model, model.model, model.diffusion_loss):
+        with pytest.raises(ValueError, match=rf"[Tt]oken id {bad} .*\[0, 99\)"):
+            call(ids)
 
 
-def test_sequence_past_max_position_embeddings_through_the_cache_raises():
-    model = random_r2lm()
-    n = TINY["max_position_embeddings"]
-    cache = model(random_ids(1, n - 4), use_cache=True, block_offset=0).cache
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(random_ids(1, 8), attention_mask=torch.ones(1, n + 4, dtype=torch.long), past_key_values=cache)
+def test_float_input_ids_raise():
+    with pytest.raises(ValueError, match="integers"):
+        random_r2lm()(random_ids(1, 6).float())
 
 
 @pytest.mark.parametrize("mask_shape", [(1, 6), (2, 5), (2, 1, 6)])
