@@ -211,6 +211,7 @@ class R2LMEngine:
         self.cache_len = torch.zeros((), dtype=torch.long, device=dev)  # columns final in the cache
         self.block_step = torch.zeros((), dtype=torch.long, device=dev)
         self.limit = torch.zeros((), dtype=torch.long, device=dev)  # columns from here on are never decoded
+        self.first_col = torch.zeros((), dtype=torch.long, device=dev)  # the first generated column (the prompt's end)
 
     def _use_slots(self, n):
         """Every step runs on the first n rows of the buffers (views: the graphs of n rows are kept)."""
@@ -228,7 +229,8 @@ class R2LMEngine:
 
     def start(self, input_ids, valid, n_blocks, block_size, limit, commit, policy_key):
         """Prefills the prompt (b, T) into the cache; the canvas then holds it and masks up to T + n_blocks B.
-        `commit(block, wanted, logits, steps_left) -> block` is the decoding policy, `policy_key` names it."""
+        `commit(block, wanted, columns, logits, block_step) -> block` is the decoding policy (columns: generated-column
+        indices, 0 = the first generated token), `policy_key` names it."""
         batch, T = input_ids.shape
         self.B, self.T, self.commit, self.policy_key = block_size, T, commit, policy_key
         self.columns = T + n_blocks * block_size
@@ -245,6 +247,7 @@ class R2LMEngine:
         self.pad.zero_()
         self.pad[:batch] = (~valid).sum(1)
         self.limit.fill_(limit)
+        self.first_col.fill_(T)
         self.cache_len.fill_(T)
         self.block_step.zero_()
         if self.causal:
@@ -349,7 +352,8 @@ class R2LMEngine:
 
     def _commit(self, block_cols, logits, block_step):
         index = block_cols.expand(self.n, -1)
-        block = self.commit(self.canvas.gather(1, index), block_cols < self.limit, logits, block_step)
+        block = self.commit(self.canvas.gather(1, index), block_cols < self.limit, block_cols - self.first_col, logits,
+                            block_step)
         self.canvas.scatter_(1, index, block)
 
     def _step_mask(self, cols, key_len):

@@ -13,6 +13,7 @@ which a busy two-core machine makes a hundred times slower.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -507,9 +508,18 @@ ERRORS = {  # name: (keyword arguments for generate, a change to the prompt, wha
     "threshold>1": (dict(threshold=1.01), None, "threshold"),
     "unknown-rule": (dict(unmasking="fastest"), None, "unmasking"),
     "mask-in-prompt": ({}, "mask", "mask token"),
-    "too-long": (dict(max_new_tokens=120), None, "max_position_embeddings"),
     "right-padding": ({}, "right-pad", "[Rr]ight padding"),
     "unknown-kwarg": (dict(temprature=0.5), None, "temprature"),
+    "id-past-vocab": ({}, "id-128", "token id 128.*128"),
+    "negative-id": ({}, "id--1", "token id -1.*128"),
+    "float-ids": ({}, "float", "integer"),
+    "empty-row": ({}, "empty-row", "Row 0 of `attention_mask` is all zeros"),
+    "multi-token-bad-word": (dict(bad_words_ids=[[5], [6, 7]]), None, r"bad_words_ids.*\[6, 7\]"),
+    "bad-word-past-vocab": (dict(bad_words_ids=[[128]]), None, "bad_words_ids.*128"),
+    "suppress-past-vocab": (dict(suppress_tokens=[-3]), None, "suppress_tokens.*-3"),
+    "begin-suppress-not-an-id": (dict(begin_suppress_tokens=["a"]), None, "begin_suppress_tokens"),
+    "multi-token-bias": (dict(sequence_bias={(5, 6): 2.0}), None, r"sequence_bias.*\[5, 6\]"),
+    "bias-past-vocab": (dict(sequence_bias=[[[200], 1.0]]), None, "sequence_bias.*200"),
 }
 
 
@@ -519,11 +529,17 @@ def test_generate_rejects(case, attention):
     """Each bad request raises a ValueError whose message names the problem, before any decoding."""
     kwargs, change, message = ERRORS[case]
     model = tiny_r2lm(attention)
-    ids, mask = left_padded((5, 9))  # 9 + 120 new tokens, in blocks of 4, is over 128 positions
+    ids, mask = left_padded((5, 9))
     if change == "mask":
         ids[0, -2] = MASK
     elif change == "right-pad":
         ids, mask = ids.flip(1), mask.flip(1)
+    elif change and change.startswith("id-"):
+        ids[1, 3] = int(change[3:])
+    elif change == "float":
+        ids = ids.float()
+    elif change == "empty-row":
+        mask[0] = 0
     with pytest.raises(ValueError, match=message):
         model.generate(ids, attention_mask=mask, **{"max_new_tokens": 8, **kwargs})
 
@@ -551,18 +567,239 @@ def test_stopping_without_pad_token_is_a_clear_error():
     assert (out[:, 9 + 3:] == 0).all() and not (out == MASK).any()
 
 
-@pytest.mark.parametrize(
-    "option", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2), dict(repetition_penalty=1.3),
-               dict(max_length=12)],
-    ids=["num_beams", "num_return_sequences", "repetition_penalty", "max_length"],
-)
+# Every field of transformers' GenerationConfig is implemented, has no effect on what diffusion decoding computes, or
+# is refused (UNSUPPORTED_OPTIONS); a field a new transformers version adds fails
+# `test_every_generation_config_field_is_handled` until it is sorted into one of them.
+IMPLEMENTED = {
+    "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+    "eos_token_id", "pad_token_id", "stop_strings", "max_time", "min_new_tokens", "min_length", "bad_words_ids",
+    "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "remove_invalid_values", "return_dict_in_generate",
+    "use_cache", "cache_implementation", "compile_config", "disable_compile",
+    "renormalize_logits",  # every probability the policy uses is a softmax of the processed logits: already normalised
+    "max_length",  # refused as an argument (pass max_new_tokens); generation_config.json's is overridden by it
+}
+INERT = {  # bookkeeping, ids of encoder-decoder models, cache sizing, settings of strategies R2LM does not run
+    "_from_model_config", "transformers_version", "bos_token_id", "decoder_start_token_id", "cache_config",
+    "max_cache_len", "prefill_chunk_size", "low_memory", "early_stopping", "length_penalty", "num_assistant_tokens",
+    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+    "max_matching_ngram_size", "is_assistant", "assistant_ensemble_weight", "continuous_batching_config",
+}
+UNSUPPORTED_VALUES = {  # a value that asks for each refused option
+    "num_beams": 2, "num_beam_groups": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6, "dola_layers": "low",
+    "constraints": ["c"], "force_words_ids": [[5]], "guidance_scale": 1.5, "prompt_lookup_num_tokens": 3,
+    "assistant_early_exit": 2, "use_mtp": True, "speculation_type": "dflash", "token_healing": True,
+    "watermarking_config": {"bias": 2.0}, "num_return_sequences": 2, "repetition_penalty": 1.3,
+    "encoder_repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 2,
+    "exponential_decay_length_penalty": (4, 1.5), "forced_bos_token_id": 1, "forced_eos_token_id": 2, "top_h": 0.5,
+    "eta_cutoff": 0.001, "output_scores": True, "output_logits": True, "output_attentions": True,
+    "output_hidden_states": True,
+}
+
+
+def test_every_generation_config_field_is_handled():
+    from transformers import GenerationConfig
+
+    from r2lm.generation_r2lm import UNSUPPORTED_OPTIONS
+
+    assert UNSUPPORTED_VALUES.keys() == UNSUPPORTED_OPTIONS.keys()
+    assert not IMPLEMENTED & INERT and not (IMPLEMENTED | INERT) & UNSUPPORTED_OPTIONS.keys()
+    unsorted = GenerationConfig().to_dict().keys() - IMPLEMENTED - INERT - UNSUPPORTED_OPTIONS.keys()
+    assert not unsorted, f"GenerationConfig fields neither implemented, inert nor refused: {sorted(unsorted)}"
+
+
+@pytest.mark.parametrize("option", [*UNSUPPORTED_VALUES, "max_length"])
 def test_unsupported_standard_options_raise(option):
     """Standard GenerationConfig options that diffusion decoding does not implement raise a ValueError naming them
     instead of being silently ignored (the output would not be what was asked for)."""
     model = tiny_r2lm()
     ids, mask = left_padded()
-    with pytest.raises(ValueError, match=next(iter(option.keys() - {"do_sample"}))):
-        model.generate(ids, attention_mask=mask, max_new_tokens=8, **option)
+    with pytest.raises(ValueError, match=option):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, **{option: UNSUPPORTED_VALUES.get(option, 12)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logits processors and other standard options, through every runner
+
+
+def same_decoding(model, ids, mask, **kwargs):
+    """`assert_same_decoding` of test_engine.py: the engine, the eager runner and the oracle give the same tokens and
+    forward counts. (Imported here: test_engine imports this module.)"""
+    from test_engine import assert_same_decoding
+
+    return assert_same_decoding(model, ids, mask, threshold=0.5, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def free_run():
+    """A peaked tiny model, two left-padded prompts (7 columns) and their decoding without options: 13 new tokens."""
+    model = tiny_r2lm(peak=4)
+    ids, mask = left_padded((7, 4))
+    free = same_decoding(model, ids, mask).sequences[:, 7:]
+    return model, ids, mask, free
+
+
+def generated(out):
+    return out.sequences[:, 7:]
+
+
+def test_bad_words_and_suppressed_tokens_never_appear(free_run):
+    """Single-token `bad_words_ids` and `suppress_tokens` ban their tokens from every column: tokens the free run
+    produced are gone, the same through every runner."""
+    model, ids, mask, free = free_run
+    banned = sorted({int(t) for t in free[0, :3]} | {int(free[1, 0])})
+    for option in (dict(bad_words_ids=[[t] for t in banned]), dict(suppress_tokens=banned)):
+        out = generated(same_decoding(model, ids, mask, **option))
+        assert not torch.isin(out, torch.tensor(banned)).any(), (option, out)
+        assert not torch.equal(out, free)
+
+
+def test_begin_suppress_tokens_ban_only_the_first_column(free_run):
+    """`begin_suppress_tokens` bans its tokens at the first generated column only: each row's free first token is
+    replaced there, and still appears later in row 1 (which produced it again after column 0)."""
+    model, ids, mask, free = free_run
+    first = [int(free[0, 0]), int(free[1, 0])]
+    assert (free[1, 1:] == first[1]).any()
+    out = generated(same_decoding(model, ids, mask, begin_suppress_tokens=first))
+    assert not torch.isin(out[:, 0], torch.tensor(first)).any()
+    assert (out[1, 1:] == first[1]).any()
+
+
+def test_sequence_bias_of_single_tokens(free_run):
+    """`sequence_bias` adds to a token's logit everywhere: +50 makes it every token; -100 on the free run's first
+    token removes it (both spellings transformers takes: a dict of tuples, a list of pairs)."""
+    model, ids, mask, free = free_run
+    assert (generated(same_decoding(model, ids, mask, sequence_bias={(5,): 50.0})) == 5).all()
+    token = int(free[0, 0])
+    out = generated(same_decoding(model, ids, mask, sequence_bias=[[[token], -100.0]]))
+    assert not (out == token).any()
+
+
+def test_min_new_tokens_and_min_length_hold_back_eos(free_run):
+    """With EOS = the third token row 0 produced, the row stops there; `min_new_tokens=6` bans EOS from the first 6
+    generated columns, and `min_length=7 + 6` (prompt included, as in transformers) is the same setting."""
+    model, ids, mask, free = free_run
+    eos = int(free[0, 2])
+    stopped = generated(same_decoding(model, ids, mask, eos_token_id=eos))
+    assert (stopped[0, 3:] == 0).all()
+    held = same_decoding(model, ids, mask, eos_token_id=eos, min_new_tokens=6)
+    assert not (generated(held)[:, :6] == eos).any()
+    assert torch.equal(same_decoding(model, ids, mask, eos_token_id=eos, min_length=7 + 6).sequences, held.sequences)
+
+
+def test_remove_invalid_values(free_run):
+    """`remove_invalid_values` rewrites NaN logits as 0 and +inf as the largest float (transformers'
+    InfNanRemoveLogitsProcessor): with token 7's logit +inf and token 9's NaN (a hook on lm_head, which every runner
+    calls), 7 is every token; `renormalize_logits` (a log-softmax, invisible to every softmax the policy takes)
+    changes no token."""
+    model, ids, mask, free = free_run
+    assert torch.equal(generated(same_decoding(model, ids, mask, renormalize_logits=True)), free)
+
+    def invalid(module, args, logits):
+        logits = logits.clone()
+        logits[..., 7], logits[..., 9] = math.inf, math.nan
+        return logits
+
+    hook = model.lm_head.register_forward_hook(invalid)
+    try:
+        assert (generated(same_decoding(model, ids, mask, remove_invalid_values=True)) == 7).all()
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("sampling", [dict(min_p=1.0), dict(epsilon_cutoff=0.999)], ids=["min_p", "epsilon_cutoff"])
+def test_sampling_warpers_keeping_the_top_token_are_greedy(free_run, sampling):
+    """min-p at 1 keeps only tokens as likely as the most likely one; an epsilon cutoff above every probability keeps
+    the top token only: sampling with either is greedy decoding, through every runner."""
+    model, ids, mask, free = free_run
+    assert torch.equal(generated(same_decoding(model, ids, mask, do_sample=True, **sampling)), free)
+
+
+def test_typical_p_sampling_through_every_runner(free_run):
+    """typical-p with a tiny mass keeps one token (the most typical, not always the most likely): sampling no longer
+    depends on the seed."""
+    model, ids, mask, free = free_run
+    outs = [generated(same_decoding(model, ids, mask, do_sample=True, typical_p=0.001, seed=seed)) for seed in (0, 1)]
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(*[generated(same_decoding(model, ids, mask, do_sample=True, seed=seed)) for seed in (0, 1)])
+
+
+def test_max_time_stops_every_row_after_the_block_it_ran_out_in(free_run):
+    """`max_time` is checked after each block: with 0 seconds the first block (4 columns) is decoded as without it
+    and every later column is padding."""
+    model, ids, mask, free = free_run
+    out = generated(same_decoding(model, ids, mask, max_time=0.0))
+    assert torch.equal(out[:, :4], free[:, :4]) and (out[:, 4:] == 0).all()
+
+
+def test_processor_settings_are_in_the_policy_key(free_run):
+    """A step the engine captured bakes the processors in: every setting that processes the logits differently
+    changes the policy key, and the same settings give the same tensors (a captured graph reads them by address)."""
+    from r2lm.generation_r2lm import _policy_key
+
+    model = free_run[0]
+    variants = [{}, dict(bad_words_ids=[[5]]), dict(bad_words_ids=[[6]]), dict(suppress_tokens=[7]),
+                dict(begin_suppress_tokens=[5]), dict(sequence_bias={(5,): 1.0}), dict(sequence_bias={(5,): 2.0}),
+                dict(min_new_tokens=3, eos_token_id=4), dict(min_new_tokens=3, eos_token_id=5),
+                dict(remove_invalid_values=True), dict(do_sample=True), dict(do_sample=True, min_p=0.1)]
+    keys = []
+    for variant in variants:
+        config, _ = model._r2lm_generation_config(None, dict(variant))
+        spec, processors = model._logits_processors(config, 7)
+        assert model._logits_processors(config, 7)[1]["bias"] is processors["bias"]
+        keys.append(_policy_key(config, spec))
+    assert len(set(keys)) == len(keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts without an attention mask, RoPE scaling
+
+
+def test_left_padding_without_attention_mask_is_inferred_from_the_pad_token():
+    """transformers' rule for decoder-only models: without `attention_mask`, a pad token that is not EOS marks the
+    padding. Left-padded prompts decode as with their mask (only leading pads count: the id 126 inside a prompt stays
+    a token)."""
+    model = tiny_r2lm(peak=4)
+    ids, mask = left_padded((7, 4, 9), pad=126)
+    ids[2, 4] = 126
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=126, threshold=0.5)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, pad_token_id=126, threshold=0.5), expected)
+
+
+def test_left_padding_with_pad_equal_to_eos_and_no_mask_warns(caplog):
+    """When the pad token is also EOS (Qwen3's base checkpoints), padding cannot be told from text: rows starting with
+    it while others don't get transformers' warning, and decode as given (the pads as tokens)."""
+    model = tiny_r2lm(peak=4)
+    ids, mask = left_padded((7, 4), pad=125)
+    with caplog.at_level("WARNING"):
+        out = model.generate(ids, max_new_tokens=8, eos_token_id=125, threshold=0.5)
+    assert "attention mask is not set" in caplog.text and "(id 125)" in caplog.text
+    assert torch.equal(out, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                           eos_token_id=125, threshold=0.5))
+
+
+YARN = dict(max_position_embeddings=16, rope_parameters={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_generation_past_the_pretraining_length_with_yarn(caplog):
+    """max_position_embeddings is the pre-training length: with YaRN (factor 4 over 16 positions) a 9-token prompt
+    and 23 new tokens (32 columns) decode through every runner, with transformers' one-line reminder."""
+    model = tiny_r2lm(peak=4, **YARN)
+    ids, mask = left_padded((9, 5))
+    with caplog.at_level("WARNING"):
+        out = same_decoding(model, ids, mask, max_new_tokens=23)
+    assert out.sequences.shape == (2, 32) and "max_position_embeddings=16" in caplog.text
+
+
+def test_dynamic_rope_is_decoded_by_the_eager_runner(caplog):
+    """Dynamic NTK RoPE recomputes its frequencies from each call's positions (a host sync no captured step can
+    hold): the engine declines it with a warning and the eager runner decodes."""
+    model = tiny_r2lm(peak=4, max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    ids, mask = left_padded((9, 5))
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, cache_implementation="dynamic")
+    with caplog.at_level("WARNING"):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, cache_implementation="static")
+    assert torch.equal(out, expected) and "rope_type='dynamic'" in caplog.text
+    assert getattr(model, "_r2lm_engine", None) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
