@@ -3,6 +3,9 @@
 import math
 
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .kernels_r2lm import SCAN_IMPLEMENTATIONS
 
 
 ATTENTION_MODES = ("causal", "bidirectional")
@@ -32,6 +35,11 @@ class R2LMConfig(PretrainedConfig):
         sidecar_d_conv (`int`, defaults to 4): width of the sidecar's (anti-causal) depthwise convolution.
         sidecar_dt_rank (`int` or `"auto"`, defaults to `"auto"`): rank of the step-size projection;
             `"auto"` is `ceil(hidden_size / 16)`, as in mamba-ssm.
+        sidecar_scan (`str`, defaults to `"auto"`): which selective scan the sidecars run (a choice of kernel, not
+            of maths): `"auto"` is the Triton short-row scan on CUDA when Triton imports and the plain-PyTorch
+            reference otherwise; `"triton"` the Triton scan (CUDA only); `"mamba"` mamba-ssm's `selective_scan_fn`
+            (CUDA, when mamba-ssm is installed); `"torch"` the reference. A choice the machine cannot run raises a
+            ValueError at the forward.
         attention (`str`, defaults to `"causal"`): `"causal"` (R2LM; the causal dLLM when `sidecar_layers=[]`) or
             `"bidirectional"` (the bidirectional dLLM baseline: full attention, no sidecar, no KV cache).
         block_size (`int`, defaults to 32): tokens per diffusion block; the sidecars never look past a block's end.
@@ -41,6 +49,7 @@ class R2LMConfig(PretrainedConfig):
     model_type = "r2lm"
     _auto_class = "AutoConfig"  # save_pretrained copies the code files next to config.json
     keys_to_ignore_at_inference = ["past_key_values"]
+    default_theta = 1000000.0  # Qwen3's checkpoints; transformers fills `rope_parameters["rope_theta"]` from it
 
     def __init__(
         self,
@@ -69,6 +78,7 @@ class R2LMConfig(PretrainedConfig):
         sidecar_expand=2,
         sidecar_d_conv=4,
         sidecar_dt_rank="auto",
+        sidecar_scan="auto",
         attention="causal",
         block_size=32,
         mask_token_id=None,
@@ -90,8 +100,9 @@ class R2LMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
-        rope_theta = kwargs.pop("rope_theta", 1000000.0)
-        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": rope_theta}
+        # transformers completes it in `super().__init__`: `rope_theta` (a kwarg, else `default_theta`), the legacy
+        # `rope_scaling` kwarg (as written in Qwen3's config.json for YaRN) and `original_max_position_embeddings`.
+        self.rope_parameters = dict(rope_parameters) if rope_parameters else None
         self.attention_bias = attention_bias
         self.use_sliding_window = use_sliding_window
         self.sliding_window = sliding_window if use_sliding_window else None
@@ -106,6 +117,7 @@ class R2LMConfig(PretrainedConfig):
         self.sidecar_expand = sidecar_expand
         self.sidecar_d_conv = sidecar_d_conv
         self.sidecar_dt_rank = sidecar_dt_rank
+        self.sidecar_scan = sidecar_scan
         self.attention = attention
         self.block_size = block_size
         self.mask_token_id = mask_token_id
@@ -118,6 +130,12 @@ class R2LMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"`rope_parameters` has rope_type {rope_type!r}: it must be 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
 
     @property
     def sidecar_dt_rank_value(self) -> int:
@@ -151,6 +169,8 @@ class R2LMConfig(PretrainedConfig):
             )
         if self.sidecar_dt_rank != "auto" and (not isinstance(self.sidecar_dt_rank, int) or self.sidecar_dt_rank < 1):
             raise ValueError(f"`sidecar_dt_rank` must be 'auto' or a positive integer, got {self.sidecar_dt_rank!r}.")
+        if self.sidecar_scan not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {self.sidecar_scan!r}.")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
         for i in self.sidecar_layers:

@@ -7,19 +7,25 @@ by the same forward that runs the next block's first step, so committing costs n
 """
 
 import math
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
     LogitsProcessorList,
-    SuppressTokensLogitsProcessor,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
-from transformers.generation.stopping_criteria import EosTokenCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.utils import ModelOutput, logging
+
+from .engine_r2lm import R2LMEngine, idle_token
 
 
 logger = logging.get_logger(__name__)
@@ -56,9 +62,30 @@ UNMASKING_RULES = {
 }
 
 
-# Standard options that diffusion decoding does not implement, with the only value it accepts.
-UNSUPPORTED_OPTIONS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "num_beam_groups": 1,
-                       "no_repeat_ngram_size": 0, "penalty_alpha": None}
+_SEARCH = "R2LM decodes by committing the masked positions of each block in parallel, with no other search strategy"
+_LEFT_CONTEXT = ("it depends on the tokens generated before each position, which parallel decoding does not know when "
+                 "it chooses a token (a block's positions are committed in any order)")
+_SYNC = "its filter synchronises with the host, which the engine's captured steps cannot do"
+_OUTPUTS = "pass `step_callback(step, canvas, logits)`: it receives every step's canvas and logits"
+
+# Standard GenerationConfig options that diffusion decoding does not implement: the value that leaves each one off
+# (None always does) and why. Any other value raises a ValueError at `generate`: nothing is silently ignored.
+UNSUPPORTED_OPTIONS = {
+    "num_beams": (1, _SEARCH), "num_beam_groups": (1, _SEARCH), "diversity_penalty": (0.0, _SEARCH),
+    "penalty_alpha": (None, _SEARCH), "dola_layers": (None, _SEARCH), "constraints": (None, _SEARCH),
+    "force_words_ids": (None, _SEARCH), "guidance_scale": (1.0, _SEARCH), "prompt_lookup_num_tokens": (None, _SEARCH),
+    "assistant_early_exit": (None, _SEARCH), "use_mtp": (False, _SEARCH), "speculation_type": (None, _SEARCH),
+    "token_healing": (False, _SEARCH), "watermarking_config": (None, "R2LM does not watermark"),
+    "num_return_sequences": (1, "repeat the prompts in the batch instead"),
+    "repetition_penalty": (1.0, _LEFT_CONTEXT), "encoder_repetition_penalty": (1.0, _LEFT_CONTEXT),
+    "no_repeat_ngram_size": (0, _LEFT_CONTEXT), "encoder_no_repeat_ngram_size": (0, _LEFT_CONTEXT),
+    "exponential_decay_length_penalty": (None, "R2LM does not implement it"),
+    "forced_bos_token_id": (None, "R2LM does not force tokens"),
+    "forced_eos_token_id": (None, "R2LM does not force tokens; rows stop at `eos_token_id`"),
+    "top_h": (None, _SYNC), "eta_cutoff": (0.0, _SYNC),
+    "output_scores": (False, _OUTPUTS), "output_logits": (False, _OUTPUTS), "output_attentions": (False, _OUTPUTS),
+    "output_hidden_states": (False, _OUTPUTS),
+}
 
 
 class R2LMGenerationConfig(GenerationConfig):
@@ -118,27 +145,54 @@ class R2LMGenerateOutput(ModelOutput):
 
 
 class _CachedRunner:
-    """Causal decoding against a KV cache of finished blocks.
+    """The eager reference path: causal decoding against a transformers `DynamicCache` of finished blocks.
 
     The prompt is prefilled once; its last logits predict the first generated token. Each step runs the current block
     (b, B) against the cache and drops the block's keys and values again; the first step of a block runs
-    `[finished block ; new block]`, which keeps the finished block in the cache (the fused commit).
+    `[finished block ; new block]`, which keeps the finished block in the cache (the fused commit). It shares the
+    runner interface of `R2LMEngine` (`start`, `step`, `drop`, `canvas`, `slot_rows`, `forwards`).
     """
 
-    def __init__(self, model, canvas, valid, prompt_len, block_size):
-        self.model, self.canvas, self.valid, self.block_size = model, canvas, valid, block_size
-        self.block_offset = prompt_len % block_size
-        self.forwards = 0  # denoising forward passes; the prefill is not counted
-        out = model.model(
-            canvas[:, :prompt_len], attention_mask=valid[:, :prompt_len], use_cache=True,
-            block_size=block_size, block_offset=self.block_offset,
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, input_ids, valid, n_blocks, block_size, limit, commit, policy_key):
+        batch, T = input_ids.shape
+        self.B, self.T, self.limit, self.commit = block_size, T, limit, commit
+        self.canvas = torch.full((batch, T + n_blocks * block_size), self.model.config.mask_token_id,
+                                 dtype=torch.long, device=input_ids.device)
+        self.canvas[:, :T] = input_ids
+        self.valid = torch.cat([valid, valid.new_ones(batch, n_blocks * block_size)], dim=1)
+        self.slot_rows, self.forwards = list(range(batch)), 0
+        self.block_offset = T % block_size
+        self.prefill()
+
+    def prefill(self):
+        out = self.model.model(
+            self.canvas[:, : self.T], attention_mask=self.valid[:, : self.T], use_cache=True, block_size=self.B,
+            block_offset=self.block_offset, return_dict=True,
         )
         self.cache = out.cache
-        self.first_logits = model.lm_head(out.last_hidden_state[:, -1:])  # predicts the first column of block 0
+        self.first_logits = self.model.lm_head(out.last_hidden_state[:, -1:])  # predicts the first column of block 0
 
-    def __call__(self, start, first_step):
+    def step(self, start, block_step):
+        """One denoising step of the block at [start, start + B): logits, token choice, commit. Returns the logits."""
+        logits = self.logits(start, block_step == 0)
+        wanted = torch.arange(start, start + self.B, device=self.canvas.device) < self.limit
+        block = self.canvas[:, start : start + self.B]
+        columns = torch.arange(start - self.T, start - self.T + self.B, device=self.canvas.device)
+        block.copy_(self.commit(block, wanted, columns, logits, block_step))
+        return logits
+
+    def drop(self, slots):
+        """Finished rows: they idle (no mask left, so nothing is committed) until the end."""
+        for slot in slots:
+            self.slot_rows[slot] = -1
+        self.canvas[slots, self.T :] = idle_token(self.model.config)
+
+    def logits(self, start, first_step):
         """Logits (b, B, V) for the columns [start, start + B) of the current block."""
-        B = self.block_size
+        B = self.B
         commit = first_step and self.cache.get_seq_length() < start  # the finished block [start - B, start) goes in
         begin = start - B if commit else start
         end = start + B if B > 1 else start  # with B = 1 no position needs the block itself as input
@@ -147,7 +201,7 @@ class _CachedRunner:
         self.forwards += 1
         hidden = self.model.model(
             self.canvas[:, begin:end], attention_mask=self.valid[:, :end], past_key_values=self.cache,
-            use_cache=True, block_size=B, block_offset=self.block_offset,
+            use_cache=True, block_size=B, block_offset=self.block_offset, return_dict=True,
         ).last_hidden_state
         if end > start:
             self.cache.crop(-B)  # the noisy block's keys and values are not final
@@ -160,24 +214,77 @@ class _CachedRunner:
         return torch.cat([self.first_logits, logits], dim=1)
 
 
-class _RecomputeRunner:
+class _RecomputeRunner(_CachedRunner):
     """Recomputes every column each step, without a cache: the causal oracle (`use_cache=False`) and the
     bidirectional baseline, which also sees the masks of every later block (LLaDA's semi-autoregressive decoding)."""
 
-    def __init__(self, model, canvas, valid, prompt_len, block_size):
-        self.model, self.canvas, self.valid, self.block_size = model, canvas, valid, block_size
-        self.block_offset = prompt_len % block_size
-        self.full = model.config.attention == "bidirectional"
-        self.forwards = 0
+    def prefill(self):
+        self.full = self.model.config.attention == "bidirectional"
 
-    def __call__(self, start, first_step):
+    def logits(self, start, first_step):
         self.forwards += 1
-        end = self.canvas.shape[1] if self.full else start + self.block_size
+        end = self.canvas.shape[1] if self.full else start + self.B
         hidden = self.model.model(
             self.canvas[:, :end], attention_mask=self.valid[:, :end], use_cache=False,
-            block_size=self.block_size, block_offset=self.block_offset,
+            block_size=self.B, block_offset=self.block_offset, return_dict=True,
         ).last_hidden_state
-        return self.model.lm_head(hidden[:, start - 1 : start - 1 + self.block_size])  # column c from c - 1
+        return self.model.lm_head(hidden[:, start - 1 : start - 1 + self.B])  # column c from c - 1
+
+
+def commit_tokens(block, wanted, columns, logits, processors, config, block_step):
+    """The decoding policy of one step, for every runner (the engine captures it in its CUDA graphs: no host sync, no
+    branch on tensor values; every setting it reads is in `_policy_key`).
+
+    block (b, B): the current block's tokens; wanted (B,): False on columns past max_new_tokens (they stay masks);
+    columns (B,): the block's generated-column indices (0 = the first generated token); logits (b, B, V) predict the
+    block's columns; processors: `_logits_processors`; block_step: steps already taken in this block (int or 0-d
+    tensor). Returns the block with some masked positions committed: every one whose confidence exceeds `threshold`,
+    and at least max(min_tokens_per_step, remaining / steps left) per row, ranked by the unmasking rule.
+    """
+    masked = (block == config.mask_token_id) & wanted
+    batch, size, vocab = logits.shape
+    logits = process_logits(logits.float(), columns, processors)
+    # Confidence is the probability after the logits processors (bans, biases) but before the sampling settings:
+    # those only choose the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
+    probs = logits.softmax(-1)
+    if config.do_sample:
+        sampled = processors["sample"](None, logits.reshape(-1, vocab)).softmax(-1)
+        x0 = torch.multinomial(sampled, 1).view(batch, size)
+    else:
+        x0 = probs.argmax(-1)
+    x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    score = UNMASKING_RULES[config.unmasking](probs, x0_prob).masked_fill(~masked, -math.inf)
+    remaining = masked.sum(1, keepdim=True)
+    steps_left = config.max_steps_per_block - block_step
+    quota = torch.clamp(torch.maximum(torch.full_like(remaining, config.min_tokens_per_step),
+                                      (remaining + steps_left - 1) // steps_left), max=remaining)
+    order = score.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(size, device=order.device).expand_as(order))
+    return torch.where(masked & ((rank < quota) | (x0_prob > config.threshold)), x0, block)
+
+
+def process_logits(logits, columns, processors):
+    """The logits processors, as additions (-inf bans a token): `bias` everywhere, `begin` at the first generated
+    column, `eos_ban` before `min_new` generated columns; then `remove_invalid_values`. logits (b, B, V) float;
+    columns (B,). Every branch here is on a setting, never on a tensor's values."""
+    logits = logits + processors["bias"]
+    if processors["begin"] is not None:
+        logits = logits + torch.where((columns == 0)[:, None], processors["begin"], 0.0)
+    if processors["min_new"]:
+        logits = logits + torch.where((columns < processors["min_new"])[:, None], processors["eos_ban"], 0.0)
+    if processors["remove_invalid"]:  # transformers' InfNanRemoveLogitsProcessor: nan -> 0, +inf -> the largest
+        logits = logits.nan_to_num(nan=0.0, posinf=torch.finfo(logits.dtype).max, neginf=-math.inf)
+    return logits
+
+
+def steps_needed(wanted, steps, min_tokens):
+    """Steps the quota rule takes to commit `wanted` positions when no threshold can fire (threshold 1): the loop
+    then needs no host synchronisation to know when a block is done."""
+    taken = 0
+    while wanted > 0 and taken < steps:
+        wanted -= min(wanted, max(min_tokens, -(-wanted // (steps - taken))))
+        taken += 1
+    return taken
 
 
 class R2LMGenerationMixin(GenerationMixin):
@@ -209,6 +316,7 @@ class R2LMGenerationMixin(GenerationMixin):
         config = R2LMGenerationConfig.from_dict(base.to_dict())
         model_kwargs = config.update(**kwargs)
         config.block_size = config.block_size or self.config.block_size
+        config.use_cache = config.use_cache is not False  # None (transformers 5's default) means the cache
         config.max_steps_per_block = config.max_steps_per_block or config.block_size
         if config.mask_token_id is None:
             config.mask_token_id = self.config.mask_token_id
@@ -218,22 +326,39 @@ class R2LMGenerationMixin(GenerationMixin):
             eos = config.eos_token_id
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         config.validate()
+        if config.cache_implementation not in (None, "static", "dynamic"):
+            raise ValueError(f"`cache_implementation` must be 'static' (the engine), 'dynamic' (the eager cached "
+                             f"runner) or None (the engine on CUDA), got {config.cache_implementation!r}.")
         # Checked here rather than in `validate`, so that a checkpoint whose generation_config.json sets one still
         # loads; only decoding with it is refused.
-        for name, accepted in UNSUPPORTED_OPTIONS.items():
-            if getattr(config, name, accepted) not in (accepted, None):
-                raise ValueError(f"`{name}` is not supported by R2LM's diffusion decoding (only {accepted!r} is).")
+        for name, (accepted, why) in UNSUPPORTED_OPTIONS.items():
+            value = getattr(config, name, accepted)
+            if value is not None and value != accepted:
+                raise ValueError(f"`{name}={value!r}` is not supported by R2LM's diffusion decoding (only "
+                                 f"{accepted!r} is): {why}.")
+        _token_options(config, self.get_input_embeddings().num_embeddings)
         return config, model_kwargs
 
     def _check_prompt(self, input_ids, attention_mask, config):
-        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError("`generate` needs `input_ids` of shape (batch, prompt_length) with at least one token.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"`input_ids` must hold integer token ids, got a {input_ids.dtype} tensor.")
+        vocab = self.get_input_embeddings().num_embeddings
+        outside = (input_ids < 0) | (input_ids >= vocab)
+        if outside.any():
+            raise ValueError(f"The prompt holds token id {int(input_ids[outside][0])}, outside the vocabulary: ids "
+                             f"must be in [0, {vocab}) (vocab_size={vocab}). Was it made with another tokenizer?")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = self._attention_mask_for(input_ids, config)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}, `input_ids` "
                              f"{tuple(input_ids.shape)}: they must match.")
         mask = attention_mask.bool()
+        empty = (~mask).all(1)
+        if empty.any():
+            raise ValueError(f"Row {int(empty.int().argmax())} of `attention_mask` is all zeros: that prompt has no "
+                             "token to continue. Give every row at least one token.")
         if (mask[:, :-1] & ~mask[:, 1:]).any():
             raise ValueError("Right padding is not supported: pad prompts on the left "
                              "(`tokenizer.padding_side = 'left'`).")
@@ -242,25 +367,46 @@ class R2LMGenerationMixin(GenerationMixin):
                              "decoder would treat it as a position to fill.")
         n_blocks = math.ceil(config.max_new_tokens / config.block_size)
         total = input_ids.shape[1] + n_blocks * config.block_size
-        if total > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The prompt ({input_ids.shape[1]} columns) plus max_new_tokens={config.max_new_tokens} rounded up to "
-                f"whole blocks of {config.block_size} is {total} columns, over max_position_embeddings="
-                f"{self.config.max_position_embeddings}: shorten the prompt or lower max_new_tokens."
+        if total > self.config.max_position_embeddings:  # the pre-training length, not a limit (RoPE scaling)
+            logger.warning_once(
+                f"The prompt and max_new_tokens, in whole blocks, reach {total} columns, past the model's pre-training "
+                f"length (max_position_embeddings={self.config.max_position_embeddings}). Depending on its RoPE "
+                "(`config.rope_parameters`), expect anything from nothing to degraded text."
             )
         return mask, n_blocks
 
+    def _attention_mask_for(self, input_ids, config):
+        """transformers' rule for a decoder-only prompt without `attention_mask`: padding is read from the pad token
+        when it is not also EOS (here its leading runs only: generate takes left padding); when it is EOS it cannot
+        be, and a batch where some rows start with it and others don't gets a warning (it is decoded as text)."""
+        pad = config.pad_token_id
+        if pad is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        leading = (input_ids == pad).cumprod(1).bool()  # (b, T): the pads before each row's first other token
+        if pad not in _ids(config.eos_token_id):
+            return ~leading
+        starts = leading[:, 0]
+        if input_ids.shape[0] > 1 and bool(starts.any()) and not bool(starts.all()):
+            logger.warning_once(
+                f"The attention mask is not set and cannot be inferred: some rows start with the pad token (id {pad}), "
+                "which is also EOS, and others do not. If that is left padding, it is decoded as text: pass your "
+                "input's `attention_mask` to obtain reliable results."
+            )
+        return torch.ones_like(input_ids, dtype=torch.bool)
+
     def _stopping_criteria(self, config, stopping_criteria, tokenizer):
         criteria = StoppingCriteriaList(stopping_criteria or [])
-        if (criteria or config.stop_strings or config.eos_token_id is not None) and config.pad_token_id is None:
+        stops = criteria or config.stop_strings or config.eos_token_id is not None or config.max_time is not None
+        if stops and config.pad_token_id is None:
             raise ValueError("Rows that stop early are padded: set `pad_token_id` (or `eos_token_id`).")
         if config.stop_strings:
             if tokenizer is None:
                 raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to `generate`.")
             criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
-        if config.eos_token_id is not None:
-            criteria.append(EosTokenCriteria(eos_token_id=config.eos_token_id))
-        return criteria
+        eos = config.eos_token_id
+        if eos is not None:
+            eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
+        return eos, criteria
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_config=None, streamer=None, step_callback=None,
@@ -270,123 +416,275 @@ class R2LMGenerationMixin(GenerationMixin):
         inputs / input_ids: (b, T) left-padded prompts, with `attention_mask`. `step_callback(step, canvas, logits)`
         is called after every step with the whole canvas (b, T + generated columns) and the block's logits.
         Streamers get the prompt, then each finished block (`put_draft` gets every step's block when it exists).
-        `use_cache=False` recomputes every column each step. Returns the sequences (b, T + max_new_tokens), or an
-        `R2LMGenerateOutput` with `return_dict_in_generate=True`.
+        On CUDA the engine (`engine_r2lm`) runs the steps; `cache_implementation="dynamic"` asks for the eager
+        cached runner, `use_cache=False` recomputes every column each step (the oracle). Returns the sequences
+        (b, T + max_new_tokens), or an `R2LMGenerateOutput` with `return_dict_in_generate=True`.
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
+        if isinstance(input_ids, Mapping):
+            raise ValueError("`generate` got a mapping (a tokenizer's output?) as `input_ids`: unpack it, "
+                             "`model.generate(**inputs)`.")
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if value is not None and not torch.is_tensor(value):
+                raise ValueError(f"`{name}` must be a tensor (the tokenizer's `return_tensors='pt'`), got a "
+                                 f"{type(value).__name__}.")
         tokenizer = kwargs.pop("tokenizer", None)
         config, unused = self._r2lm_generation_config(generation_config, kwargs)
-        use_cache = config.use_cache and self.config.attention == "causal"
         if unused:
             raise ValueError(f"`generate` got arguments it does not use: {sorted(unused)}.")
         input_ids = input_ids.to(self.device) if input_ids is not None else None
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         valid_prompt, n_blocks = self._check_prompt(input_ids, attention_mask, config)
-        criteria = self._stopping_criteria(config, stopping_criteria, tokenizer)
+        eos, criteria = self._stopping_criteria(config, stopping_criteria, tokenizer)
 
         batch, prompt_len = input_ids.shape
         B = config.block_size
-        canvas = torch.full((batch, prompt_len + n_blocks * B), config.mask_token_id, device=self.device)
-        canvas[:, :prompt_len] = input_ids
-        valid = torch.cat([valid_prompt, valid_prompt.new_ones(batch, n_blocks * B)], dim=1)
-        runner = (_CachedRunner if use_cache else _RecomputeRunner)(self, canvas, valid, prompt_len, B)
-        processors = self._logits_processors(config, self.device)
-        end = torch.full((batch,), canvas.shape[1], device=self.device)  # first column after each row's output
-        history, step = [], 0
+        limit = prompt_len + config.max_new_tokens
+        spec, processors = self._logits_processors(config, prompt_len)
+        runner = self._runner(config)
+        runner.start(input_ids, valid_prompt, n_blocks, B, limit,
+                     lambda block, wanted, columns, logits, block_step: commit_tokens(
+                         block, wanted, columns, logits, processors, config, block_step),
+                     _policy_key(config, spec))
+        out = runner.canvas[:batch, : prompt_len + n_blocks * B].clone()  # every row's tokens, also finished ones
+        end = torch.full((batch,), out.shape[1], device=self.device)  # first column after each row's output
+        history, step, started = [], 0, time.monotonic()
         if streamer is not None:
             streamer.put(input_ids.cpu())
-
-        limit = prompt_len + config.max_new_tokens
+        per_step = step_callback is not None or config.output_history or hasattr(streamer, "put_draft")
         for block in range(n_blocks):
             start = prompt_len + block * B
-            # Columns past max_new_tokens stay masks: they are input (right context) but never decoded.
-            wanted = torch.arange(start, start + B, device=self.device) < limit
-            for block_step in range(config.max_steps_per_block):
-                masked = (canvas[:, start : start + B] == config.mask_token_id) & wanted
-                if not masked.any():
+            stop = min(start + B, limit)
+            # With threshold 1 the quota rule alone fixes the steps a block takes: no host sync to find its end.
+            fixed = steps_needed(stop - start, config.max_steps_per_block, config.min_tokens_per_step) \
+                if config.threshold >= 1 else None
+            for block_step in range(config.max_steps_per_block if fixed is None else fixed):
+                if fixed is None and not bool((runner.canvas[:, start:stop] == config.mask_token_id).any()):
                     break
-                logits = runner(start, first_step=block_step == 0)
-                steps_left = config.max_steps_per_block - block_step
-                self._commit_step(canvas[:, start : start + B], masked, logits, processors, config, steps_left)
+                logits = runner.step(start, block_step)
                 step += 1
-                if step_callback is not None:
-                    step_callback(step, canvas, logits)
-                if config.output_history:
-                    history.append(canvas[:, prompt_len : prompt_len + config.max_new_tokens].clone())
-                if streamer is not None and hasattr(streamer, "put_draft"):
-                    streamer.put_draft(canvas[:, start : start + B].cpu())
-            self._finish_rows(canvas, end, start, min(start + B, limit), criteria, config.pad_token_id)
+                if per_step:
+                    self._per_step(runner, out, step, logits, step_callback, history, config, streamer, start)
+            self._gather_rows(runner, out)
+            finished = self._finish_rows(out, end, start, stop, eos, criteria, config.pad_token_id)
+            if finished:
+                runner.drop([runner.slot_rows.index(row) for row in finished])
             if streamer is not None:
-                self._stream_block(streamer, canvas, end, start, B, limit)
-            if bool((end <= start + B).all()):
+                self._stream_block(streamer, out, end, start, stop)
+            if all(row < 0 for row in runner.slot_rows):
+                break
+            if config.max_time is not None and time.monotonic() - started > config.max_time:
+                out[:, stop:] = config.pad_token_id  # checked at block ends: every row stops after this block
                 break
 
         if streamer is not None:
             streamer.end()
-        sequences = canvas[:, : prompt_len + config.max_new_tokens]
+        sequences = out[:, :limit]
         if config.return_dict_in_generate:
-            return R2LMGenerateOutput(sequences=sequences, nfe=runner.forwards, history=history if config.output_history else None)
+            return R2LMGenerateOutput(sequences=sequences, nfe=runner.forwards,
+                                      history=history if config.output_history else None)
         return sequences
 
-    @staticmethod
-    def _logits_processors(config, device):
-        """`suppress`: the mask token is never a prediction (committing it would leave the position masked);
-        `sample`: temperature, top-k and top-p, applied only to draw sampled tokens."""
-        sample = LogitsProcessorList()
-        if config.temperature is not None and config.temperature != 1.0:
-            sample.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k:
-            sample.append(TopKLogitsWarper(top_k=config.top_k))
-        if config.top_p is not None and config.top_p < 1.0:
-            sample.append(TopPLogitsWarper(top_p=config.top_p))
-        suppress = LogitsProcessorList([SuppressTokensLogitsProcessor([config.mask_token_id], device=device)])
-        return {"suppress": suppress, "sample": sample}
+    def _runner(self, config):
+        """The one switch between the engine, the eager cached runner and the recomputing oracle."""
+        causal = self.config.attention == "causal"
+        if not config.use_cache or config.cache_implementation == "dynamic":
+            return _CachedRunner(self) if causal and config.use_cache else _RecomputeRunner(self)
+        if config.cache_implementation is None and self.device.type != "cuda":
+            return _CachedRunner(self) if causal else _RecomputeRunner(self)
+        reason = self._engine_unsupported()
+        if reason is not None:
+            logger.warning_once(f"R2LM's decoding engine is not used ({reason}): decoding with the eager runner.")
+            return _CachedRunner(self) if causal else _RecomputeRunner(self)
+        compile = config.compile_config is not None and not config.disable_compile
+        return R2LMEngine.for_model(self, compile=compile)
+
+    def _engine_unsupported(self):
+        """Why the engine cannot run this model, or None. It reads the projections' weights directly, so adapters,
+        quantized layers and hooks would be skipped; and it keeps the whole model on one device."""
+        if getattr(self.config, "attention_bias", False):
+            return "attention_bias=True"
+        if len({p.device for p in self.parameters()}) > 1:
+            return "the model is spread over several devices"
+        rope_type = self.config.rope_parameters.get("rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            return (f"rope_type={rope_type!r} recomputes its frequencies from each call's positions, a host "
+                    "synchronisation that a captured step cannot hold")
+        for i, layer in enumerate(self.model.layers):
+            for name, module in (*layer.self_attn.named_children(), *layer.mlp.named_children()):
+                if name.endswith("_proj") and (type(module) is not torch.nn.Linear or module._forward_hooks
+                                               or module._forward_pre_hooks):
+                    return f"layers.{i}.{name} is a {type(module).__name__} with hooks or adapters, not a plain Linear"
+        return None
 
     @staticmethod
-    def _commit_step(block, masked, logits, processors, config, steps_left):
-        """Unmasks, in place, the positions of `block` (b, B) whose confidence exceeds `threshold`, and at least
-        max(min_tokens_per_step, remaining / steps_left) per row, ranked by the unmasking rule."""
-        batch, size, vocab = logits.shape
-        logits = processors["suppress"](None, logits.reshape(-1, vocab).float())
-        # Confidence is the model's own probability (temperature 1, no truncation); the sampling settings only
-        # choose the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
-        probs = logits.softmax(-1).view(batch, size, vocab)
-        if config.do_sample:
-            sample_probs = processors["sample"](None, logits).softmax(-1)
-            x0 = torch.multinomial(sample_probs, 1).view(batch, size)
-        else:
-            x0 = probs.argmax(-1)
-        x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        rank_score = UNMASKING_RULES[config.unmasking](probs, x0_prob).masked_fill(~masked, -math.inf)
-        remaining = masked.sum(1, keepdim=True)
-        quota = torch.clamp(torch.maximum(torch.full_like(remaining, config.min_tokens_per_step),
-                                          (remaining + steps_left - 1) // steps_left), max=remaining)
-        order = rank_score.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(size, device=order.device).expand_as(order))
-        commit = masked & ((rank < quota) | (x0_prob > config.threshold))
-        block[commit] = x0[commit]
+    def _gather_rows(runner, out):
+        """Copies the rows still decoding from the runner's canvas into `out`."""
+        live = [(slot, row) for slot, row in enumerate(runner.slot_rows) if row >= 0]
+        if live:
+            slots, rows = (torch.tensor(t, device=out.device) for t in zip(*live))
+            out[rows] = runner.canvas[slots, : out.shape[1]]
+
+    def _per_step(self, runner, out, step, logits, step_callback, history, config, streamer, start):
+        self._gather_rows(runner, out)
+        if step_callback is not None:
+            rows = torch.tensor([max(row, 0) for row in runner.slot_rows], device=out.device)
+            live = torch.tensor([row >= 0 for row in runner.slot_rows], device=out.device)
+            full = logits.new_zeros((out.shape[0], *logits.shape[1:])).index_put_((rows[live],), logits[live])
+            step_callback(step, out, full)
+        if config.output_history:
+            history.append(out[:, runner.T : runner.T + config.max_new_tokens].clone())
+        if streamer is not None and hasattr(streamer, "put_draft"):
+            streamer.put_draft(out[:, start : start + config.block_size].cpu())
+
+    def _logits_processors(self, config, prompt_len):
+        """The decoding policy's logits processors (`process_logits`) and sampling warpers, for these settings.
+
+        bias (V,): -inf on the tokens never produced (the mask token, since committing it would leave the position
+        masked; single-token `bad_words_ids`; `suppress_tokens`), plus `sequence_bias`; begin (V,) or None: -inf on
+        `begin_suppress_tokens`, at the first generated column; eos_ban (V,): -inf on EOS, before `min_new` generated
+        columns (`min_new_tokens`, `min_length`); sample: temperature, top-k, top-p, min-p, typical-p and epsilon,
+        which only draw sampled tokens. Returns (spec, processors): `spec`, the settings, is part of the policy key.
+        The tensors are kept on the model per spec and device: a step the engine captured in a CUDA graph reads them
+        by address, so they must outlive the call."""
+        spec = _processor_spec(config, prompt_len)
+        kept = self.__dict__.setdefault("_r2lm_processors", {})
+        key = (spec, str(self.device))
+        if key not in kept:
+            kept[key] = _build_processors(spec, self.get_output_embeddings().out_features, self.device)
+        return spec, kept[key]
 
     @staticmethod
-    def _finish_rows(canvas, end, start, stop, criteria, pad_token_id):
-        """Checks the stopping criteria at every column of the finished block up to `stop`; a row that stops is
-        padded after the column where it stopped, which ends its part in the decoding."""
-        for column in range(start, stop):
-            running = end > column
-            if not running.any():
-                break
-            stop = criteria(canvas[:, : column + 1], None) & running
-            end[stop] = column + 1
-        for row in torch.nonzero(end < canvas.shape[1]).flatten().tolist():
-            canvas[row, int(end[row]) :] = pad_token_id
+    def _finish_rows(out, end, start, stop, eos, criteria, pad_token_id):
+        """Finds the rows that stop in the columns [start, stop): at their first EOS (all rows at once), or where
+        another stopping criterion fires (column by column); sets their `end`, pads them after it and returns them."""
+        running = end == out.shape[1]
+        stop_at = torch.full_like(end, out.shape[1])
+        if eos is not None:
+            is_eos = torch.isin(out[:, start:stop], eos)
+            stop_at = torch.where(is_eos.any(1), start + is_eos.int().argmax(1) + 1, stop_at)
+        for column in range(start, stop if criteria else start):
+            fired = criteria(out[:, : column + 1], None) & (stop_at > column + 1)
+            stop_at = torch.where(fired, column + 1, stop_at)
+        stopped = running & (stop_at < out.shape[1])
+        end.copy_(torch.where(stopped, stop_at, end))
+        rows = stopped.nonzero().flatten().tolist()  # the block's one host sync
+        for row in rows:
+            out[row, int(end[row]) :] = pad_token_id
+        return rows
 
     @staticmethod
-    def _stream_block(streamer, canvas, end, start, block_size, limit):
+    def _stream_block(streamer, out, end, start, stop):
         """Puts the finished block's tokens, up to each row's end and max_new_tokens."""
-        stop = min(start + block_size, limit, int(end.max()))
+        stop = min(stop, int(end.max()))
         if stop > start:
-            tokens = canvas[:, start:stop].cpu()
+            tokens = out[:, start:stop].cpu()
             streamer.put(tokens[0] if tokens.shape[0] == 1 else tokens)
+
+
+def _policy_key(config, spec):
+    """The settings a captured step bakes in: the policy's and its logits processors' (`spec`)."""
+    return (config.threshold, config.min_tokens_per_step, config.max_steps_per_block, config.unmasking,
+            config.do_sample, config.mask_token_id, spec)
+
+
+def _ids(value):
+    """A token id, a list of them or None, as a tuple."""
+    return () if value is None else (value,) if isinstance(value, int) else tuple(value)
+
+
+def _sequence_bias(value):
+    """`sequence_bias` as {token: bias}: transformers takes {tuple(ids): bias} or [[ids, bias], ...]."""
+    items = value.items() if isinstance(value, dict) else value or ()
+    bias = {}
+    for entry in items:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"`sequence_bias` must map token sequences to biases, got the entry {entry!r}.")
+        ids, amount = entry
+        ids = _ids(ids)
+        if len(ids) != 1:
+            raise ValueError(
+                f"`sequence_bias` has the key {list(ids)}: only single tokens can be biased. A sequence's bias applies "
+                f"to its last token where the tokens before it were just generated, and {_LEFT_CONTEXT}."
+            )
+        bias[ids[0]] = bias.get(ids[0], 0.0) + float(amount)
+    return bias
+
+
+def _token_options(config, vocab):
+    """Checks the token options of the logits processors: lists of ids inside the vocabulary, single-token bad words
+    and sequence biases. Raises a ValueError naming the option."""
+    for entry in config.bad_words_ids or ():
+        if not isinstance(entry, (list, tuple)) or not entry:
+            raise ValueError(f"`bad_words_ids` must be a list of token-id lists, got the entry {entry!r}.")
+        if len(entry) > 1:
+            raise ValueError(
+                f"`bad_words_ids` has the multi-token entry {list(entry)}: only single tokens can be banned. Banning "
+                f"a sequence means banning its last token where the tokens before it were just generated, and "
+                f"{_LEFT_CONTEXT}. Ban single tokens instead (e.g. the word's first token)."
+            )
+    options = {
+        "bad_words_ids": [entry[0] for entry in config.bad_words_ids or ()],
+        "suppress_tokens": _ids(config.suppress_tokens),
+        "begin_suppress_tokens": _ids(config.begin_suppress_tokens),
+        "sequence_bias": list(_sequence_bias(config.sequence_bias)),
+    }
+    for name, ids in options.items():
+        for token in ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise ValueError(f"`{name}` holds {token!r}, not a token id of this model: ids are integers in "
+                                 f"[0, {vocab}) (vocab_size={vocab}).")
+
+
+def _processor_spec(config, prompt_len):
+    """The logits processors' settings, normalised and hashable (part of the policy key): banned tokens, tokens banned
+    at the first column, biases, EOS banned before `min_new` columns, `remove_invalid_values`, the sampling warpers."""
+    eos = _ids(config.eos_token_id)
+    banned = {config.mask_token_id, *(entry[0] for entry in config.bad_words_ids or ()), *_ids(config.suppress_tokens)}
+    min_new = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt_len) if eos else 0
+    sample = None
+    if config.do_sample:
+        sample = (config.temperature, config.top_k, config.top_p, config.min_p, config.typical_p, config.epsilon_cutoff)
+    return (tuple(sorted(banned)), tuple(sorted(set(_ids(config.begin_suppress_tokens)))),
+            tuple(sorted(_sequence_bias(config.sequence_bias).items())), min_new, eos if min_new else (),
+            bool(config.remove_invalid_values), sample)
+
+
+def _build_processors(spec, vocab, device):
+    """The processors of `_processor_spec`'s `spec` (see `R2LMGenerationMixin._logits_processors`)."""
+    banned, begin, bias, min_new, eos, remove_invalid, sample = spec
+
+    def additive(tokens, values=None):
+        out = torch.zeros(vocab, dtype=torch.float32, device=device)
+        if tokens:
+            out[list(tokens)] = -math.inf if values is None else torch.tensor(values, device=device)
+        return out
+
+    warpers = LogitsProcessorList()
+    if sample is not None:
+        temperature, top_k, top_p, min_p, typical_p, epsilon = sample
+        if temperature is not None and temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k=top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=top_p))
+        if min_p is not None:
+            warpers.append(MinPLogitsWarper(min_p=min_p))
+        if typical_p is not None and typical_p < 1.0:
+            warpers.append(TypicalLogitsWarper(mass=typical_p))
+        if epsilon is not None and 0.0 < epsilon < 1.0:
+            warpers.append(EpsilonLogitsWarper(epsilon=epsilon))
+    bias_tokens = [token for token, _ in bias]
+    return {
+        "bias": additive(banned) + additive(bias_tokens, [amount for _, amount in bias]),
+        "begin": additive(begin) if begin else None,
+        "min_new": min_new,
+        "eos_ban": additive(eos) if min_new else None,
+        "remove_invalid": remove_invalid,
+        "sample": warpers,
+    }
 
 
 __all__ = ["R2LMGenerationConfig", "R2LMGenerationMixin", "R2LMGenerateOutput", "UNMASKING_RULES"]

@@ -7,9 +7,13 @@ the result through a LayerNorm and a tanh gate initialised at zero:
     r = flip(mamba(flip(h)))          # per block, from a zero state; never crosses a block's end
     h = h + tanh(gate) * layernorm(r)
 
-The sidecar is mamba-ssm's `Mamba` (same parameter names and shapes) applied to each block flipped in time. Its
-selective scan runs through mamba-ssm's CUDA kernel when that is installed and the tensors are on CUDA, and through
-`selective_scan_ref` (plain PyTorch) otherwise. Logits are shifted as in an AR model: position p predicts p + 1.
+The sidecar is mamba-ssm's `Mamba` (same parameter names and shapes) applied to each block flipped in time, but it is
+computed in time order: nothing is flipped in memory. The blocks are a reshape of the (padded) columns, the depthwise
+conv takes its taps in reverse (`reverse_conv_silu`) and the selective scan runs from each block's last step to its
+first. The scan goes through `kernels_r2lm.selective_scan`, the one dispatch point, as `config.sidecar_scan` asks:
+"auto" is the Triton short-row scan on CUDA (when Triton imports) and the plain-PyTorch reference otherwise; "triton"
+asks for the Triton scan, "mamba" for mamba-ssm's `selective_scan_fn`, "torch" for the reference. Logits are shifted
+as in an AR model: position p predicts p + 1.
 """
 
 import inspect
@@ -23,83 +27,64 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.import_utils import is_tracing
 
 from .configuration_r2lm import R2LMConfig
 from .generation_r2lm import R2LMGenerationConfig, R2LMGenerationMixin
+from .kernels_r2lm import selective_scan
 
-
-try:
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-except ImportError:
-    selective_scan_fn = None
-
-try:
-    from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
-
-
-logger = logging.get_logger(__name__)
 
 # transformers renamed the decoder layer's cache argument from `past_key_values` to `cache` in 5.2x.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3DecoderLayer.forward).parameters else "past_key_values"
 
 
-def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias):
-    """Mamba-1 selective scan, left to right from a zero state, in float32 or wider (mamba-ssm's
-    `selective_scan_ref`).
+def reverse_conv_silu(x, weight, bias=None):
+    """mamba-ssm's causal depthwise conv and its silu, over each row flipped in time, computed in time order:
 
-    u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L); D, delta_bias: (d_inner,).
-    Returns y: (batch, d_inner, L) in u's dtype, with y_t = C_t . h_t + D u_t, gated by silu(z_t), where
-    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t and delta = softplus(delta + delta_bias).
+        out_t = silu(bias + sum_k w_k x_{t + K - 1 - k})       (taps past the row's end read zeros)
+
+    which is flip(silu(causal_conv(flip(x)))) with causal_conv_t = bias + sum_k w_k x_{t - (K - 1) + k}.
+    x: (N, L, d_inner), token-major, any strides; weight: (d_inner, K) (`conv1d.weight[:, 0]`); bias: (d_inner,) or
+    None. Returns (N, L, d_inner) in x's dtype (under autocast: in_proj's bf16, as mamba-ssm's conv kernel).
     """
-    dtype, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
-    u, delta, A, B, C, D, z, delta_bias = (t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias))
-    delta = F.softplus(delta + delta_bias[:, None])
-    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
-    deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
-    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
-    ys = []
-    # unbind, not [:, :, t]: the backward of one unbind is one stack, of L slices L full-size zero tensors.
-    for dA, dBu, c in zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(2)):
-        state = dA * state + dBu
-        ys.append(torch.einsum("bdn,bn->bd", state, c))
-    y = torch.stack(ys, dim=2) + D[:, None] * u
-    return (y * F.silu(z)).to(dtype)
+    K, L = weight.shape[1], x.shape[1]
+    weight = weight.to(x.dtype)
+    out = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
+    for shift in range(1, min(K, L)):  # tap K - 1 - shift reads x_{t + shift}; the last `shift` steps read zeros
+        out[:, : L - shift].addcmul_(x[:, shift:], weight[:, K - 1 - shift])
+    return F.silu(out)
 
 
-def _use_mamba_kernels(x: torch.Tensor) -> bool:
-    """The one dispatch point between mamba-ssm's kernels and the PyTorch reference."""
-    use = (
-        selective_scan_fn is not None
-        and x.is_cuda
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and not torch.compiler.is_compiling()
-    )
-    logger.warning_once(
-        "R2LM sidecar: using mamba-ssm's selective_scan_fn."
-        if use
-        else "R2LM sidecar: using the PyTorch reference scan (mamba-ssm not installed, or tensors not on CUDA)."
-    )
-    return use
+def gated_residual(h, r, norm_weight, norm_bias, norm_eps, gate):
+    """The sidecar's output: h + tanh(gate) * LayerNorm(r). h, r: (..., d_model); gate: a scalar tensor."""
+    r = F.layer_norm(r, r.shape[-1:], norm_weight, norm_bias, norm_eps)
+    return h + torch.tanh(gate).to(r.dtype) * r
+
+
+def _reshape(x, shape):
+    """x.reshape(shape). With symbolic sizes (torch.export with a dynamic length) x is contiguous (freshly padded, or a
+    projection's output) and the reshape is an `as_strided` view: the view algorithm would guard on sizes it cannot
+    compare symbolically (that a row holds more than one block)."""
+    if not any(isinstance(n, torch.SymInt) for n in shape):
+        return x.reshape(shape)
+    strides = [1]
+    for n in reversed(shape[1:]):
+        strides.insert(0, strides[0] * n)
+    return x.as_strided(shape, strides)
 
 
 class R2LMMamba(nn.Module):
-    """mamba-ssm's Mamba-1 block (`mamba_simple.Mamba`, same parameters), run left to right from a zero state over
-    each row, with padded steps kept out of the state. R2LM feeds it blocks flipped in time.
+    """mamba-ssm's Mamba-1 block (`mamba_simple.Mamba`, same parameters) applied to each row flipped in time, from a
+    zero state, computed in time order: the conv's taps and the scan run right to left, so nothing is flipped.
 
-    Inside, every per-channel tensor is feature-major: (channels, N, L) in memory, which is mamba-ssm's kernel layout
-    (N, channels, L) with stride 1 along L, so the kernel reads u, delta and z and writes y without a copy, and every
-    projection is one 2-D matrix product over all N * L tokens. The depthwise conv is a banded matrix product per
-    channel for short rows (the blocks): about one pass over x, where nn.Conv1d's depthwise kernel took 1.1 ms on
-    512 x 4096 x 32 bf16 on an H200. in_proj and dt_proj are applied through their weights (as mamba-ssm's Mamba
-    does), so hooks or adapters on those two modules are not seen."""
-
-    conv_as_matmul_max_len = 64  # longer rows go through nn.Conv1d: the banded matrix grows as L^2 per channel
+    Tensors stay token-major, (N, L, channels): every projection is one matrix product over all N * L tokens, and the
+    scan reads u, delta, z, B and C as (N, channels, L) views. in_proj has no bias and dt_proj's bias goes into the
+    scan as `delta_bias` (as in mamba-ssm), so dt_proj is applied through its weight: a hook on it is not seen."""
 
     def __init__(self, config: R2LMConfig):
         super().__init__()
+        self.config = config  # read at each call: `config.sidecar_scan` picks the scan
         self.d_model = config.hidden_size
         self.d_state = config.sidecar_d_state
         self.d_conv = config.sidecar_d_conv
@@ -115,87 +100,32 @@ class R2LMMamba(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
 
-    def causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """mamba-ssm's causal depthwise conv (left zero padding, the overhang dropped), before its silu, on
-        feature-major x: (d_inner, N, L) -> (d_inner, N, L)."""
-        length, weight, bias = x.shape[-1], self.conv1d.weight[:, 0], self.conv1d.bias  # weight (d_inner, K)
-        if length > self.conv_as_matmul_max_len:
-            out = F.conv1d(x.transpose(0, 1), self.conv1d.weight, bias, padding=self.d_conv - 1, groups=self.d_inner)
-            return out[..., :length].transpose(0, 1).contiguous()
-        # out_t = bias + sum_k w_k x_{t-(K-1)+k} = x @ M with M[s, t] = w[s - t + K - 1] on the band, 0 elsewhere
-        steps = torch.arange(length, device=x.device)
-        tap = steps[:, None] - steps[None, :] + self.d_conv - 1  # (L, L), [s, t]
-        band = (tap >= 0) & (tap < self.d_conv)
-        matrix = weight[:, tap.clamp(0, self.d_conv - 1)] * band.to(weight.dtype)  # (d_inner, L, L)
-        if bias is None:
-            return torch.bmm(x, matrix)
-        return torch.baddbmm(bias[:, None, None], x, matrix)
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: (N, L, d_model), each row scanned right to left; valid: (N, L) bool, False on padding, or
+        None for none. Returns (N, L, d_model).
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (N, L, d_model); valid: (N, L) bool, False on padding. Returns (N, L, d_model)."""
+        Padding is zeroed twice: before in_proj, so the conv taps that reach it read zeros, and after the conv, so
+        that its scan input u is zero and it adds nothing to the state (which only decays through it)."""
         rows, length, _ = hidden_states.shape
-        use_kernels = _use_mamba_kernels(hidden_states)
-        keep = valid.to(hidden_states.dtype)  # (N, L)
-        h = (hidden_states * keep.unsqueeze(-1)).reshape(rows * length, self.d_model)
-        # in_proj as W @ h^T, as mamba-ssm's Mamba computes it (in_proj has no bias): the product comes out
-        # feature-major, where in_proj(h) would need transposing copies of x and z (0.9 ms of 12 on an H200, 8 x 2048).
-        x, z = (self.in_proj.weight @ h.t()).view(2, self.d_inner, rows, length).unbind(0)  # (d_inner, N, L) each
-        # A padded step adds nothing to the state (delta * B * u = 0); the state only decays through it. Padding only
-        # comes after a block's valid columns in scan order (left padding, the filler of cut blocks), so valid
-        # columns are exactly as if it were absent. (Padded x is zero before the conv too: in_proj of zeros.)
-        if use_kernels and causal_conv1d_fn is not None:
-            weight = self.conv1d.weight.squeeze(1)
-            x = causal_conv1d_fn(x.transpose(0, 1), weight, self.conv1d.bias, activation="silu").transpose(0, 1)
-        else:
-            x = F.silu(self.causal_conv(x))
-        x = x * keep.to(x.dtype)  # (N, L) broadcasts over d_inner; in x's dtype, so under autocast u stays bf16
-        dbc = self.x_proj(x.reshape(self.d_inner, -1).t())  # (N L, dt_rank + 2 d_state)
-        dt, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        B = B.reshape(rows, length, self.d_state).transpose(1, 2).contiguous()  # (N, d_state, L)
-        C = C.reshape(rows, length, self.d_state).transpose(1, 2).contiguous()
+        keep = None if valid is None else valid.to(hidden_states.dtype).unsqueeze(-1)  # (N, L, 1)
+        x, z = self.in_proj(hidden_states if keep is None else hidden_states * keep).chunk(2, dim=-1)  # (N, L, E) views
+        u = reverse_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        if keep is not None:
+            u = u * keep.to(u.dtype)  # in u's dtype, so under autocast u stays bf16
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # (N, L, E); the bias goes in as delta_bias
         compute = torch.promote_types(hidden_states.dtype, torch.float32)
-        A = -torch.exp(self.A_log.to(compute))
-        D, delta_bias = self.D.to(compute), self.dt_proj.bias.to(compute)  # the bias goes in as delta_bias
-        if use_kernels:  # (N, d_inner, L) views of feature-major tensors: stride 1 along L, read without a copy
-            delta = (self.dt_proj.weight @ dt.t()).view(self.d_inner, rows, length)
-            y = selective_scan_fn(
-                x.transpose(0, 1), delta.transpose(0, 1), A, B, C, D, z=z.transpose(0, 1), delta_bias=delta_bias,
-                delta_softplus=True,
-            )
-        else:
-            # The reference materialises (N, d_inner, L, d_state) tensors laid out after delta and u; it runs fastest
-            # with delta token-major and u contiguous (with feature-major ones, 1.5x slower on an H200).
-            delta = (dt @ self.dt_proj.weight.t()).view(rows, length, self.d_inner).transpose(1, 2)
-            y = selective_scan_ref(x.transpose(0, 1).contiguous(), delta, A, B, C, D, z.transpose(0, 1), delta_bias)
-        y = y.transpose(0, 1).reshape(self.d_inner, -1)  # free when y is feature-major (the kernel keeps z's layout)
-        return self.out_proj(y.t()).view(rows, length, self.d_model)
-
-
-def blocks_flipped(hidden_states, valid, block_size, block_offset):
-    """Cuts (b, L, d) into the blocks [block_offset + k B, block_offset + (k + 1) B) and flips each in time.
-
-    Returns (b * n_blocks, B, d) and the matching validity (b * n_blocks, B); the columns added to fill the first and
-    last blocks are invalid. `blocks_unflipped` inverts it.
-    """
-    batch, length, dim = hidden_states.shape
-    lead = (-block_offset) % block_size
-    trail = (-(lead + length)) % block_size
-    if lead or trail:  # (no copy when the blocks tile the row)
-        hidden_states = F.pad(hidden_states, (0, 0, lead, trail))
-        valid = F.pad(valid, (lead, trail), value=False)
-    h = hidden_states.reshape(batch, -1, block_size, dim).flip(2).view(-1, block_size, dim)  # (b * n, B, d)
-    v = valid.reshape(batch, -1, block_size).flip(2).view(-1, block_size)
-    return h, v
-
-
-def blocks_unflipped(blocks, batch, length, block_size, block_offset):
-    lead = (-block_offset) % block_size
-    h = blocks.reshape(batch, -1, block_size, blocks.shape[-1]).flip(2).view(batch, -1, blocks.shape[-1])
-    return h[:, lead : lead + length]
+        A = -torch.exp(self.A_log.to(compute))  # (E, d_state)
+        y = selective_scan(
+            u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(compute),
+            z.transpose(1, 2), self.dt_proj.bias.to(compute), reverse=True, implementation=self.config.sidecar_scan,
+        )  # (N, E, L)
+        return self.out_proj(y.transpose(1, 2))
 
 
 class R2LMSidecar(nn.Module):
-    """Reverse, block-local Mamba: h + tanh(gate) * layernorm(flip(mamba(flip(h)))) within each block."""
+    """Reverse, block-local Mamba: h + tanh(gate) * layernorm(flip(mamba(flip(h)))) within each block, computed in
+    time order (`R2LMMamba`)."""
 
     def __init__(self, config: R2LMConfig):
         super().__init__()
@@ -205,13 +135,36 @@ class R2LMSidecar(nn.Module):
 
     def forward(self, hidden_states, valid, block_size, block_offset, segments=1):
         """hidden_states: (b, segments * L, d), each segment of L columns scanned separately (the noisy and clean
-        halves of the training layout); valid: (b, segments * L)."""
+        halves of the training layout); valid: (b, segments * L) bool, or None when nothing is padded.
+
+        The blocks are [block_offset + k B, block_offset + (k + 1) B) in column space: `lead` zero columns before the
+        first and `trail` after the last make them whole, and a reshape cuts them out. The lead columns come first in
+        time, so they reach no real column; the trail columns, first in the right-to-left scan, are masked."""
         batch, total, dim = hidden_states.shape
-        h = hidden_states.reshape(batch * segments, total // segments, dim)
-        blocks, blocks_valid = blocks_flipped(h, valid.reshape(h.shape[:2]), block_size, block_offset)
-        r = self.mamba(blocks, blocks_valid)
-        r = blocks_unflipped(r, *h.shape[:2], block_size, block_offset).reshape(batch, total, dim)
-        return hidden_states + torch.tanh(self.gate).to(r.dtype) * self.norm(r)
+        rows, length = batch * segments, total // segments
+        lead = (-block_offset) % block_size
+        n_blocks = (lead + length + block_size - 1) // block_size
+        trail = n_blocks * block_size - lead - length
+        h = hidden_states.reshape(rows, length, dim)
+        valid = None if valid is None else valid.reshape(rows, length)
+        # No copy when the blocks tile the row. A symbolic length (torch.export with a dynamic length) must not decide
+        # a branch: it always pads (by zero columns where the blocks tile).
+        symbolic = isinstance(length, torch.SymInt)
+        if symbolic or lead or trail:
+            h = F.pad(h, (0, 0, lead, trail))
+            if valid is None and (symbolic or trail):
+                valid = torch.ones(rows, length, dtype=torch.bool, device=h.device)
+            if valid is not None:
+                valid = F.pad(valid, (lead, trail), value=False)
+        blocks = rows * n_blocks
+        r = self.mamba(_reshape(h, (blocks, block_size, dim)),
+                       None if valid is None else _reshape(valid, (blocks, block_size)))
+        r = _reshape(r, (rows, n_blocks * block_size, dim))
+        # The real columns: a slice, or a gather under a symbolic length (a slice guards on its bounds).
+        r = r.index_select(1, torch.arange(length, device=r.device) + lead) if symbolic else r[:, lead : lead + length]
+        if segments > 1:
+            r = r.reshape(batch, total, dim)
+        return gated_residual(hidden_states, r, self.norm.weight, self.norm.bias, self.norm.eps, self.gate)
 
 
 class R2LMDecoderLayer(Qwen3DecoderLayer):
@@ -222,10 +175,16 @@ class R2LMDecoderLayer(Qwen3DecoderLayer):
         self.sidecar = R2LMSidecar(config) if layer_idx in config.sidecar_layers else None
 
     def forward(self, hidden_states, sidecar_valid=None, block_size=None, block_offset=0, segments=1, **kwargs):
-        hidden_states = super().forward(hidden_states, **kwargs)
+        """Qwen3DecoderLayer's forward, keeping the attention weights it drops, then the sidecar. `kwargs` go to the
+        attention (mask, positions, cache). Returns (hidden_states, attention weights: None unless eager attention
+        computed them)."""
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         if self.sidecar is not None:
             hidden_states = self.sidecar(hidden_states, sidecar_valid, block_size, block_offset, segments)
-        return hidden_states
+        return hidden_states, attn_weights
 
 
 @dataclass
@@ -235,6 +194,7 @@ class R2LMModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     cache: DynamicCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -245,6 +205,7 @@ class R2LMCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: DynamicCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -284,6 +245,22 @@ def inference_attention_mask(key_valid, query_len, causal, dtype):
 def position_ids_from_validity(valid):
     """Position of each column: the number of tokens before it (left padding takes no positions)."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_token_ids(input_ids, vocab_size, sync=False):
+    """A ValueError naming the first id outside [0, vocab_size) instead of the embedding's IndexError, which names
+    nothing. The values are read only where that costs no host synchronisation (a CPU tensor, not traced) or when
+    `sync` allows it (generate checks its prompt once); the dtype always."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"Token ids must be integers, got a {input_ids.dtype} tensor.")
+    if (input_ids.device.type != "cpu" and not sync) or is_tracing(input_ids):
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        raise ValueError(
+            f"Token id {int(input_ids[bad][0])} is outside the vocabulary: ids must be in [0, {vocab_size}) "
+            f"(vocab_size={vocab_size}). Was the input made with another tokenizer?"
+        )
 
 
 def training_attention_mask(valid, block, dtype):
@@ -355,6 +332,7 @@ class R2LMModel(R2LMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -365,7 +343,8 @@ class R2LMModel(R2LMPreTrainedModel):
         inputs_embeds=None,
         block_size=None,
         block_offset=0,
-        output_hidden_states=False,
+        output_attentions=None,
+        output_hidden_states=None,
         **kwargs,
     ) -> R2LMModelOutput:
         """Runs the decoder over columns [P, P + q) after a cache of P columns (P = 0 without one).
@@ -373,11 +352,19 @@ class R2LMModel(R2LMPreTrainedModel):
         attention_mask: (b, P + q), 1 for tokens and 0 for (left) padding. position_ids default to the count of
         tokens before each column. block_offset: blocks are [block_offset + k B, block_offset + (k + 1) B) in
         column space. With a cache, only complete blocks are kept in it: a block cut by the input's end is dropped.
+        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's, as in transformers.
+        `max_position_embeddings` is the pre-training length, not a limit: longer inputs run (with RoPE scaling in
+        `config.rope_parameters` they are what it is for).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.2x names it `cache`
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
         batch, query_len = inputs_embeds.shape[:2]
         block_size = self._check_block_size(block_size)
@@ -394,34 +381,37 @@ class R2LMModel(R2LMPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = past_len + query_len
-        if total > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The sequence has {total} columns, more than max_position_embeddings="
-                f"{self.config.max_position_embeddings}: shorten the input or max_new_tokens."
-            )
         key_valid = self._key_validity(attention_mask, batch, total, inputs_embeds.device)
         if position_ids is None:
             position_ids = position_ids_from_validity(key_valid)[:, past_len:]
 
-        mask = self._attention_mask(key_valid, query_len, causal, inputs_embeds.dtype)
-        hidden_states = self._decode(
-            inputs_embeds, mask, position_ids, past_key_values, key_valid[:, past_len:], block_size,
-            (block_offset - past_len) % block_size, 1, output_hidden_states,
+        mask = self._attention_mask(attention_mask, key_valid, query_len, causal, inputs_embeds.dtype)
+        sidecar_valid = None if attention_mask is None else key_valid[:, past_len:]  # None: nothing to zero
+        last, all_hidden, all_attentions = self._decode(
+            inputs_embeds, mask, position_ids, past_key_values, sidecar_valid, block_size,
+            (block_offset - past_len) % block_size, 1, output_hidden_states, output_attentions,
         )
         if use_cache:
             # Keep complete blocks only: the columns of a block the input cuts short will still change.
             incomplete = (total - block_offset) % block_size
             if incomplete and past_key_values.get_seq_length() > 0:
                 past_key_values.crop(-incomplete)
-        last, all_hidden = hidden_states
-        return R2LMModelOutput(last_hidden_state=last, cache=past_key_values if use_cache else None, hidden_states=all_hidden)
+        return R2LMModelOutput(
+            last_hidden_state=last, cache=past_key_values if use_cache else None, hidden_states=all_hidden,
+            attentions=all_attentions,
+        )
 
-    def _decode(self, hidden, mask, position_ids, cache, valid, block_size, block_offset, segments, output_hidden):
-        """The decoder stack; sidecars see `segments` runs of columns, each cut into blocks from `block_offset`."""
+    def _decode(self, hidden, mask, position_ids, cache, valid, block_size, block_offset, segments,
+                output_hidden=False, output_attentions=False):
+        """The decoder stack; sidecars see `segments` runs of columns, each cut into blocks from `block_offset`, with
+        `valid` (b, segments * L) marking padding (None: no padding). Returns the final normed hidden states and, when
+        asked, the hidden states (the embeddings, then each layer's output; the last one normed, as transformers'
+        models give it) and each layer's attention weights (eager attention only: sdpa computes none and says so)."""
         position_embeddings = self.rotary_emb(hidden, position_ids)
         all_hidden = (hidden,) if output_hidden else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden = layer(
+            hidden, weights = layer(
                 hidden,
                 sidecar_valid=valid,
                 block_size=block_size,
@@ -432,19 +422,23 @@ class R2LMModel(R2LMPreTrainedModel):
                 position_embeddings=position_embeddings,
                 use_cache=cache is not None,
                 **{_CACHE_ARG: cache},
+                **({"output_attentions": True} if output_attentions else {}),
             )
             if output_hidden:
                 all_hidden += (hidden,)
-        return self.norm(hidden), all_hidden
+            if output_attentions and weights is not None:
+                all_attentions += (weights,)
+        hidden = self.norm(hidden)
+        if output_hidden:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        return hidden, all_hidden, all_attentions
 
-    def _attention_mask(self, key_valid, query_len, causal, dtype):
+    def _attention_mask(self, attention_mask, key_valid, query_len, causal, dtype):
         # sdpa reaches its flash kernel only without an explicit mask; a causal pass over every column with no
-        # padding needs none (sdpa then applies `is_causal`).
-        if (
-            causal
-            and self.config._attn_implementation == "sdpa"
-            and query_len == key_valid.shape[1]
-            and bool(key_valid.all())
+        # padding needs none (sdpa then applies `is_causal`). A given mask is read for padding only when running
+        # eagerly: a traced graph (torch.export, torch.compile) cannot branch on tensor values, so it keeps the mask.
+        if causal and self.config._attn_implementation == "sdpa" and query_len == key_valid.shape[1] and (
+            attention_mask is None or (not is_tracing(attention_mask) and bool(key_valid.all()))
         ):
             return None
         return inference_attention_mask(key_valid, query_len, causal, dtype)
@@ -476,6 +470,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         self.model = R2LMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # `forward(labels=...)` is the AR loss (transformers finds no type in our name)
         self.post_init()
         self.generation_config = R2LMGenerationConfig(
             block_size=config.block_size, mask_token_id=config.mask_token_id,
@@ -494,6 +489,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -506,12 +502,19 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         block_offset=0,
         labels=None,
         logits_to_keep=0,
-        output_hidden_states=False,
+        output_attentions=None,
+        output_hidden_states=None,
         **kwargs,
     ) -> R2LMCausalLMOutput:
         """Shifted logits: `logits[:, p]` predicts the token at p + 1. `labels` (b, q) give the AR cross-entropy
-        (shifted inside, -100 ignored). `logits_to_keep=n` computes the last n columns' logits only."""
-        if labels is not None and logits_to_keep:
+        through `self.loss_function` (transformers' `ForCausalLMLoss`: shifted inside, -100 ignored); the keyword
+        arguments `shift_labels` (labels already shifted: `shift_labels[:, p]` is the target of `logits[:, p]`),
+        `num_items_in_batch` (the loss is then summed and divided by it, as the Trainer asks under gradient
+        accumulation) and `ignore_index` go to it. `logits_to_keep=n` computes the last n columns' logits only.
+        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's."""
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in kwargs}
+        wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
+        if wants_loss and logits_to_keep:
             raise ValueError("`labels` needs the logits of every column: leave `logits_to_keep` at 0.")
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.2x names it `cache`
         outputs = self.model(
@@ -523,17 +526,18 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             inputs_embeds=inputs_embeds,
             block_size=block_size,
             block_offset=block_offset,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+        if wants_loss:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         return R2LMCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     def diffusion_loss(
@@ -550,6 +554,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         if self.config.mask_token_id is None:
             raise ValueError("`config.mask_token_id` is not set: add a `<|mask|>` token and set its id in the config.")
         block_size = self.model._check_block_size(block_size)
+        check_token_ids(input_ids, self.model.embed_tokens.num_embeddings)
         batch, length = input_ids.shape
         device = input_ids.device
         if block_offset is None:
@@ -579,9 +584,9 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             mask = training_attention_mask(valid, block, embeds.dtype)
         else:
             mask = inference_attention_mask(valid, length, causal=False, dtype=embeds.dtype)
-        hidden, _ = self.model._decode(
-            embeds, mask, position_ids_from_validity(valid).repeat(1, halves), None, valid.repeat(1, halves),
-            block_size, block_offset, halves, False,
+        hidden, _, _ = self.model._decode(
+            embeds, mask, position_ids_from_validity(valid).repeat(1, halves), None,
+            None if attention_mask is None else valid.repeat(1, halves), block_size, block_offset, halves,
         )
         # Shift: the prediction for column p is the hidden state at p - 1, taken from the clean half when p starts
         # a block (p - 1 ends the previous, final block) and from the noisy half otherwise.

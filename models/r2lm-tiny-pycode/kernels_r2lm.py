@@ -1,0 +1,314 @@
+"""The sidecar's selective scan: the plain-PyTorch reference, a Triton short-row scan (forward and backward), and the
+one dispatch point between them and mamba-ssm's kernel.
+
+Every scan here takes mamba-ssm's `selective_scan_fn` arguments (with `delta_softplus=True`):
+u, delta, z: (batch, d_inner, L), any strides; A: (d_inner, d_state); B, C: (batch, d_state, L);
+D, delta_bias: (d_inner,). It returns y (batch, d_inner, L) in u's dtype, with
+
+    delta_t = softplus(delta_t + delta_bias)
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        (h = 0 before the first step)
+    y_t = (C_t . h_t + D u_t) * silu(z_t)
+
+`reverse=True` runs the recurrence from the last step to the first (R2LM's right-to-left sidecar) without flipping
+anything in memory. The Triton scan is built for short rows (R2LM's blocks): one program owns a (row, channels) tile
+and keeps its state in registers, where mamba-ssm's kernel launches one 32-thread block per (row, channel) on rows of
+32 steps (about 8x slower on an H200).
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except ImportError:
+    selective_scan_fn = None
+
+
+logger = logging.get_logger(__name__)
+
+SCAN_IMPLEMENTATIONS = ("auto", "triton", "mamba", "torch")
+
+
+def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):
+    """The selective scan in plain PyTorch, in float32 or wider (mamba-ssm's `selective_scan_ref`, plus `reverse`)."""
+    dtype, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C, D, z, delta_bias = (t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias))
+    delta = F.softplus(delta + delta_bias[:, None])
+    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
+    deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    steps = list(zip(deltaA.unbind(2), deltaB_u.unbind(2), C.unbind(2)))
+    ys = []
+    # unbind, not [:, :, t]: the backward of one unbind is one stack, of L slices L full-size zero tensors.
+    for dA, dBu, c in reversed(steps) if reverse else steps:
+        state = dA * state + dBu
+        ys.append(torch.einsum("bdn,bn->bd", state, c))
+    y = torch.stack(ys[::-1] if reverse else ys, dim=2) + D[:, None] * u
+    return (y * F.silu(z)).to(dtype)
+
+
+# The backward keeps (BLOCK_D, d_state, L) tiles in registers: rows longer than this go to the PyTorch reference.
+TRITON_MAX_L = 128
+# The backward's register tiles, (BLOCK_D, d_state, L) padded to powers of two: 4 channels, as many or as few as keep
+# a tile within 1024..4096 elements, 16 elements a thread. Measured on an H200 (bf16, d_state 16, 16k rows x 2048
+# channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
+# within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
+_BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softplus(x):
+        # torch's threshold 20: above it softplus(x) is x to float32's precision, and exp(x) would overflow soon after.
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _load_tile(ptr, stride_i, stride_j, i, j, mask, ACC: tl.constexpr):
+        """The tile ptr[i, j] as ACC, 0 where masked."""
+        return tl.load(ptr + i[:, None] * stride_i + j[None, :] * stride_j, mask=mask, other=0.0).to(ACC)
+
+    @triton.jit
+    def _scan_steps(L: tl.constexpr, LP: tl.constexpr, REVERSE: tl.constexpr):
+        """The scan steps s = 0 .. LP - 1 and the time steps of s and of s + 1 (t = s, or L - 1 - s right to left)."""
+        s = tl.arange(0, LP)
+        if REVERSE:
+            t, t_next = L - 1 - s, L - 2 - s
+        else:
+            t, t_next = s, s + 1
+        return s, t, t_next
+
+    @triton.jit
+    def _first_order_combine(a1, b1, a2, b2):
+        # h -> a1 h + b1, then h -> a2 h + b2: the linear recurrence h_s = a_s h_{s-1} + b_s as an associative scan.
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
+        d_inner,
+        su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+        sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
+        """One program: row `program_id(0)`, BLOCK_D channels; the (BLOCK_D, NP) state steps through the row in
+        registers (NP: d_state padded to a power of two, the padding masked)."""
+        row = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, NP)
+        dmask, nmask = d < d_inner, n < N
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0).to(ACC)
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        state = tl.zeros((BLOCK_D, NP), dtype=ACC)
+        for i in range(L):
+            if REVERSE:
+                t = L - 1 - i
+            else:
+                t = i
+            u = tl.load(u_ptr + row * su_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(ACC)
+            dt = tl.load(dt_ptr + row * sdt_b + d * sdt_d + t * sdt_l, mask=dmask, other=0.0).to(ACC)
+            z = tl.load(z_ptr + row * sz_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(ACC)
+            Bt = tl.load(B_ptr + row * sB_b + n * sB_n + t * sB_l, mask=nmask, other=0.0).to(ACC)  # (NP,)
+            Ct = tl.load(C_ptr + row * sC_b + n * sC_n + t * sC_l, mask=nmask, other=0.0).to(ACC)
+            dt = _softplus(dt + bias)
+            # h_t = exp(dt A) h_{t-1} + dt B_t u_t ;  y_t = C_t . h_t + D u_t, gated by silu(z_t)
+            state = tl.exp(dt[:, None] * A) * state + (dt * u)[:, None] * Bt[None, :]
+            y = tl.sum(state * Ct[None, :], axis=1) + D * u
+            y = y * z * _sigmoid(z)
+            tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
+        du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+        d_inner,
+        su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+        sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr,
+        REVERSE: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """One program: row `program_id(0)`, BLOCK_D channels, the whole row at once as (BLOCK_D, NP, LP) tiles in
+        scan order s (t = s, or L - 1 - s right to left; NP, LP: d_state and L padded to powers of two). du, ddt, dz
+        are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every program
+        of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
+        row = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, NP)
+        s, t, t_next = _scan_steps(L, LP, REVERSE)
+        dmask, nmask, smask = d < d_inner, n < N, s < L
+        m = dmask[:, None] & smask[None, :]
+        m_next = dmask[:, None] & (s < L - 1)[None, :]  # the step after s exists
+        mB = nmask[:, None] & smask[None, :]
+        u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
+        dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
+        dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
+        z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
+        dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
+        B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+        C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
+        A = _load_tile(A_ptr, N, 1, d, n, dmask[:, None] & nmask[None, :], ACC)[:, :, None]  # (BLOCK_D, NP, 1)
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+
+        # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding a=1, b=0.
+        delta = tl.where(m, _softplus(dt + bias), 0.0)
+        delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
+        b = (delta * u)[:, None, :] * B
+        _, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
+        sig_z = _sigmoid(z)
+        g = dy * z * sig_z  # dL/dy'_s, y'_s = C_s . h_s + D u_s the output before its gate
+        y = tl.sum(C * h, axis=1) + D * u
+        dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
+
+        # The adjoint lambda_s = dL/dh_s = g_s C_s + a_{s+1} lambda_{s+1} (a_L = 0): the same recurrence, right to left.
+        a_next = tl.where(m_next[:, None, :], tl.exp(delta_next[:, None, :] * A), 0.0)
+        _, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine, reverse=True)
+        lam_B = tl.sum(lam * B, axis=1)
+        lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
+        du = g * D + lam_B * delta
+        ddelta = tl.sum(lam_ah * A, axis=1) + lam_B * u
+        x = dt + bias
+        ddt = ddelta * tl.where(x > 20.0, 1.0, _sigmoid(x))
+
+        out = row * d_inner * L + d[:, None] * L + t[None, :]
+        tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        # Sums over this tile's channels (dB, dC) and over this row's steps (dA, dD, dbias); other programs add theirs.
+        rows = row * N * L + n[:, None] * L + t[None, :]
+        tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
+        tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
+        tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], tl.sum(lam_ah * delta[:, None, :], axis=2),
+                      mask=dmask[:, None] & nmask[None, :])
+        tl.atomic_add(dD_ptr + d, tl.sum(g * u, axis=1), mask=dmask)
+        tl.atomic_add(dbias_ptr + d, tl.sum(ddt, axis=1), mask=dmask)
+
+
+def _accumulate_dtype(dtype):
+    """The kernels compute in float32, or in float64 for float64 inputs (as the reference does)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None):
+    """y (batch, d_inner, L), laid out as u is. block_d: channels per program; by default 64, or 16 when that leaves
+    fewer than four programs per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels per program
+    took 31 us per sidecar there)."""
+    batch, d_inner, L = u.shape
+    d_state = A.shape[1]
+    if block_d is None:
+        sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
+        block_d = 64 if batch * triton.cdiv(d_inner, 64) >= 4 * sms else 16
+    y = torch.empty_like(u)
+    grid = (batch, triton.cdiv(d_inner, block_d))
+    _scan_fwd_kernel[grid](
+        u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
+        d_inner,
+        *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
+        L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
+        ACC=_accumulate_dtype(u.dtype),
+    )
+    return y
+
+
+def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, reverse):
+    """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
+    (du, ddelta, dz: contiguous (batch, d_inner, L)). Tiles of BLOCK_D channels as _BWD_CHANNELS says."""
+    batch, d_inner, L = u.shape
+    d_state = A.shape[1]
+    NP, LP = triton.next_power_of_2(d_state), triton.next_power_of_2(L)
+    block_d = min(max(_BWD_CHANNELS, _BWD_TILE_MIN // (NP * LP)), max(1, _BWD_TILE_MAX // (NP * LP)))
+    block_d = min(block_d, triton.next_power_of_2(d_inner))
+    num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    du, ddelta, dz = (torch.empty(batch, d_inner, L, dtype=t.dtype, device=u.device) for t in (u, delta, z))
+    dB, dC = (torch.zeros(batch, d_state, L, dtype=acc, device=u.device) for _ in range(2))
+    dA = torch.zeros(d_inner, d_state, dtype=acc, device=u.device)
+    dD, dbias = (torch.zeros(d_inner, dtype=acc, device=u.device) for _ in range(2))
+    grid = (batch, triton.cdiv(d_inner, block_d))
+    _scan_bwd_kernel[grid](
+        u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy,
+        du, ddelta, dz, dA, dB, dC, dD, dbias,
+        d_inner,
+        *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
+        L=L, N=d_state, NP=NP, LP=LP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype),
+        num_warps=num_warps,
+    )
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dbias.to(delta_bias.dtype))
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, reverse):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.reverse = reverse
+        return _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse)
+
+    @staticmethod
+    def backward(ctx, dy):
+        # Every gradient comes out of the one kernel, needed or not: skipping some would not shorten it much.
+        return *_scan_triton_backward(dy, *ctx.saved_tensors, ctx.reverse), None
+
+
+def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=False):
+    """The Triton short-row scan, differentiable; rows of at most TRITON_MAX_L steps (its backward holds whole rows
+    in registers)."""
+    if u.shape[-1] > TRITON_MAX_L:
+        raise ValueError(f"The Triton scan takes rows of at most {TRITON_MAX_L} steps, got {u.shape[-1]}: use "
+                         "sidecar_scan='torch' or 'mamba' for longer rows.")
+    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, reverse)
+
+
+def _mamba_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False):
+    """mamba-ssm's kernel; it only scans left to right, so a right-to-left scan flips its inputs and output (copies)."""
+    if reverse:
+        u, delta, B, C, z = (t.flip(-1) for t in (u, delta, B, C, z))
+    y = selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+    return y.flip(-1) if reverse else y
+
+
+SCANS = {"triton": selective_scan_triton, "mamba": _mamba_scan, "torch": selective_scan_ref}
+
+
+def scan_implementation(requested, x):
+    """The one dispatch point: `requested` ("auto", "triton", "mamba" or "torch") for a tensor `x`.
+
+    auto: the Triton scan on CUDA when Triton imports and the rows (x's last dimension, the scan's L) have at most
+    TRITON_MAX_L steps, else the PyTorch reference. mamba-ssm's kernel runs only when asked for (on 32-step rows it
+    is about 8x slower than the Triton scan)."""
+    if requested not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {requested!r}.")
+    if requested == "auto":
+        requested = "triton" if triton is not None and x.is_cuda and x.shape[-1] <= TRITON_MAX_L else "torch"
+    elif requested == "triton" and (triton is None or not x.is_cuda):
+        raise ValueError("sidecar_scan='triton' needs Triton and CUDA tensors: use 'auto' or 'torch' here.")
+    elif requested == "triton" and x.shape[-1] > TRITON_MAX_L:
+        raise ValueError(f"sidecar_scan='triton' takes rows of at most {TRITON_MAX_L} steps, got {x.shape[-1]}: use "
+                         "'auto' or 'torch' here.")
+    elif requested == "mamba" and (selective_scan_fn is None or not x.is_cuda):
+        raise ValueError("sidecar_scan='mamba' needs mamba-ssm (`pip install mamba-ssm`) and CUDA tensors: use "
+                         "'auto' or 'torch' here.")
+    logger.warning_once(f"R2LM sidecar: selective scan through {requested!r}.")
+    return requested
+
+
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False, implementation="auto"):
+    """The selective scan through the implementation `scan_implementation` picks."""
+    return SCANS[scan_implementation(implementation, u)](u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
+
+
+__all__ = ["TRITON_MAX_L", "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]
