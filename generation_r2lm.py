@@ -31,28 +31,30 @@ from .engine_r2lm import R2LMEngine, idle_token
 logger = logging.get_logger(__name__)
 
 
-def _confidence(probs, x0_prob):
+def _confidence(logits, log_z, x0_prob):
     return x0_prob
 
 
-def _margin(probs, x0_prob):
-    top2 = probs.topk(2, dim=-1).values
+def _margin(logits, log_z, x0_prob):
+    top2 = (logits.topk(2, dim=-1).values - log_z[..., None]).exp()
     return top2[..., 0] - top2[..., 1]
 
 
-def _entropy(probs, x0_prob):
-    return (probs * probs.clamp_min(1e-12).log()).sum(-1)  # negative entropy: the surest first
+def _entropy(logits, log_z, x0_prob):
+    log_probs = logits - log_z[..., None]
+    return (log_probs.exp() * log_probs.clamp_min(math.log(1e-12))).sum(-1)  # negative entropy: the surest first
 
 
-def _random(probs, x0_prob):
+def _random(logits, log_z, x0_prob):
     return torch.rand(x0_prob.shape, device=x0_prob.device)
 
 
-def _left_to_right(probs, x0_prob):
+def _left_to_right(logits, log_z, x0_prob):
     return -torch.arange(x0_prob.shape[-1], device=x0_prob.device, dtype=torch.float32).expand_as(x0_prob)
 
 
-# Each rule scores the positions of a block (b, B); masked positions are committed highest score first.
+# Each rule scores the positions of a block (b, B) from the processed logits (b, B, V) float, their log-partition
+# log_z (b, B) and the chosen tokens' probabilities; masked positions are committed highest score first.
 UNMASKING_RULES = {
     "confidence": _confidence,
     "margin": _margin,
@@ -243,17 +245,21 @@ def commit_tokens(block, wanted, columns, logits, processors, config, block_step
     """
     masked = (block == config.mask_token_id) & wanted
     batch, size, vocab = logits.shape
-    logits = process_logits(logits.float(), columns, processors)
+    logits = process_logits(logits, columns, processors)
     # Confidence is the probability after the logits processors (bans, biases) but before the sampling settings:
     # those only choose the token, so top_k=1 sampling is greedy decoding and the threshold means the same in both.
-    probs = logits.softmax(-1)
+    # p(x0) = exp(logit - logsumexp): the (b, B, V) probabilities are never written out (a full pass over the
+    # vocabulary each, 0.6 ms of a 12.5 ms batch-32 step on an H200).
+    log_z = logits.logsumexp(-1)
     if config.do_sample:
         sampled = processors["sample"](None, logits.reshape(-1, vocab)).softmax(-1)
-        x0 = torch.multinomial(sampled, 1).view(batch, size)
+        # One draw from `sampled` as the exponential race argmax(p / E), E ~ Exp(1) (what torch.multinomial does for
+        # one sample), written out so that it is plainly capturable in a CUDA graph.
+        x0 = (sampled / torch.empty_like(sampled).exponential_()).argmax(-1).view(batch, size)
     else:
-        x0 = probs.argmax(-1)
-    x0_prob = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    score = UNMASKING_RULES[config.unmasking](probs, x0_prob).masked_fill(~masked, -math.inf)
+        x0 = logits.argmax(-1)
+    x0_prob = (logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - log_z).exp()
+    score = UNMASKING_RULES[config.unmasking](logits, log_z, x0_prob).masked_fill(~masked, -math.inf)
     remaining = masked.sum(1, keepdim=True)
     steps_left = config.max_steps_per_block - block_step
     quota = torch.clamp(torch.maximum(torch.full_like(remaining, config.min_tokens_per_step),
@@ -265,9 +271,10 @@ def commit_tokens(block, wanted, columns, logits, processors, config, block_step
 
 def process_logits(logits, columns, processors):
     """The logits processors, as additions (-inf bans a token): `bias` everywhere, `begin` at the first generated
-    column, `eos_ban` before `min_new` generated columns; then `remove_invalid_values`. logits (b, B, V) float;
+    column, `eos_ban` before `min_new` generated columns; then `remove_invalid_values`. logits (b, B, V), any float
+    dtype (float32 out);
     columns (B,). Every branch here is on a setting, never on a tensor's values."""
-    logits = logits + processors["bias"]
+    logits = logits + processors["bias"]  # float32 bias: the sum is float32, with no separate cast of the logits
     if processors["begin"] is not None:
         logits = logits + torch.where((columns == 0)[:, None], processors["begin"], 0.0)
     if processors["min_new"]:
