@@ -55,6 +55,9 @@ def check_output_folder(folder, what: str, renamed_into_place: bool = False) -> 
             f"{what} {folder} is a mount point, which cannot be replaced by a rename: pass a folder inside it, such "
             f"as {folder / 'r2lm'}."
         )
+    existing = next(parent for parent in folder.parents if parent.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder} is inside {existing}, which is a file: choose a folder path.")
     writes_in = folder.parent if renamed_into_place else folder
     try:
         writes_in.mkdir(parents=True, exist_ok=True)

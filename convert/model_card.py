@@ -265,7 +265,7 @@ def build_training_card(record: dict) -> ModelCard:
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=[tag for tag in TAGS if tag != "qwen3" or init.get("source")],
-        **init.get("license", {}),
+        **(init.get("license") or {}),
     )
     batch, opt = record["batch"], record["optimizer"]
     init_cell, origin = init_markdown(init)

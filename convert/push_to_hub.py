@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import httpx
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
@@ -27,9 +26,14 @@ from convert.model_card import (
     build_training_card,
 )
 
+try:  # the HTTP client huggingface_hub raises from: httpx2 from huggingface_hub 2 on, httpx before
+    from huggingface_hub.utils import httpx
+except ImportError:
+    import httpx
+
 
 OFFLINE = "the Hub is offline (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push, or push later with r2lm-push."
-LOCAL_ONLY = ["training_state/**", ".tmp-*", ".old-*"]  # a checkpoint's optimizer state: for --resume, not for users
+LOCAL_ONLY = ["training_state/**"]  # a checkpoint's optimizer state: for --resume, not for users
 
 
 def log(message: str) -> None:

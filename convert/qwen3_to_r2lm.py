@@ -31,6 +31,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    StrictDataclassError,
 )
 from huggingface_hub.serialization._base import parse_size_to_int  # what save_pretrained parses max_shard_size with
 from huggingface_hub.utils import validate_repo_id
@@ -237,7 +238,7 @@ def build_r2lm(qwen3_config, state: dict, dtype: torch.dtype, **r2lm_fields) -> 
     """R2LM with the Qwen3 weights of `state` and freshly initialised sidecars (gates at zero), in `dtype`."""
     try:
         config = R2LMConfig.from_qwen3_config(qwen3_config, **r2lm_fields)
-    except ValueError as err:
+    except (ValueError, StrictDataclassError) as err:  # the last: transformers' own validators
         raise UserError(f"invalid R2LM settings: {err}") from None
     pad_embedding_rows(state, config.vocab_size)
     if config.tie_word_embeddings:

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -165,6 +166,17 @@ def test_push_reports_a_rejected_token(hub, folder, tmp_path):
     assert result.returncode == 2
     assert "refused the push" in result.stderr and "Traceback" not in result.stderr
     assert TOKEN not in result.stdout + result.stderr
+
+
+def test_push_to_an_unreachable_hub_says_so(folder, tmp_path):
+    """huggingface_hub 2 raises httpx2's errors, which r2lm-push used to let through as a traceback."""
+    with socket.socket() as sock:  # a port on which nothing listens
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    hub = type("Closed", (), {"url": closed})
+    result = push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"r2lm-push: error: could not reach the Hub at {closed}: ")
 
 
 @pytest.mark.parametrize(

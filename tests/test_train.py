@@ -225,6 +225,7 @@ def test_bad_numbers_are_refused_before_any_work(option, value, expected, corpus
         ("tokenizer_folder_without_tokenizer", "--tokenizer {tmp} has no tokenizer (none of tokenizer.json"),
         ("config_not_json", "{tmp}/config.json is truncated or corrupt (not valid JSON"),
         ("config_not_a_model", "--config {tmp}/config.json do not make a valid R2LM: `sidecar_layers` holds layer 5"),
+        ("odd_head_dim", "the size options do not make a valid R2LM: Class validation error for validator 'validate_rope'"),
         ("freeze_backbone_without_sidecars", "--freeze-backbone trains only the sidecars, and this model has none"),
         ("batch_larger_than_the_heldout_split", "fewer than one evaluation round of 64"),
         ("missing_resume", "--resume {tmp}/run: no such folder"),
@@ -248,6 +249,8 @@ def test_user_errors_are_one_line(case, expected, corpus, tokenizer_dir, tmp_pat
     elif case == "config_not_a_model":
         (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "sidecar_layers": [5]}))
         args += ["--config", tmp_path / "config.json"]
+    elif case == "odd_head_dim":  # refused by transformers' RoPE validator (not a ValueError)
+        args += ["--head-dim", "15"]
     elif case == "freeze_backbone_without_sidecars":
         args += ["--sidecar-layers", "--freeze-backbone"]
     elif case == "batch_larger_than_the_heldout_split":

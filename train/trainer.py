@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
@@ -104,7 +105,7 @@ def new_config(args, tokenizer):
         fields["block_size"] = args.block_size
     try:
         return R2LMConfig(**fields)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, StrictDataclassError) as err:  # the last: transformers' own validators
         where = f"--config {args.config}" if args.config is not None else "the size options"
         raise UserError(f"{where} do not make a valid R2LM: {one_line(err)}") from None
 
