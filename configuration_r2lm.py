@@ -1,4 +1,5 @@
-"""R2LM configuration: a Qwen3 decoder plus reverse Mamba sidecars (Bifocal diffusion LM, arXiv 2606.27732)."""
+"""R2LM configuration: a Qwen3 decoder plus reverse Mamba sidecars (Bifocal diffusion LM, arXiv 2606.27732), and the
+baselines built from the same pieces (causal and bidirectional dLLMs, DiffuApriel and DiffuApriel-H)."""
 
 import math
 
@@ -9,6 +10,9 @@ from .kernels_r2lm import SCAN_IMPLEMENTATIONS
 
 
 ATTENTION_MODES = ("causal", "bidirectional")
+# The backbone's token mixers: Qwen3 attention in every layer (R2LM and its attention baselines), DiffuApriel's
+# bidirectional Mamba in every layer, or DiffuApriel-H's hybrid (attention at `attention_layers`, Mamba elsewhere).
+MIXERS = ("attention", "mamba", "hybrid")  # each layer then reads "attention" or "mamba" from `config.mixer_types`
 
 # Saved in every config.json, so that a saved folder loads through the Auto classes with trust_remote_code=True.
 AUTO_MAP = {
@@ -19,6 +23,9 @@ AUTO_MAP = {
 
 # Fields that describe where a Qwen3Config came from rather than the model itself.
 _NOT_ARCHITECTURE = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype")
+# Fields a matched baseline (`R2LMConfig.matched_to`) sets itself or derives from the ones it sets.
+_NOT_MATCHED = _NOT_ARCHITECTURE + ("num_hidden_layers", "intermediate_size", "layer_types", "max_window_layers",
+                                    "sidecar_layers", "attention", "mixer", "attention_layers", "mixer_types")
 
 
 class R2LMConfig(PretrainedConfig):
@@ -39,9 +46,24 @@ class R2LMConfig(PretrainedConfig):
             of maths): `"auto"` is the Triton short-row scan on CUDA when Triton imports and the plain-PyTorch
             reference otherwise; `"triton"` the Triton scan (CUDA only); `"mamba"` mamba-ssm's `selective_scan_fn`
             (CUDA, when mamba-ssm is installed); `"torch"` the reference. A choice the machine cannot run raises a
-            ValueError at the forward.
-        attention (`str`, defaults to `"causal"`): `"causal"` (R2LM; the causal dLLM when `sidecar_layers=[]`) or
-            `"bidirectional"` (the bidirectional dLLM baseline: full attention, no sidecar, no KV cache).
+            ValueError at the forward. The `sidecar_*` Mamba fields size and run every Mamba block of the model,
+            the Mamba mixers' too. The Triton scan takes rows of at most 128 steps: the Mamba mixers scan whole
+            sequences, so on CUDA `"auto"` runs them through the reference (slow); `"mamba"` is the long-row kernel.
+        attention (`str`, *optional*): `"causal"` (R2LM; the causal dLLM when `sidecar_layers=[]`) or
+            `"bidirectional"` (the bidirectional dLLM baseline: full attention, no sidecar, no KV cache). Defaults to
+            `"causal"` with `mixer="attention"` and to `"bidirectional"` otherwise, which is the only value the Mamba
+            mixers take (they read the right context: there is no causal cache to keep).
+        mixer (`str`, defaults to `"attention"`): the token mixer of the backbone's layers. `"attention"`: Qwen3
+            attention everywhere (R2LM and the causal / bidirectional dLLMs). `"mamba"`: DiffuApriel, every layer a
+            bidirectional Mamba mixer (`R2LMBiMamba`: a left-to-right and a right-to-left Mamba block over the whole
+            sequence, separate weights, outputs summed) followed by the Qwen3 MLP. `"hybrid"`: DiffuApriel-H,
+            bidirectional attention at `attention_layers` and the bidirectional Mamba mixer elsewhere. The Mamba
+            mixers have no sidecar and decode like the bidirectional baseline (each step recomputes the canvas).
+        attention_layers (`list[int]`, *optional*): with `mixer="hybrid"`, the layers that keep attention (at least
+            one); defaults to every 4th layer (3, 7, 11, ...), where R2LM's sidecars sit. Only for `"hybrid"`.
+        mixer_types (`list[str]`, *optional*): one of `"attention"` / `"mamba"` per layer, derived from `mixer` and
+            `attention_layers` (the list each layer reads, `config.mixer_types[layer_idx]`; `layer_types` keeps
+            transformers' attention types). Saved in config.json; a given list must agree with `mixer`.
         block_size (`int`, defaults to 32): tokens per diffusion block; the sidecars never look past a block's end.
         mask_token_id (`int`, *optional*): id of the `<|mask|>` token.
     """
@@ -79,7 +101,10 @@ class R2LMConfig(PretrainedConfig):
         sidecar_d_conv=4,
         sidecar_dt_rank="auto",
         sidecar_scan="auto",
-        attention="causal",
+        attention=None,
+        mixer="attention",
+        attention_layers=None,
+        mixer_types=None,
         block_size=32,
         mask_token_id=None,
         pad_token_id=None,
@@ -110,8 +135,11 @@ class R2LMConfig(PretrainedConfig):
         self.layer_types = layer_types or ["full_attention"] * num_hidden_layers
         self.attention_dropout = attention_dropout
 
+        if attention is None:
+            attention = "causal" if mixer == "attention" else "bidirectional"
         if sidecar_layers is None:
-            sidecar_layers = list(range(3, num_hidden_layers, 4)) if attention == "causal" else []
+            with_sidecars = attention == "causal" and mixer == "attention"
+            sidecar_layers = list(range(3, num_hidden_layers, 4)) if with_sidecars else []
         self.sidecar_layers = list(sidecar_layers)
         self.sidecar_d_state = sidecar_d_state
         self.sidecar_expand = sidecar_expand
@@ -119,9 +147,21 @@ class R2LMConfig(PretrainedConfig):
         self.sidecar_dt_rank = sidecar_dt_rank
         self.sidecar_scan = sidecar_scan
         self.attention = attention
+        self.mixer = mixer
+        if mixer == "hybrid" and attention_layers is None:
+            attention_layers = list(range(3, num_hidden_layers, 4))
+        if attention_layers is not None and not isinstance(attention_layers, (list, tuple)):
+            raise ValueError(f"`attention_layers` must be a list of layer indices, got {attention_layers!r}.")
+        self.attention_layers = None if attention_layers is None else list(attention_layers)
         self.block_size = block_size
         self.mask_token_id = mask_token_id
         self._validate_r2lm()
+        self.mixer_types = self._derived_mixer_types()
+        if mixer_types is not None and list(mixer_types) != self.mixer_types:
+            raise ValueError(
+                f"`mixer_types` {list(mixer_types)} disagrees with mixer={mixer!r} and attention_layers="
+                f"{self.attention_layers} (which give {self.mixer_types}): set `mixer` and `attention_layers` instead."
+            )
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
             pad_token_id=pad_token_id,
@@ -143,6 +183,53 @@ class R2LMConfig(PretrainedConfig):
         if self.sidecar_dt_rank == "auto":
             return math.ceil(self.hidden_size / 16)
         return self.sidecar_dt_rank
+
+    def parameter_count(self) -> int:
+        """The number of parameters of `R2LMForDiffusionLM(self)`, counted from the config (the tied `lm_head` once):
+        embeddings, each layer's mixer (Qwen3 attention, or two Mamba blocks), MLP and norms, the sidecars, the final
+        norm and an untied `lm_head`."""
+        d, hd, E, N, R = self.hidden_size, self.head_dim, self.sidecar_expand * self.hidden_size, \
+            self.sidecar_d_state, self.sidecar_dt_rank_value
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        attention = d * (q + 2 * kv) + q * d + 2 * hd + (q + 2 * kv + d) * self.attention_bias
+        # mamba-ssm's Mamba: in_proj (x, z), the depthwise conv and its bias, x_proj (dt, B, C), dt_proj, A_log, D,
+        # out_proj.
+        mamba = d * 2 * E + E * (self.sidecar_d_conv + 1) + E * (R + 2 * N) + (R + 1) * E + E * N + E + E * d
+        mixer = {"attention": attention, "mamba": 2 * mamba}
+        layers = sum(mixer[kind] + 3 * d * self.intermediate_size + 2 * d for kind in self.mixer_types)
+        sidecars = len(self.sidecar_layers) * (mamba + 2 * d + 1)
+        embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return embeddings + layers + sidecars + d
+
+    @classmethod
+    def matched_to(cls, reference: "R2LMConfig", mixer: str, attention_every: int = 4, multiple_of: int = 128,
+                   **overrides) -> "R2LMConfig":
+        """A DiffuApriel (`mixer="mamba"`) or DiffuApriel-H (`mixer="hybrid"`, attention in every `attention_every`-th
+        layer) config with about `reference`'s parameter count, for comparisons at one budget.
+
+        The recipe: everything but the depth and the MLP width is `reference`'s (vocabulary, width, heads, the Mamba
+        blocks' sizes, RoPE, block size, token ids); the depth is the one whose count comes closest to the budget at
+        `reference`'s intermediate_size, then intermediate_size (a multiple of `multiple_of`) is the one that comes
+        closest at that depth. A bidirectional Mamba layer (two Mamba blocks, ~2.2x a Qwen3 attention block at 1.7B
+        shapes) costs more than an attention layer, so the baselines come out shallower, with wider MLPs when the
+        rounding of the depth left room. `overrides` set other fields."""
+        if mixer not in ("mamba", "hybrid"):
+            raise ValueError(f"`mixer` must be 'mamba' or 'hybrid' for a matched baseline, got {mixer!r}.")
+        budget = reference.parameter_count()
+        fields = {k: v for k, v in reference.to_dict().items() if k not in _NOT_MATCHED}
+        fields.update(mixer=mixer, **overrides)
+
+        def build(layers, intermediate):
+            attention_layers = list(range(attention_every - 1, layers, attention_every)) if mixer == "hybrid" else None
+            return cls(**{**fields, "num_hidden_layers": layers, "max_window_layers": layers,
+                          "intermediate_size": intermediate, "attention_layers": attention_layers})
+
+        first = attention_every if mixer == "hybrid" else 1  # a hybrid needs one attention layer
+        depths = range(first, 2 * reference.num_hidden_layers + 1)
+        layers = min(depths, key=lambda n: abs(build(n, reference.intermediate_size).parameter_count() - budget))
+        widths = range(multiple_of, 4 * reference.intermediate_size + 1, multiple_of)
+        intermediate = min(widths, key=lambda w: abs(build(layers, w).parameter_count() - budget))
+        return build(layers, intermediate)
 
     def _validate_r2lm(self):
         sizes = {
@@ -183,6 +270,7 @@ class R2LMConfig(PretrainedConfig):
                 )
         if len(set(self.sidecar_layers)) != len(self.sidecar_layers):
             raise ValueError(f"`sidecar_layers` repeats a layer: {self.sidecar_layers}.")
+        self._validate_mixer()
         if self.attention == "bidirectional" and self.sidecar_layers:
             raise ValueError(
                 "`sidecar_layers` must be empty with attention='bidirectional': full attention already sees the "
@@ -197,6 +285,52 @@ class R2LMConfig(PretrainedConfig):
             )
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"`mask_token_id` ({self.mask_token_id}) must be a token id below vocab_size ({self.vocab_size}).")
+
+    def _validate_mixer(self):
+        if self.mixer not in MIXERS:
+            raise ValueError(f"`mixer` must be one of {MIXERS}, got {self.mixer!r}.")
+        if self.mixer == "attention":
+            if self.attention_layers is not None:
+                raise ValueError("`attention_layers` is for mixer='hybrid' (DiffuApriel-H); with mixer='attention' "
+                                 "every layer is attention: leave it unset.")
+            return
+        if self.attention != "bidirectional":
+            raise ValueError(
+                f"`attention` must be 'bidirectional' with mixer={self.mixer!r}, got {self.attention!r}: the Mamba "
+                "mixers read the right context, so there is no causal KV cache to keep (DiffuApriel decodes as the "
+                "bidirectional baseline does)."
+            )
+        if self.sidecar_layers:
+            raise ValueError(
+                f"`sidecar_layers` must be empty with mixer={self.mixer!r}, got {self.sidecar_layers}: the "
+                "bidirectional Mamba mixers already give every token its right context (DiffuApriel has no sidecar)."
+            )
+        if self.mixer == "mamba":
+            if self.attention_layers is not None:
+                raise ValueError("`attention_layers` is for mixer='hybrid' (DiffuApriel-H); mixer='mamba' "
+                                 "(DiffuApriel) has no attention layer: leave it unset.")
+            return
+        for i in self.attention_layers:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"`attention_layers` must hold layer indices (integers), got {i!r}.")
+            if not 0 <= i < self.num_hidden_layers:
+                raise ValueError(
+                    f"`attention_layers` holds layer {i}, outside [0, {self.num_hidden_layers - 1}] "
+                    f"(num_hidden_layers={self.num_hidden_layers})."
+                )
+        if len(set(self.attention_layers)) != len(self.attention_layers):
+            raise ValueError(f"`attention_layers` repeats a layer: {self.attention_layers}.")
+        if not self.attention_layers:
+            raise ValueError(
+                f"`attention_layers` leaves no attention layer (num_hidden_layers={self.num_hidden_layers}): a hybrid "
+                "(DiffuApriel-H) needs at least one; a backbone of Mamba mixers only is mixer='mamba' (DiffuApriel)."
+            )
+
+    def _derived_mixer_types(self) -> list:
+        if self.mixer == "attention":
+            return ["attention"] * self.num_hidden_layers
+        attention = set(self.attention_layers or ())
+        return ["attention" if i in attention else "mamba" for i in range(self.num_hidden_layers)]
 
     @classmethod
     def from_qwen3_config(cls, qwen3_config, **kwargs) -> "R2LMConfig":

@@ -6,7 +6,12 @@ bf16 weights built on the GPU (DESIGN section 5: what users reach is what we mea
 
 Systems, sharing one backbone's weight tensors: r2lm (7 sidecars, gates at 0.5); causal_dllm (no sidecar);
 bidirectional (the engine recomputes the canvas each step); ar_engine (the R2LM at block_size=1: AR decoding); ar_hf
-(Qwen3ForCausalLM.generate, greedy, no EOS; static cache, compiled by transformers, at batch 1, else dynamic).
+(Qwen3ForCausalLM.generate, greedy, no EOS; static cache, compiled by transformers, at batch 1, else dynamic). With
+their own random weights, at the bidirectional dLLM's parameter count (the Qwen3 backbone's; R2LMConfig.matched_to:
+16 layers x ffn 5760 and 17 x 6400 at 1.7B shapes): diffuapriel (every layer a bidirectional Mamba mixer) and
+diffuapriel_h (attention in every 4th layer), decoded as the bidirectional baseline; their whole-sequence scans run
+through mamba-ssm's kernel where it is installed, else the PyTorch reference (slow: the Triton scan takes rows of at
+most 128 steps), as env.diffuapriel_scan says.
 A point is whole `model.generate(ids, attention_mask=..., max_new_tokens=G, block_size=Bk, threshold=1.0,
 min_tokens_per_step=k, unmasking="left_to_right", return_dict_in_generate=True)` calls, prefill included. Before a
 point every engine drops its buffers and graphs; the first call's seconds (buffers, capture, compilation) are
@@ -32,7 +37,7 @@ import transformers
 from transformers import CompileConfig, Qwen3Config, Qwen3ForCausalLM
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM
-from r2lm.kernels_r2lm import scan_implementation
+from r2lm.kernels_r2lm import scan_implementation, selective_scan_fn
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +49,13 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
             num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)
 MASK = 1000  # below both vocabularies; prompts draw from [0, MASK)
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
-SYSTEMS = ("r2lm", "causal_dllm", "bidirectional", "ar_engine", "ar_hf")
+SYSTEMS = ("r2lm", "causal_dllm", "bidirectional", "diffuapriel", "diffuapriel_h", "ar_engine", "ar_hf")
 CACHED = ("r2lm", "causal_dllm")  # blocks: the bidirectional baseline runs G / k steps of the canvas at any size
-MODEL_OF = {"r2lm": "r2lm", "causal_dllm": "causal", "bidirectional": "bidir", "ar_engine": "r2lm", "ar_hf": "qwen"}
+RECOMPUTED = ("bidirectional", "diffuapriel", "diffuapriel_h")  # the whole canvas in every step
+MODEL_OF = {"r2lm": "r2lm", "causal_dllm": "causal", "bidirectional": "bidir", "diffuapriel": "diffuapriel",
+            "diffuapriel_h": "diffuapriel_h", "ar_engine": "r2lm", "ar_hf": "qwen"}
+# The Mamba dLLMs' scan: mamba-ssm's kernel takes whole sequences; "auto" would give them the PyTorch reference.
+DIFFUAPRIEL_SCAN = "mamba" if CUDA and selective_scan_fn is not None else "auto"
 PARTS = ("latency", "train", "grid", "blocks", "engine_vs_eager", "compile")
 # The cost model (seconds, an H200): an engine step, each token a forward processes, an eager step, first-call extras.
 STEP_S, TOKEN_S, EAGER_STEP_S, COMPILE_S, HF_COMPILE_S = 2.5e-3, 8.5e-6, 0.06, 60.0, 90.0
@@ -54,21 +63,26 @@ STEP_S, TOKEN_S, EAGER_STEP_S, COMPILE_S, HF_COMPILE_S = 2.5e-3, 8.5e-6, 0.06, 6
 
 def build_models(shape):
     """The R2LM; the causal dLLM, the bidirectional dLLM and Qwen3ForCausalLM holding its backbone's tensors
-    (load_state_dict(assign=True)); bf16, built on the device."""
+    (load_state_dict(assign=True)); DiffuApriel and DiffuApriel-H at the bidirectional dLLM's parameter count; bf16,
+    built on the device."""
     torch.manual_seed(0)
+    bidir = R2LMConfig(**shape, mask_token_id=MASK, attention="bidirectional")
+    mamba = {name: R2LMConfig.matched_to(bidir, mixer, sidecar_scan=DIFFUAPRIEL_SCAN)
+             for name, mixer in (("diffuapriel", "mamba"), ("diffuapriel_h", "hybrid"))}
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(DEVICE):
         models = dict(r2lm=R2LMForDiffusionLM(R2LMConfig(**shape, mask_token_id=MASK)),
                       causal=R2LMForDiffusionLM(R2LMConfig(**shape, mask_token_id=MASK, sidecar_layers=[])),
-                      bidir=R2LMForDiffusionLM(R2LMConfig(**shape, mask_token_id=MASK, attention="bidirectional")),
-                      qwen=Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True)))
+                      bidir=R2LMForDiffusionLM(bidir),
+                      qwen=Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=True)),
+                      **{name: R2LMForDiffusionLM(config) for name, config in mamba.items()})
     torch.set_default_dtype(torch.float32)
     for layer in models["r2lm"].model.layers:
         if layer.sidecar is not None:
             layer.sidecar.gate.data.fill_(0.5)
     backbone = {k: v for k, v in models["r2lm"].state_dict().items() if ".sidecar." not in k}
     for name, model in models.items():
-        if name != "r2lm":
+        if name not in ("r2lm", *mamba):
             model.load_state_dict(backbone, strict=False, assign=True)
             model.tie_weights()
         model.eval().generation_config.update(eos_token_id=None, pad_token_id=0)
@@ -126,7 +140,7 @@ def call_estimate(p, calib):
     b, T, G, k = p["batch"], p["prompt"], p["new"], p["k"]
     if p["system"].startswith("ar_"):
         forwards, tokens = G, b
-    elif p["system"] == "bidirectional":
+    elif p["system"] in RECOMPUTED:
         forwards, tokens = G / k, b * (T + G)
     else:
         forwards, tokens = G / k, b * (p["block"] + k)  # one block per step, two in one step of every B/k
@@ -288,10 +302,12 @@ def report_lines(res, args):
     for (p, g), b in ((pair, b) for pair in args.grid for b in args.batches):
         pts = {s: point(s, b, p, g, compile=c) for s in SYSTEMS}
         r2lm, fastest_ar = tps(res, pts["r2lm"]), max(tps(res, pts[s]) or 0 for s in ("ar_engine", "ar_hf")) or None
-        rows.append([b, p, g, *(cell(res, pts[s]) for s in SYSTEMS), ratio(r2lm, fastest_ar),
-                     ratio(r2lm, tps(res, pts["bidirectional"]))])
+        bidir = tps(res, pts["bidirectional"])
+        rows.append([b, p, g, *(cell(res, pts[s]) for s in SYSTEMS), ratio(r2lm, fastest_ar), ratio(r2lm, bidir),
+                     *(ratio(tps(res, pts[s]), bidir) for s in ("diffuapriel", "diffuapriel_h"))])
     lines = table("Grid: blocks of 32, k = 4 (AR: 1 token per forward); tokens/s (first call's seconds)",
-                  ["batch", "prompt", "new", *SYSTEMS, "R2LM / fastest AR", "R2LM / bidirectional"], rows)
+                  ["batch", "prompt", "new", *SYSTEMS, "R2LM / fastest AR", "R2LM / bidirectional",
+                   "DiffuApriel / bidirectional", "DiffuApriel-H / bidirectional"], rows)
     lines += table(f"Block sizes, k = 4, prompt {p0} / {g0} new; tokens/s (first call's seconds)",
                    ["system", "block", *(f"batch {b}" for b in args.block_batches)],
                    [[s, bk, *(cell(res, point(s, b, p0, g0, block=bk, compile=c)) for b in args.block_batches)]
@@ -368,7 +384,8 @@ def main():
     res["env"] = env = dict(device=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
                       transformers=transformers.__version__, date=datetime.date.today().isoformat(),
                       model="tiny config" if args.tiny else "Qwen3-1.7B shapes", compile=args.compile,
-                      sidecar_scan=scan_implementation("auto", torch.empty(1, 1, 32, device=DEVICE)))
+                      sidecar_scan=scan_implementation("auto", torch.empty(1, 1, 32, device=DEVICE)),
+                      diffuapriel_scan=scan_implementation(DIFFUAPRIEL_SCAN, torch.empty(1, 1, 4096, device=DEVICE)))
     res["runs"] = res.get("runs", []) + [env]  # with --resume, every run that added points
     for name, section in (("latency", section_latency), ("train", section_train)):
         if name in args.parts and time.time() < args.deadline - 60:

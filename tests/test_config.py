@@ -117,3 +117,44 @@ def test_from_qwen3_config_rejects_another_architecture():
 def test_invalid_value_raises_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         R2LMConfig(**{**TINY, **overrides})
+
+
+def test_mixer_defaults_to_attention_and_sets_the_baselines():
+    """mixer="attention" is every existing model (R2LM and the attention dLLMs); "mamba" is DiffuApriel (every layer
+    a Mamba mixer), "hybrid" DiffuApriel-H (attention at every 4th layer by default). Both Mamba mixers default to
+    bidirectional attention and no sidecar; `layer_types` stays transformers' attention types."""
+    config = R2LMConfig(**TINY)
+    assert (config.mixer, config.attention, config.attention_layers) == ("attention", "causal", None)
+    assert config.mixer_types == ["attention"] * 4
+    mamba = R2LMConfig(**TINY, mixer="mamba")
+    assert (mamba.attention, mamba.sidecar_layers, mamba.mixer_types) == ("bidirectional", [], ["mamba"] * 4)
+    hybrid = R2LMConfig(**{**TINY, "num_hidden_layers": 8}, mixer="hybrid")
+    assert hybrid.attention_layers == [3, 7] and hybrid.mixer_types == ["mamba"] * 3 + ["attention"] + ["mamba"] * 3 + [
+        "attention"]
+    assert hybrid.layer_types == ["full_attention"] * 8
+    assert R2LMConfig(**TINY, mixer="hybrid", attention_layers=[0]).mixer_types == ["attention"] + ["mamba"] * 3
+
+
+def test_save_and_load_keeps_the_mixer_fields(tmp_path):
+    config = R2LMConfig(**TINY, mixer="hybrid", attention_layers=[0, 2], mask_token_id=98)
+    config.save_pretrained(tmp_path)
+    loaded = R2LMConfig.from_pretrained(tmp_path)
+    fields = ("mixer", "attention_layers", "mixer_types", "attention", "sidecar_layers")
+    assert {f: getattr(loaded, f) for f in fields} == {f: getattr(config, f) for f in fields}
+
+
+def test_matched_baselines_at_the_qwen3_1_7b_shape():
+    """The parameter budget recipe (`R2LMConfig.matched_to`) at Qwen3-1.7B's shape: the same width, heads, vocabulary
+    and Mamba sizes, depth then MLP width moved until the count is within 0.5% of the reference's (here R2LM's,
+    1.906B with its 7 sidecars, and the bidirectional dLLM's, the Qwen3-1.7B backbone, 1.721B)."""
+    shape = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    r2lm, bidirectional = R2LMConfig(**shape), R2LMConfig(**shape, attention="bidirectional")
+    assert (r2lm.parameter_count(), bidirectional.parameter_count()) == (1_905_681_415, 1_720_574_976)
+    for reference in (r2lm, bidirectional):
+        for mixer in ("mamba", "hybrid"):
+            config = R2LMConfig.matched_to(reference, mixer)
+            assert abs(config.parameter_count() / reference.parameter_count() - 1) < 0.005
+            assert (config.hidden_size, config.sidecar_expand, config.sidecar_d_state) == (2048, 2, 16)
+    assert R2LMConfig.matched_to(bidirectional, "mamba").num_hidden_layers == 16
+    assert R2LMConfig.matched_to(bidirectional, "hybrid").attention_layers == [3, 7, 11, 15]

@@ -13,7 +13,9 @@ the decoding policy of `generation_r2lm` (the same commit function, passed in) a
 - each Qwen3 layer as two elementwise pieces around its matrix products and attention (q, k, v and gate, up stacked
   into one matrix each: the model's parameters become views of it, so nothing is copied and training updates are
   seen); with `compile=True` these pieces are compiled (static kernels per shape);
-- the sidecars are the model's own modules (time order: reverse conv taps, the Triton scan right to left).
+- the sidecars are the model's own modules (time order: reverse conv taps, the Triton scan right to left), and so are
+  the bidirectional Mamba mixers of DiffuApriel / DiffuApriel-H (`config.mixer_types[i] == "mamba"`), which decode as
+  the bidirectional baseline does: the whole canvas each step, no cache.
 """
 
 import math
@@ -71,6 +73,13 @@ def attention_output_and_mlp(o, h, o_weight, post_weight, gate_up_weight, down_w
     return h + F.linear(F.silu(gate) * up, down_weight)
 
 
+def mlp_residual(h, post_weight, gate_up_weight, down_weight, eps):
+    """A Mamba-mixer layer's second half: the post-mixer RMSNorm, the SwiGLU MLP (gate and up stacked) and the
+    residual."""
+    gate, up = F.linear(rms_norm(h, post_weight, eps), gate_up_weight).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, down_weight)
+
+
 def split_key_attention(q, k, v, mask, chunk):
     """softmax(q k^T / sqrt(hd) + mask) v for a few query rows over many keys, the second product per key chunk (then
     summed): cuDNN's attention runs one thread block per kv head there (8 at batch 1), leaving the GPU idle.
@@ -92,6 +101,7 @@ class Ops:
         self.rms_norm = wrap(rms_norm)
         self.attention_inputs = wrap(attention_inputs)
         self.attention_output_and_mlp = wrap(attention_output_and_mlp)
+        self.mlp_residual = wrap(mlp_residual)
         self.split_key_attention = wrap(split_key_attention)
 
     @staticmethod
@@ -142,6 +152,7 @@ class R2LMEngine:
         self.model, self.compiled = model, compile
         self.ops = Ops(compile)
         self.causal = cfg.attention == "causal"
+        self.mixer_types = cfg.mixer_types
         self.n_heads, self.n_kv, self.head_dim, self.eps = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                             cfg.head_dim, cfg.rms_norm_eps)
         self.stacked = [self._stack(layer) for layer in model.model.layers]
@@ -168,11 +179,14 @@ class R2LMEngine:
     @staticmethod
     def _stack(layer):
         """q, k, v (and gate, up) in one matrix each; the model's parameters become row views of it, so nothing is
-        copied twice and whatever later changes them in place (an optimizer, `load_state_dict`) changes it too."""
-        attn, mlp = layer.self_attn, layer.mlp
+        copied twice and whatever later changes them in place (an optimizer, `load_state_dict`) changes it too. A
+        Mamba-mixer layer stacks gate and up only (its mixer runs as the module it is)."""
+        attn, mlp = getattr(layer, "self_attn", None), layer.mlp
+        groups = [("gate_up", (mlp.gate_proj, mlp.up_proj))]
+        if attn is not None:
+            groups.insert(0, ("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)))
         stacked = {}
-        for name, linears in (("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
-                              ("gate_up", (mlp.gate_proj, mlp.up_proj))):
+        for name, linears in groups:
             joined = torch.cat([linear.weight.data for linear in linears])
             row = 0
             for linear in linears:
@@ -341,8 +355,9 @@ class R2LMEngine:
         block decoded starts at column `cache_len` (set per block)."""
         B, dev = self.B, self.canvas.device
         positions = (torch.arange(self.columns, device=dev)[None] - self.pad[:, None]).clamp(min=0)
-        allowed = self.key_valid[:, None, None, : self.columns]
-        hidden = self.forward(self.canvas[:, : self.columns], positions, None, None, allowed, self.T % B)
+        valid = self.key_valid[:, : self.columns]
+        hidden = self.forward(self.canvas[:, : self.columns], positions, None, None, valid[:, None, None], self.T % B,
+                              valid=valid)
         block_cols = self.cache_len + torch.arange(B, device=dev)
         rows = (block_cols - 1)[None, :, None].expand(self.n, -1, hidden.shape[-1])  # column c from c - 1
         logits = self.model.lm_head(hidden.gather(1, rows))
@@ -367,19 +382,25 @@ class R2LMEngine:
 
     # -- the forward -------------------------------------------------------------------------------------------
 
-    def forward(self, ids, positions, write_cols, key_len, mask, block_offset=0, ops=None, causal=False):
+    def forward(self, ids, positions, write_cols, key_len, mask, block_offset=0, ops=None, causal=False, valid=None):
         """The decoder on ids (rows, s) at `positions`; returns the final-normed hidden states (rows, s, d).
 
         With `write_cols` (decode steps, the prefill) each layer's k and v go into the static cache at those columns
         and attention reads its first `key_len` columns. `mask`: additive in the grouped layout (decode steps), or
-        boolean (rows, 1, s | 1, keys), or None with `causal`. The sidecars' blocks start at `block_offset`."""
+        boolean (rows, 1, s | 1, keys), or None with `causal`. The sidecars' blocks start at `block_offset`. `valid`
+        (rows, s) bool marks the tokens (False on padding) for the Mamba mixers, as the model's forward gives it."""
         ops = ops or self.ops
         decoder = self.model.model
         h = decoder.embed_tokens(ids)
         cos, sin = decoder.rotary_emb(h, positions)
         for i, layer in enumerate(decoder.layers):
-            w, attn = self.stacked[i], layer.self_attn
+            w = self.stacked[i]
             x = ops.rms_norm(h, layer.input_layernorm.weight, self.eps)
+            if self.mixer_types[i] == "mamba":  # DiffuApriel's layer: the model's own mixer, then the MLP
+                h = ops.mlp_residual(h + layer.mixer(x, valid), layer.post_attention_layernorm.weight, w["gate_up"],
+                                     layer.mlp.down_proj.weight, self.eps)
+                continue
+            attn = layer.self_attn
             cache = (None, None, None) if write_cols is None else (self.k_cache[i], self.v_cache[i], write_cols)
             q, k, v = ops.attention_inputs(F.linear(x, w["qkv"]), attn.q_norm.weight, attn.k_norm.weight, cos, sin,
                                            self.eps, self.n_heads, self.n_kv, *cache)

@@ -519,7 +519,8 @@ class R2LMGenerationMixin(GenerationMixin):
             return (f"rope_type={rope_type!r} recomputes its frequencies from each call's positions, a host "
                     "synchronisation that a captured step cannot hold")
         for i, layer in enumerate(self.model.layers):
-            for name, module in (*layer.self_attn.named_children(), *layer.mlp.named_children()):
+            attn = getattr(layer, "self_attn", None)  # None in a Mamba-mixer layer, whose mixer runs as a module
+            for name, module in (*(attn.named_children() if attn is not None else ()), *layer.mlp.named_children()):
                 if name.endswith("_proj") and (type(module) is not torch.nn.Linear or module._forward_hooks
                                                or module._forward_pre_hooks):
                     return f"layers.{i}.{name} is a {type(module).__name__} with hooks or adapters, not a plain Linear"

@@ -14,6 +14,11 @@ first. The scan goes through `kernels_r2lm.selective_scan`, the one dispatch poi
 "auto" is the Triton short-row scan on CUDA (when Triton imports) and the plain-PyTorch reference otherwise; "triton"
 asks for the Triton scan, "mamba" for mamba-ssm's `selective_scan_fn`, "torch" for the reference. Logits are shifted
 as in an AR model: position p predicts p + 1.
+
+The same code holds the baselines: the causal dLLM (no sidecar), the bidirectional dLLM (`attention="bidirectional"`),
+and the seeds' Mamba dLLMs, selected by `config.mixer`: DiffuApriel ("mamba": every layer a bidirectional Mamba mixer,
+`R2LMBiMamba`, then the Qwen3 MLP) and DiffuApriel-H ("hybrid": bidirectional attention at `config.attention_layers`,
+the Mamba mixer elsewhere). Each layer reads its kind from `config.mixer_types[layer_idx]`.
 """
 
 import inspect
@@ -26,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
-from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.import_utils import is_tracing
 
@@ -56,6 +62,21 @@ def reverse_conv_silu(x, weight, bias=None):
     return F.silu(out)
 
 
+def causal_conv_silu(x, weight, bias=None):
+    """mamba-ssm's causal depthwise conv and its silu, in time order (the left-to-right twin of `reverse_conv_silu`):
+
+        out_t = silu(bias + sum_k w_k x_{t - (K - 1) + k})       (taps before the row's start read zeros)
+
+    x: (N, L, d_inner), token-major, any strides; weight: (d_inner, K); bias: (d_inner,) or None. Returns (N, L,
+    d_inner) in x's dtype."""
+    K, L = weight.shape[1], x.shape[1]
+    weight = weight.to(x.dtype)
+    out = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
+    for shift in range(1, min(K, L)):  # tap K - 1 - shift reads x_{t - shift}; the first `shift` steps read zeros
+        out[:, shift:].addcmul_(x[:, : L - shift], weight[:, K - 1 - shift])
+    return F.silu(out)
+
+
 def gated_residual(h, r, norm_weight, norm_bias, norm_eps, gate):
     """The sidecar's output: h + tanh(gate) * LayerNorm(r). h, r: (..., d_model); gate: a scalar tensor."""
     r = F.layer_norm(r, r.shape[-1:], norm_weight, norm_bias, norm_eps)
@@ -77,14 +98,16 @@ def _reshape(x, shape):
 class R2LMMamba(nn.Module):
     """mamba-ssm's Mamba-1 block (`mamba_simple.Mamba`, same parameters) applied to each row flipped in time, from a
     zero state, computed in time order: the conv's taps and the scan run right to left, so nothing is flipped.
+    `reverse=False` is mamba-ssm's block as it is, left to right (the forward half of `R2LMBiMamba`).
 
     Tensors stay token-major, (N, L, channels): every projection is one matrix product over all N * L tokens, and the
     scan reads u, delta, z, B and C as (N, channels, L) views. in_proj has no bias and dt_proj's bias goes into the
     scan as `delta_bias` (as in mamba-ssm), so dt_proj is applied through its weight: a hook on it is not seen."""
 
-    def __init__(self, config: R2LMConfig):
+    def __init__(self, config: R2LMConfig, reverse: bool = True):
         super().__init__()
         self.config = config  # read at each call: `config.sidecar_scan` picks the scan
+        self.reverse = reverse
         self.d_model = config.hidden_size
         self.d_state = config.sidecar_d_state
         self.d_conv = config.sidecar_d_conv
@@ -101,15 +124,16 @@ class R2LMMamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states: (N, L, d_model), each row scanned right to left; valid: (N, L) bool, False on padding, or
-        None for none. Returns (N, L, d_model).
+        """hidden_states: (N, L, d_model), each row scanned right to left (left to right with `reverse=False`); valid:
+        (N, L) bool, False on padding, or None for none. Returns (N, L, d_model).
 
         Padding is zeroed twice: before in_proj, so the conv taps that reach it read zeros, and after the conv, so
         that its scan input u is zero and it adds nothing to the state (which only decays through it)."""
         rows, length, _ = hidden_states.shape
         keep = None if valid is None else valid.to(hidden_states.dtype).unsqueeze(-1)  # (N, L, 1)
         x, z = self.in_proj(hidden_states if keep is None else hidden_states * keep).chunk(2, dim=-1)  # (N, L, E) views
-        u = reverse_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        conv_silu = reverse_conv_silu if self.reverse else causal_conv_silu
+        u = conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
         if keep is not None:
             u = u * keep.to(u.dtype)  # in u's dtype, so under autocast u stays bf16
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -118,7 +142,8 @@ class R2LMMamba(nn.Module):
         A = -torch.exp(self.A_log.to(compute))  # (E, d_state)
         y = selective_scan(
             u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(compute),
-            z.transpose(1, 2), self.dt_proj.bias.to(compute), reverse=True, implementation=self.config.sidecar_scan,
+            z.transpose(1, 2), self.dt_proj.bias.to(compute), reverse=self.reverse,
+            implementation=self.config.sidecar_scan,
         )  # (N, E, L)
         return self.out_proj(y.transpose(1, 2))
 
@@ -185,6 +210,65 @@ class R2LMDecoderLayer(Qwen3DecoderLayer):
         if self.sidecar is not None:
             hidden_states = self.sidecar(hidden_states, sidecar_valid, block_size, block_offset, segments)
         return hidden_states, attn_weights
+
+
+class R2LMBiMamba(nn.Module):
+    """DiffuApriel's bidirectional Mamba mixer: two of the sidecar's Mamba blocks over the whole sequence, one left to
+    right (`mamba_fwd`), one right to left (`mamba_rev`), with separate weights, their outputs summed:
+
+        out = mamba_fwd(x) + flip(mamba_rev(flip(x)))       (both computed in time order, nothing flipped)
+
+    The seed says only "a bidirectional Mamba backbone" (second-hand summaries mention Mamba-2); this is Caduceus's
+    BiMamba with the "add" strategy and no weight tying. Why: each half is exactly mamba-ssm's Mamba-1 block (the
+    sidecar's `R2LMMamba`: its kernels, initialisation, tests and the one scan dispatch, `config.sidecar_scan`), so
+    the three Mamba dLLMs of the comparison share one block; no tied parameters to keep tied through save, load and
+    sharding; and a sum adds the two contexts as a residual stream adds branches. It costs twice a Mamba block's
+    projections: `R2LMConfig.matched_to` matches parameter budgets by depth and MLP width.
+
+    Padding (`valid` False) is zeroed before in_proj and after the conv in both halves, so it adds nothing to any
+    state: left padding comes first in the left-to-right scan, where the state is still zero (it stays zero and
+    decays), and last in the right-to-left scan, after every real token. Padded rows give the real tokens exactly
+    the outputs of the unpadded sequence."""
+
+    def __init__(self, config: R2LMConfig):
+        super().__init__()
+        self.mamba_fwd = R2LMMamba(config, reverse=False)
+        self.mamba_rev = R2LMMamba(config, reverse=True)
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: (N, L, d_model), whole rows; valid: (N, L) bool (False on padding) or None. -> (N, L, d)."""
+        return self.mamba_fwd(hidden_states, valid) + self.mamba_rev(hidden_states, valid)
+
+
+class R2LMMambaDecoderLayer(GradientCheckpointingLayer):
+    """A DiffuApriel layer: Qwen3's pre-norm residual block with the bidirectional Mamba mixer in attention's place,
+
+        h = h + mixer(input_layernorm(h));   h = h + mlp(post_attention_layernorm(h))
+
+    (Qwen3's norm and MLP names, so the engine and the tools read every layer alike). No sidecar (`sidecar` is None)."""
+
+    def __init__(self, config: R2LMConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.mixer = R2LMBiMamba(config)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.sidecar = None
+
+    def forward(self, hidden_states, sidecar_valid=None, segments=1, **kwargs):
+        """hidden_states (b, segments * L, d): each segment of L columns scanned on its own; sidecar_valid (b,
+        segments * L) bool or None. `kwargs` (attention mask, positions, cache) are not read. Returns
+        (hidden_states, None): a Mamba mixer has no attention weights."""
+        batch, total, dim = hidden_states.shape
+        x = self.input_layernorm(hidden_states).reshape(batch * segments, total // segments, dim)
+        valid = None if sidecar_valid is None else sidecar_valid.reshape(batch * segments, total // segments)
+        hidden_states = hidden_states + self.mixer(x, valid).reshape(batch, total, dim)
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, None
+
+
+DECODER_LAYERS = {"attention": R2LMDecoderLayer, "mamba": R2LMMambaDecoderLayer}  # by `config.mixer_types[i]`
 
 
 @dataclass
@@ -288,7 +372,7 @@ class R2LMPreTrainedModel(PreTrainedModel):
     config: R2LMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["R2LMDecoderLayer"]
+    _no_split_modules = ["R2LMDecoderLayer", "R2LMMambaDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -319,7 +403,7 @@ class R2LMModel(R2LMPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [R2LMDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [DECODER_LAYERS[config.mixer_types[i]](config, i) for i in range(config.num_hidden_layers)]
         )
         self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3RotaryEmbedding(config=config)
@@ -434,6 +518,8 @@ class R2LMModel(R2LMPreTrainedModel):
         return hidden, all_hidden, all_attentions
 
     def _attention_mask(self, attention_mask, key_valid, query_len, causal, dtype):
+        if "attention" not in self.config.mixer_types:
+            return None  # DiffuApriel: no layer reads a mask (the Mamba mixers read the validity)
         # sdpa reaches its flash kernel only without an explicit mask; a causal pass over every column with no
         # padding needs none (sdpa then applies `is_causal`). A given mask is read for padding only when running
         # eagerly: a traced graph (torch.export, torch.compile) cannot branch on tensor values, so it keeps the mask.
@@ -583,7 +669,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         if causal:
             mask = training_attention_mask(valid, block, embeds.dtype)
         else:
-            mask = inference_attention_mask(valid, length, causal=False, dtype=embeds.dtype)
+            mask = self.model._attention_mask(attention_mask, valid, length, False, embeds.dtype)
         hidden, _, _ = self.model._decode(
             embeds, mask, position_ids_from_validity(valid).repeat(1, halves), None,
             None if attention_mask is None else valid.repeat(1, halves), block_size, block_offset, halves,
