@@ -302,7 +302,7 @@ def scan_implementation(requested, x):
     elif requested == "mamba" and (selective_scan_fn is None or not x.is_cuda):
         raise ValueError("sidecar_scan='mamba' needs mamba-ssm (`pip install mamba-ssm`) and CUDA tensors: use "
                          "'auto' or 'torch' here.")
-    logger.warning_once(f"R2LM sidecar: selective scan through {requested!r}.")
+    logger.info_once(f"R2LM sidecar: selective scan through {requested!r}.")
     return requested
 
 
