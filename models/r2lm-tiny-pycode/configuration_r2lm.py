@@ -210,9 +210,9 @@ class R2LMConfig(PretrainedConfig):
         The recipe: everything but the depth and the MLP width is `reference`'s (vocabulary, width, heads, the Mamba
         blocks' sizes, RoPE, block size, token ids); the depth is the one whose count comes closest to the budget at
         `reference`'s intermediate_size, then intermediate_size (a multiple of `multiple_of`) is the one that comes
-        closest at that depth. A bidirectional Mamba layer (two Mamba blocks, ~2.2x a Qwen3 attention block at 1.7B
-        shapes) costs more than an attention layer, so the baselines come out shallower, with wider MLPs when the
-        rounding of the depth left room. `overrides` set other fields."""
+        closest at that depth. At Qwen3-1.7B shapes the bidirectional mixer (two Mamba blocks, 52.9M) is 4.2x an
+        attention block (12.6M) and a whole layer with its MLP 1.8x a Qwen3 layer, so the baselines come out about
+        half as deep. `overrides` set other fields."""
         if mixer not in ("mamba", "hybrid"):
             raise ValueError(f"`mixer` must be 'mamba' or 'hybrid' for a matched baseline, got {mixer!r}.")
         budget = reference.parameter_count()
