@@ -62,6 +62,11 @@ def check_triton_scan(reverse):
     for length, d_state in itertools.product((5, 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
         assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
+    # Without gradients the forward takes rows past the backward's limit (the whole-sequence scans of DiffuApriel).
+    inputs, _ = scan_inputs(d_inner=4, length=TRITON_MAX_L + 3, d_state=5)
+    with torch.no_grad():
+        torch.testing.assert_close(selective_scan_triton(*inputs, reverse=reverse),
+                                   selective_scan_ref(*inputs, reverse=reverse), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
@@ -88,11 +93,12 @@ def test_compiled_triton_scan_matches_reference(reverse, dtype):
 
 
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
-def test_triton_scan_refuses_long_rows():
-    """Its backward holds whole rows in registers: longer rows are refused by name, before any kernel runs."""
+def test_triton_scan_refuses_long_rows_to_train():
+    """Its backward holds whole rows in registers: longer rows that need gradients are refused by name, before any
+    kernel runs."""
     inputs, _ = scan_inputs(length=TRITON_MAX_L + 1)
     with pytest.raises(ValueError, match=f"at most {TRITON_MAX_L} steps"):
-        selective_scan_triton(*inputs)
+        selective_scan_triton(*[t.requires_grad_() for t in inputs])
 
 
 def test_reverse_reference_is_the_forward_one_flipped():
@@ -126,5 +132,6 @@ def test_scan_implementation_sends_long_rows_to_torch():
     short, long = torch.zeros(2, 20, TRITON_MAX_L, device="cuda"), torch.zeros(2, 20, TRITON_MAX_L + 1, device="cuda")
     assert scan_implementation("auto", short) == "triton"
     assert scan_implementation("auto", long) == "torch"
+    assert scan_implementation("auto", long, needs_grad=False) == "triton"
     with pytest.raises(ValueError, match=f"at most {TRITON_MAX_L} steps"):
         scan_implementation("triton", long)

@@ -264,12 +264,16 @@ class _TritonScan(torch.autograd.Function):
         return *_scan_triton_backward(dy, *ctx.saved_tensors, ctx.reverse), None
 
 
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=False):
-    """The Triton short-row scan, differentiable; rows of at most TRITON_MAX_L steps (its backward holds whole rows
-    in registers)."""
-    if u.shape[-1] > TRITON_MAX_L:
-        raise ValueError(f"The Triton scan takes rows of at most {TRITON_MAX_L} steps, got {u.shape[-1]}: use "
-                         "sidecar_scan='torch' or 'mamba' for longer rows.")
+    """The Triton scan, differentiable on rows of at most TRITON_MAX_L steps (its backward holds whole rows in
+    registers); its forward, which walks the steps with the state in registers, takes rows of any length."""
+    if u.shape[-1] > TRITON_MAX_L and _needs_grad(u, delta, A, B, C, D, z, delta_bias):
+        raise ValueError(f"The Triton scan's backward takes rows of at most {TRITON_MAX_L} steps, got {u.shape[-1]}: "
+                         "use sidecar_scan='torch' or 'mamba' to train on longer rows.")
     return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, reverse)
 
 
@@ -284,21 +288,22 @@ def _mamba_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False):
 SCANS = {"triton": selective_scan_triton, "mamba": _mamba_scan, "torch": selective_scan_ref}
 
 
-def scan_implementation(requested, x):
+def scan_implementation(requested, x, needs_grad=True):
     """The one dispatch point: `requested` ("auto", "triton", "mamba" or "torch") for a tensor `x`.
 
-    auto: the Triton scan on CUDA when Triton imports and the rows (x's last dimension, the scan's L) have at most
-    TRITON_MAX_L steps, else the PyTorch reference. mamba-ssm's kernel runs only when asked for (on 32-step rows it
-    is about 8x slower than the Triton scan)."""
+    auto: the Triton scan on CUDA when Triton imports and either no gradient is needed or the rows (x's last
+    dimension, the scan's L) have at most TRITON_MAX_L steps; else the PyTorch reference. mamba-ssm's kernel runs only
+    when asked for (on 32-step rows it is about 8x slower than the Triton scan)."""
+    short = x.shape[-1] <= TRITON_MAX_L or not needs_grad
     if requested not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {requested!r}.")
     if requested == "auto":
-        requested = "triton" if triton is not None and x.is_cuda and x.shape[-1] <= TRITON_MAX_L else "torch"
+        requested = "triton" if triton is not None and x.is_cuda and short else "torch"
     elif requested == "triton" and (triton is None or not x.is_cuda):
         raise ValueError("sidecar_scan='triton' needs Triton and CUDA tensors: use 'auto' or 'torch' here.")
-    elif requested == "triton" and x.shape[-1] > TRITON_MAX_L:
-        raise ValueError(f"sidecar_scan='triton' takes rows of at most {TRITON_MAX_L} steps, got {x.shape[-1]}: use "
-                         "'auto' or 'torch' here.")
+    elif requested == "triton" and not short:
+        raise ValueError(f"sidecar_scan='triton' trains on rows of at most {TRITON_MAX_L} steps, got {x.shape[-1]}: "
+                         "use 'auto' or 'torch' here.")
     elif requested == "mamba" and (selective_scan_fn is None or not x.is_cuda):
         raise ValueError("sidecar_scan='mamba' needs mamba-ssm (`pip install mamba-ssm`) and CUDA tensors: use "
                          "'auto' or 'torch' here.")
@@ -308,7 +313,9 @@ def scan_implementation(requested, x):
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False, implementation="auto"):
     """The selective scan through the implementation `scan_implementation` picks."""
-    return SCANS[scan_implementation(implementation, u)](u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
+    needs_grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    return SCANS[scan_implementation(implementation, u, needs_grad)](u, delta, A, B, C, D, z, delta_bias,
+                                                                      reverse=reverse)
 
 
 __all__ = ["TRITON_MAX_L", "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]
