@@ -347,12 +347,18 @@ def check_token_ids(input_ids, vocab_size, sync=False):
         )
 
 
-def training_attention_mask(valid, block, dtype):
+def column_blocks(length, block_size, block_offset, device):
+    """(L,) block index of each column, from 0: blocks are [block_offset + k B, block_offset + (k + 1) B)."""
+    block = (torch.arange(length, device=device) - block_offset).div(block_size, rounding_mode="floor")
+    return block - block[0]
+
+
+def training_attention_mask(valid, block, dtype, document=None):
     """Mask of the causal block-diffusion training layout `[x_noisy ; x_clean]` (2L columns, DESIGN section 4);
-    `block` (L,) is each column's block index.
+    `block` (L,) is each column's block index; `document` (b, L), for packed rows, each column's document.
 
     A noisy query at p in block b sees the clean tokens of blocks < b and the noisy tokens of block b at positions
-    <= p; a clean query at p sees the clean tokens at positions <= p.
+    <= p; a clean query at p sees the clean tokens at positions <= p; with `document`, only those of its own document.
     """
     length = valid.shape[1]
     pos = torch.arange(length, device=valid.device)
@@ -363,8 +369,42 @@ def training_attention_mask(valid, block, dtype):
     clean_rows = torch.cat([torch.zeros_like(before), before], dim=1)
     both = torch.cat([valid, valid], dim=1)
     allowed = torch.cat([noisy_rows, clean_rows], dim=0)[None] & both[:, None, :]
+    if document is not None:
+        doc = torch.cat([document, document], dim=1)
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
     eye = torch.eye(2 * length, dtype=torch.bool, device=valid.device)
     return _additive_mask(allowed | (~both[:, :, None] & eye), dtype)
+
+
+def document_ids(valid, position_ids):
+    """(b, L) index of each column's document in packed rows: a valid column at position 0 starts one (transformers'
+    padding-free convention). Padding takes the index of the document before it."""
+    return (valid & (position_ids == 0)).long().cumsum(-1)
+
+
+def check_documents(valid, position_ids, block_size, block_offset, whole_rows):
+    """Packed documents must start at a block boundary (else a sidecar block would span two of them), and a model
+    whose mixers scan whole rows (`whole_rows`: DiffuApriel's Mamba layers) cannot keep them apart at all. Read only
+    where that costs no host synchronisation (CPU tensors), except for `whole_rows` models (baselines)."""
+    if valid.device.type != "cpu" and not whole_rows or is_tracing(valid):
+        return
+    earlier = valid.long().cumsum(-1) - valid.long() > 0  # a token before it in the row
+    starts = valid & (position_ids == 0) & earlier
+    if not starts.any():
+        return
+    if whole_rows:
+        raise ValueError(
+            "This model's Mamba mixers scan whole rows, so packed documents would see each other: put one "
+            "document per row (pad instead of packing)."
+        )
+    column = torch.nonzero(starts)[:, 1]
+    inside = column[(column - block_offset) % block_size != 0]
+    if len(inside):
+        raise ValueError(
+            f"A packed document starts at column {int(inside[0])}, inside a block of {block_size} (block_offset "
+            f"{block_offset}): the sidecar would carry one document into the other. Start each document at a block "
+            "boundary (R2LMDiffusionCollator does)."
+        )
 
 
 class R2LMPreTrainedModel(PreTrainedModel):
@@ -590,6 +630,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         logits_to_keep=0,
         output_attentions=None,
         output_hidden_states=None,
+        mask_rates=None,
         **kwargs,
     ) -> R2LMCausalLMOutput:
         """Shifted logits: `logits[:, p]` predicts the token at p + 1. `labels` (b, q) give the AR cross-entropy
@@ -597,7 +638,17 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         arguments `shift_labels` (labels already shifted: `shift_labels[:, p]` is the target of `logits[:, p]`),
         `num_items_in_batch` (the loss is then summed and divided by it, as the Trainer asks under gradient
         accumulation) and `ignore_index` go to it. `logits_to_keep=n` computes the last n columns' logits only.
-        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's."""
+        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's.
+
+        With `mask_rates` the call is a diffusion batch (a collator's noised batch, e.g. under transformers'
+        Trainer) and returns `diffusion_batch_loss`'s output: see there."""
+        if mask_rates is not None:
+            if inputs_embeds is not None or past_key_values is not None or logits_to_keep:
+                raise ValueError("A diffusion batch (`mask_rates`) takes `input_ids`, no cache and every column.")
+            return self.diffusion_batch_loss(
+                input_ids, labels, mask_rates, attention_mask, position_ids, block_size, block_offset,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in kwargs}
         wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
         if wants_loss and logits_to_keep:
@@ -627,15 +678,22 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         )
 
     def diffusion_loss(
-        self, input_ids, attention_mask=None, mask_rates=None, block_size=None, block_offset=None, generator=None
+        self, input_ids, attention_mask=None, mask_rates=None, block_size=None, block_offset=None, generator=None,
+        loss_mask=None, position_ids=None, num_items_in_batch=None,
     ) -> R2LMDiffusionOutput:
         """Block-diffusion objective (DESIGN section 4), with the exact layout the decoder sees at inference.
 
         Each block b gets a mask rate t_b ~ U(eps, 1] (or `mask_rates`: a float, or a (batch, n_blocks) tensor) and
-        each of its tokens is replaced by the mask token with probability t_b. The causal model reads
+        each of its scored tokens is replaced by the mask token with probability t_b. The causal model reads
         `[x_noisy ; x_clean]`; the prediction for a masked token at p comes from the noisy half at p - 1, or from the
         clean half at p - 1 when p starts a block. Loss: cross-entropy on masked tokens weighted by 1 / t_b, averaged
-        over the tokens that have a predecessor. `block_offset` None draws one at random.
+        over the scored tokens (or summed and divided by `num_items_in_batch`). `block_offset` None draws one at
+        random.
+
+        Scored tokens: those with a valid predecessor (the first token is context, like BOS) and, with `loss_mask`
+        (b, L) bool, only where it is True: supervised fine-tuning scores the responses and keeps the prompt as clean
+        context, never masked. `position_ids` (b, L) restarting at 0 mark packed documents (transformers'
+        padding-free convention): each attends only to itself, and must start at a block boundary.
         """
         if self.config.mask_token_id is None:
             raise ValueError("`config.mask_token_id` is not set: add a `<|mask|>` token and set its id in the config.")
@@ -646,12 +704,11 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         if block_offset is None:
             block_offset = int(torch.randint(block_size, (1,), generator=generator, device="cpu"))
         valid = self.model._key_validity(attention_mask, batch, length, device)
-        pos = torch.arange(length, device=device)
-        block = (pos - block_offset).div(block_size, rounding_mode="floor")
-        block = block - block[0]  # (L,) block index of each column, from 0
+        block = column_blocks(length, block_size, block_offset, device)
         n_blocks = int(block[-1]) + 1
-        # Only a token with a valid predecessor can be predicted (the first token is context, like BOS).
-        predictable = valid & F.pad(valid, (1, 0), value=False)[:, :-1]
+        scored = valid & F.pad(valid, (1, 0), value=False)[:, :-1]  # a valid predecessor
+        if loss_mask is not None:
+            scored = scored & loss_mask.to(device=device, dtype=torch.bool)
 
         eps = 1e-3
         if mask_rates is None:
@@ -659,20 +716,84 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         mask_rates = torch.as_tensor(mask_rates, dtype=torch.float32).expand(batch, n_blocks).to(device)
         t = mask_rates[:, block]  # (b, L)
         draw = torch.rand(batch, length, generator=generator, device="cpu").to(device)
-        masked = (draw < t) & predictable
+        masked = (draw < t) & scored
         noisy = input_ids.masked_fill(masked, self.config.mask_token_id)
+        out = self._diffusion_objective(
+            noisy, input_ids, valid, attention_mask is not None, position_ids, masked, t, scored, block, block_size,
+            block_offset, num_items_in_batch,
+        )
+        out.mask_rates = mask_rates
+        return out
 
+    def diffusion_batch_loss(
+        self, input_ids, labels, mask_rates, attention_mask=None, position_ids=None, block_size=None, block_offset=0,
+        num_items_in_batch=None,
+    ) -> R2LMDiffusionOutput:
+        """The block-diffusion loss of an already noised batch: what `model(**batch)` computes for a batch with
+        `mask_rates` (a collator's, e.g. `train.sft.R2LMDiffusionCollator` under transformers' Trainer).
+
+        input_ids (b, L): the noisy sequence, `mask_token_id` where a token was masked. labels (b, L): the clean token
+        at every scored column (`labels[:, p]` is the target AT column p: not shifted, as `diffusion_loss`'s logits),
+        -100 elsewhere; a column without a valid predecessor is never scored. mask_rates: each column's rate t (b, L),
+        or one float; read at the masked columns. The clean half is input_ids with the labels written in. Loss: the
+        sum over masked columns of CE / t, divided by `num_items_in_batch` (the Trainer's count of labels other than
+        -100 over the whole accumulated batch) or else by the number of scored columns. attention_mask, position_ids,
+        block_size, block_offset: as in `diffusion_loss` (padding may sit anywhere in a row).
+        """
+        if self.config.mask_token_id is None:
+            raise ValueError("`config.mask_token_id` is not set: add a `<|mask|>` token and set its id in the config.")
+        if labels is None or tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                "A diffusion batch (`mask_rates`) needs `labels` of input_ids' shape: the clean token at each scored "
+                "column, -100 elsewhere."
+            )
+        block_size = self.model._check_block_size(block_size)
+        check_token_ids(input_ids, self.model.embed_tokens.num_embeddings)
+        batch, length = input_ids.shape
+        device = input_ids.device
+        labels = labels.to(device)
+        targeted = labels != -100
+        clean = torch.where(targeted, labels, input_ids)
+        check_token_ids(clean, self.model.embed_tokens.num_embeddings)
+        valid = self.model._key_validity(attention_mask, batch, length, device)
+        scored = targeted & valid & F.pad(valid, (1, 0), value=False)[:, :-1]
+        is_mask = input_ids == self.config.mask_token_id
+        if device.type == "cpu" and not is_tracing(input_ids) and bool((is_mask & valid & ~targeted).any()):
+            column = int(torch.nonzero(is_mask & valid & ~targeted)[0, 1])
+            raise ValueError(f"input_ids holds the mask token at column {column}, where `labels` give no clean token.")
+        t = torch.as_tensor(mask_rates, dtype=torch.float32, device=device).expand(batch, length)
+        block = column_blocks(length, block_size, block_offset, device)
+        return self._diffusion_objective(
+            input_ids, clean, valid, attention_mask is not None, position_ids, is_mask & scored, t, scored, block,
+            block_size, block_offset, num_items_in_batch,
+        )
+
+    def _diffusion_objective(self, noisy, clean, valid, padded, position_ids, masked, t, scored, block, block_size,
+                             block_offset, num_items_in_batch):
+        """The layout, logits and loss shared by `diffusion_loss` and `diffusion_batch_loss`. `block` (L,) is each
+        column's block index; `padded` says whether any column may be padding (else the sidecars skip zeroing)."""
+        batch, length = clean.shape
+        if position_ids is None:
+            position_ids, document = position_ids_from_validity(valid), None
+        else:
+            position_ids = position_ids.to(valid.device)
+            check_documents(valid, position_ids, block_size, block_offset, "mamba" in self.config.mixer_types)
+            document = document_ids(valid, position_ids)
         causal = self.config.attention == "causal"
         halves = 2 if causal else 1  # the bidirectional baseline reads the noisy sequence only
-        tokens = torch.cat([noisy, input_ids], dim=1) if causal else noisy
+        tokens = torch.cat([noisy, clean], dim=1) if causal else noisy
         embeds = self.model.embed_tokens(tokens)
         if causal:
-            mask = training_attention_mask(valid, block, embeds.dtype)
+            mask = training_attention_mask(valid, block, embeds.dtype, document)
+        elif document is not None and "attention" in self.config.mixer_types:
+            same = document[:, :, None] == document[:, None, :]
+            eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+            mask = _additive_mask((valid[:, None, :] & same) | (~valid[:, :, None] & eye), embeds.dtype)
         else:
-            mask = self.model._attention_mask(attention_mask, valid, length, False, embeds.dtype)
+            mask = self.model._attention_mask(valid if padded else None, valid, length, False, embeds.dtype)
         hidden, _, _ = self.model._decode(
-            embeds, mask, position_ids_from_validity(valid).repeat(1, halves), None,
-            None if attention_mask is None else valid.repeat(1, halves), block_size, block_offset, halves,
+            embeds, mask, position_ids.repeat(1, halves), None, valid.repeat(1, halves) if padded else None,
+            block_size, block_offset, halves,
         )
         # Shift: the prediction for column p is the hidden state at p - 1, taken from the clean half when p starts
         # a block (p - 1 ends the previous, final block) and from the noisy half otherwise.
@@ -681,10 +802,12 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         source = torch.where(ends_block[None, :, None], clean_h, noisy_h)
         logits = self.lm_head(F.pad(source[:, :-1], (0, 0, 1, 0)))  # (b, L, V): logits[:, p] is for token p
 
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), input_ids.flatten(), reduction="none").view(batch, length)
-        loss = (ce * masked / t).sum() / predictable.sum().clamp(min=1)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), clean.flatten(), reduction="none").view(batch, length)
+        t = t.masked_fill(~masked, 1.0)  # unmasked columns weigh 0 (a collator's context columns may have t = 0)
+        count = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = (ce * masked / t).sum() / count
         return R2LMDiffusionOutput(
-            loss=loss, logits=logits, masked=masked, noisy_input_ids=noisy, mask_rates=mask_rates
+            loss=loss, logits=logits, masked=masked, noisy_input_ids=noisy, mask_rates=t.masked_fill(~masked, 0.0)
         )
 
 
