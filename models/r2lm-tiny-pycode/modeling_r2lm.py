@@ -382,29 +382,33 @@ def document_ids(valid, position_ids):
     return (valid & (position_ids == 0)).long().cumsum(-1)
 
 
-def check_documents(valid, position_ids, block_size, block_offset, whole_rows):
-    """Packed documents must start at a block boundary (else a sidecar block would span two of them), and a model
-    whose mixers scan whole rows (`whole_rows`: DiffuApriel's Mamba layers) cannot keep them apart at all. Read only
-    where that costs no host synchronisation (CPU tensors), except for `whole_rows` models (baselines)."""
+def check_documents(valid, document, block, whole_rows):
+    """No block may hold tokens of two packed documents (the sidecar would carry one into the other), and a model
+    whose mixers scan whole rows (`whole_rows`: DiffuApriel's Mamba layers) cannot keep documents apart at all: a
+    ValueError. `document` (b, L) from `document_ids`, `block` (L,) each column's block. Read only where that costs no
+    host synchronisation (CPU tensors), except for `whole_rows` models (baselines)."""
     if valid.device.type != "cpu" and not whole_rows or is_tracing(valid):
         return
-    earlier = valid.long().cumsum(-1) - valid.long() > 0  # a token before it in the row
-    starts = valid & (position_ids == 0) & earlier
-    if not starts.any():
+    groups = torch.zeros_like(document) if whole_rows else block.expand_as(document)
+    n = int(groups.max()) + 1
+    highest = torch.full((len(document), n), -1, device=document.device).scatter_reduce(
+        1, groups, document.masked_fill(~valid, -1), "amax")
+    lowest = torch.full((len(document), n), 2**62, device=document.device).scatter_reduce(
+        1, groups, document.masked_fill(~valid, 2**62), "amin")
+    mixed = (highest >= 0) & (highest != lowest)
+    if not mixed.any():
         return
     if whole_rows:
         raise ValueError(
             "This model's Mamba mixers scan whole rows, so packed documents would see each other: put one "
             "document per row (pad instead of packing)."
         )
-    column = torch.nonzero(starts)[:, 1]
-    inside = column[(column - block_offset) % block_size != 0]
-    if len(inside):
-        raise ValueError(
-            f"A packed document starts at column {int(inside[0])}, inside a block of {block_size} (block_offset "
-            f"{block_offset}): the sidecar would carry one document into the other. Start each document at a block "
-            "boundary (R2LMDiffusionCollator does)."
-        )
+    row, index = (int(i) for i in torch.nonzero(mixed)[0])
+    column = int(torch.nonzero(block == index)[0])
+    raise ValueError(
+        f"Row {row}: the block at column {column} holds tokens of two packed documents, so the sidecar would carry "
+        "one into the other. Start each document at a block boundary (R2LMDiffusionCollator does)."
+    )
 
 
 class R2LMPreTrainedModel(PreTrainedModel):
@@ -777,8 +781,8 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             position_ids, document = position_ids_from_validity(valid), None
         else:
             position_ids = position_ids.to(valid.device)
-            check_documents(valid, position_ids, block_size, block_offset, "mamba" in self.config.mixer_types)
             document = document_ids(valid, position_ids)
+            check_documents(valid, document, block, "mamba" in self.config.mixer_types)
         causal = self.config.attention == "causal"
         halves = 2 if causal else 1  # the bidirectional baseline reads the noisy sequence only
         tokens = torch.cat([noisy, clean], dim=1) if causal else noisy
