@@ -4,10 +4,13 @@ A problem the user can fix (an option out of range, missing data, a corrupt chec
 on stderr and exit status 2, before any training where it can be found before (see convert/cli.py).
 """
 
+import contextlib
 import json
+import os
 import sys
+from pathlib import Path
 
-from convert.cli import run_cli
+from convert.cli import UserError, run_cli
 
 from .cli import PROG, args_from_checkpoint, parse_args
 from .trainer import Trainer, latest_checkpoint
@@ -19,7 +22,14 @@ def train(argv):
     if args.resume is not None:
         resume_from = latest_checkpoint(args.resume)
         args = args_from_checkpoint(resume_from, args)
-    trainer = Trainer(args, resume_from)
+    created = not Path(args.output_dir).exists()
+    try:
+        trainer = Trainer(args, resume_from)
+    except UserError:
+        if created:  # refused before any work (bad data, options, model): leave no empty --output-dir behind
+            with contextlib.suppress(OSError):
+                os.rmdir(args.output_dir)
+        raise
     results = trainer.run()
     if results is not None and trainer.accelerator.is_main_process:
         print(json.dumps(results))

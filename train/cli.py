@@ -19,11 +19,13 @@ RANGES = {
     **dict.fromkeys(
         ("max_steps", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "eval_every", "eval_rows",
          "log_every", "seq_len", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-         "intermediate_size", "max_position_embeddings", "block_size", "eval_block_size", "stop_after_steps"),
+         "intermediate_size", "max_position_embeddings", "block_size", "eval_block_size", "stop_after_steps",
+         "lora_r"),
         (lambda x: x >= 1, "at least 1"),
     ),
     **dict.fromkeys(("warmup_steps", "freeze_backbone_steps", "seed"), (lambda x: x >= 0, "0 or more")),
-    **dict.fromkeys(("lr", "max_grad_norm", "rope_theta", "time_limit_minutes"), (lambda x: x > 0, "positive")),
+    **dict.fromkeys(("lr", "max_grad_norm", "rope_theta", "time_limit_minutes", "lora_alpha"),
+                    (lambda x: x > 0, "positive")),
     "weight_decay": (lambda x: x >= 0, "0 or more"),
     "min_lr_ratio": (lambda x: 0 <= x <= 1, "from 0 to 1"),
     "heldout_fraction": (lambda x: 0 < x < 1, "between 0 and 1 (both excluded)"),
@@ -34,7 +36,7 @@ def build_parser():
     parser = ArgumentParser(
         prog=PROG,
         description="Trains an R2LM with the block-diffusion objective (DESIGN section 4), from an R2LM folder or "
-        "from scratch, on local text files.",
+        "from scratch, on local text files; or fine-tunes one on chat conversations (--sft), in full or with LoRA.",
     )
     model = parser.add_argument_group("model (one of --model, --config, or the size options for a new model)")
     model.add_argument("--model", help="an R2LM folder to continue from (e.g. a converted Qwen3)")
@@ -52,9 +54,16 @@ def build_parser():
     model.add_argument("--rope-theta", type=float, default=10000.0)
     model.add_argument("--max-position-embeddings", type=int, default=4096)
 
-    data = parser.add_argument_group("data (--data, or --tokens for a folder written by `python -m train.data`)")
+    data = parser.add_argument_group(
+        "data (--data, --tokens for a folder written by `python -m train.data`, or --sft for chat conversations)"
+    )
     add_data_arguments(data, required=False)
     data.add_argument("--tokens", help="pre-tokenized folder (train.npy, heldout.npy, meta.json)")
+    data.add_argument("--sft", nargs="+", help="JSONL files of chat conversations, one {\"messages\": [...]} a line: "
+                      "supervised fine-tuning on every assistant turn, through the tokenizer's chat template "
+                      "(--heldout-fraction of the conversations held out)")
+    data.add_argument("--no-pack", dest="pack", action="store_false",
+                      help="--sft: one conversation per row (default: packed, each attending only to itself)")
     data.add_argument("--seq-len", type=int, default=256, help="tokens per row; a multiple of the block size")
 
     opt = parser.add_argument_group("optimisation")
@@ -73,6 +82,15 @@ def build_parser():
     opt.add_argument("--freeze-backbone-steps", type=int, default=0, help="sidecars only for N steps, then all")
     opt.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto", help="auto: bf16 on GPU")
     opt.add_argument("--seed", type=int, default=0)
+
+    lora = parser.add_argument_group("LoRA (PEFT adapters on a frozen --model; the run also writes the merged model)")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    lora.add_argument("--lora-r", type=int, default=16, help="adapter rank")
+    lora.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale numerator (scale = alpha / r)")
+    lora.add_argument("--lora-targets", nargs="+", help="module names to adapt (default: q_proj k_proj v_proj o_proj "
+                      "gate_proj up_proj down_proj; `sidecar` names the sidecars' in_proj x_proj out_proj)")
+    lora.add_argument("--lora-sidecars", choices=("frozen", "full"), default="frozen",
+                      help="full: train the sidecars in full beside the adapters (saved with them)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", type=Path, default=Path("runs/r2lm"))
@@ -122,8 +140,18 @@ def parse_args(argv):
                 f"and --stop-after-steps may be given again (got {', '.join(extra)})."
             )
         return args
-    if (args.data is None) == (args.tokens is None):
-        parser.error("give the training text with exactly one of --data (files, folders, globs) or --tokens.")
+    if sum(x is not None for x in (args.data, args.tokens, args.sft)) != 1:
+        parser.error("give the training data with exactly one of --data (files, folders, globs), --tokens or --sft.")
+    if args.sft and args.objective == "ar":
+        parser.error("--sft trains with the diffusion objective; --objective ar is for raw text.")
+    if args.sft and args.eval_block_size is not None:
+        parser.error("--sft lays conversations out in the model's blocks, so it evaluates at that block size: leave "
+                     "out --eval-block-size.")
+    if args.lora and not args.model:
+        parser.error("--lora adapts an existing model: pass --model (an R2LM folder).")
+    if args.lora and (args.freeze_backbone or args.freeze_backbone_steps):
+        parser.error("--lora freezes the backbone already; train the sidecars beside the adapters with "
+                     "--lora-sidecars full.")
     if args.model and args.config:
         parser.error("--model continues an R2LM folder and --config starts a new model: give one of them.")
     if not args.model and not args.tokenizer:

@@ -5,6 +5,10 @@ generator, so each evaluation sees the same masks), and the NLL is sum(CE over m
 in nats per token. At r = 1.0 each block is predicted whole from the clean blocks before it. The AR NLL is the plain
 next-token cross-entropy of `model(ids, block_size=1, labels=ids)`; a bidirectional model has no causal forward, so
 its AR NLL is None (its nearest figure is the rate-1.0 NLL, which predicts a block from the blocks before it).
+
+Fine-tuning rows (--sft, `train.sft.PackedRows`) are scored on the answer tokens only, with the conversations kept
+apart as in training; their AR NLL is the rate-1.0 NLL at block size 1 (each answer token predicted from the clean
+tokens before it: exactly the causal forward's next-token loss, computed on the packed layout).
 """
 
 import torch
@@ -30,6 +34,13 @@ class Objective(nn.Module):
         if kind == "ar":
             return self.model(input_ids, labels=input_ids, block_size=1, use_cache=False)
         return self.model.diffusion_loss(input_ids, **kwargs)
+
+
+def model_inputs(batch):
+    """(input_ids, the other `diffusion_loss` arguments) of a batch of rows: a tensor, or fine-tuning PackedRows."""
+    if isinstance(batch, torch.Tensor):
+        return batch, {}
+    return batch.input_ids, batch.model_kwargs()
 
 
 def eval_rows(rows, batch_size, accelerator):
@@ -64,14 +75,19 @@ def evaluate(objective, rows, batch_size, accelerator, block_size=None, seed=0):
     for i, rate in enumerate(MASK_RATES):
         generator = torch.Generator().manual_seed(seed + accelerator.process_index)
         for batch in batches:
-            batch = batch.to(accelerator.device)
-            out = objective(batch, mask_rates=rate, block_size=block_size, block_offset=0, generator=generator)
-            sums[i] += torch.stack(masked_ce_sum(out, batch)).double()
+            ids, kwargs = model_inputs(batch.to(accelerator.device))
+            out = objective(ids, mask_rates=rate, block_size=block_size, block_offset=0, generator=generator, **kwargs)
+            sums[i] += torch.stack(masked_ce_sum(out, ids)).double()
     if causal:
         for batch in batches:
-            batch = batch.to(accelerator.device)
-            count = batch.shape[0] * (batch.shape[1] - 1)  # every token but the first of each row
-            loss = objective(batch, kind="ar").loss.double()
+            ids, kwargs = model_inputs(batch.to(accelerator.device))
+            if kwargs:  # fine-tuning rows: the answers' next-token loss on the packed layout
+                out = objective(ids, mask_rates=1.0, block_size=1, block_offset=0,
+                                generator=torch.Generator().manual_seed(seed), **kwargs)
+                sums[-1] += torch.stack(masked_ce_sum(out, ids)).double()
+                continue
+            count = ids.shape[0] * (ids.shape[1] - 1)  # every token but the first of each row
+            loss = objective(ids, kind="ar").loss.double()
             sums[-1, 0] += loss * count
             sums[-1, 1] += count
     sums = accelerator.reduce(sums, "sum")

@@ -8,9 +8,18 @@ RNG states (accelerate's `save_state`), so step k + 1 after a resume is step k +
 
 Every checkpoint and the final folder also hold `r2lm_training.json` (where the weights started, the data, the steps,
 the optimiser, the last held-out metrics) and a model card built from it, which `r2lm-push` updates when it uploads.
+
+Fine-tuning: `--sft FILES` trains on chat conversations (train/sft.py: every assistant turn noised and scored, the rest
+clean context, conversations packed without seeing each other); the loss of a step is the sum over its masked answer
+tokens of CE / t divided by the step's answer tokens (on this process), so micro-batches of unequal size weigh as one
+batch. `--lora` wraps the model in PEFT adapters (train/lora.py): checkpoints then hold the adapter (PEFT's
+`save_pretrained`: adapter_config.json, adapter_model.safetensors) besides the training state, and the run ends with
+output_dir/adapter (the adapter) and output_dir/final (the merged full model). A resumed LoRA run rebuilds the base from
+its --model and the adapters from the training state.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -35,11 +44,14 @@ from .checkpoint import (
 )
 from .cli import ARGS_FILE, args_to_json
 from .data import find_files, load_tokens, pack, split_by_file, tokenize_files, warn_not_utf8
-from .evaluate import Objective, eval_rows, evaluate
+from .evaluate import Objective, eval_rows, evaluate, model_inputs
+from .lora import ADAPTER_CONFIG, apply_lora, lora_config
+from .sft import read_conversations, sft_rows, split_conversations
 
 
 STATE_DIR = "training_state"
 METRICS = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
 
 
 class Progress:
@@ -113,7 +125,7 @@ def new_config(args, tokenizer):
 def build_model(args, folder=None):
     """(model, tokenizer): the R2LM folder `folder` (a checkpoint to resume, else --model) or a new model, with the
     training block size checked."""
-    folder = folder or args.model
+    folder = args.model if getattr(args, "lora", False) else folder or args.model  # LoRA: the base; adapters later
     if folder:
         model = load_model(folder)
         # Passing the config keeps AutoTokenizer from reading config.json, whose auto_map would make it ask
@@ -141,12 +153,18 @@ def build_model(args, folder=None):
         )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(args, "lora", False):
+        model = apply_lora(model, lora_config(model, args.lora_targets, args.lora_r, args.lora_alpha,
+                                              sidecars=args.lora_sidecars))
     return model, tokenizer
 
 
-def load_rows(args, tokenizer, warn=True):
+def load_rows(args, tokenizer, warn=True, block_size=None):
     """(train rows, held-out rows, data record), the rows (n, seq_len), from --tokens or by tokenizing --data; files
-    that are not UTF-8 are counted, recorded and named in a warning (`warn`)."""
+    that are not UTF-8 are counted, recorded and named in a warning (`warn`). --sft: PackedRows of conversations laid
+    out in blocks of `block_size` (the model's)."""
+    if getattr(args, "sft", None):
+        return load_conversations(args, tokenizer, block_size)
     if args.tokens:
         train, heldout, meta = load_tokens(args.tokens, len(tokenizer))
         record = {"tokens": str(Path(args.tokens).absolute()), "train_files": len(meta["train"]["files"]),
@@ -163,6 +181,25 @@ def load_rows(args, tokenizer, warn=True):
                   "heldout_files": len(split.heldout), "files_not_utf8": len(not_utf8) + len(heldout_not_utf8)}
     record.update(train_tokens=int(len(train)), heldout_tokens=int(len(heldout)))
     return pack(train, args.seq_len), pack(heldout, args.seq_len), record
+
+
+def load_conversations(args, tokenizer, block_size):
+    """(train rows, held-out rows, data record) of --sft: conversations split by line, laid out in blocks of
+    `block_size` and packed (train/sft.py); the record says what the model was tuned on."""
+    train, heldout = split_conversations(read_conversations(args.sft), args.heldout_fraction)
+    train_rows, train_stats = sft_rows(train, tokenizer, args.seq_len, block_size, args.pack)
+    heldout_rows, heldout_stats = sft_rows(heldout, tokenizer, args.seq_len, block_size, args.pack)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
+        tokenizer.chat_template, sort_keys=True)
+    record = {
+        "sft": [str(Path(f).absolute()) for f in args.sft], "heldout_fraction": args.heldout_fraction,
+        "packed": args.pack, "chat_template_sha1": hashlib.sha1(template.encode()).hexdigest(),
+        # The fields every training record has (r2lm-push's card reads them): conversations stand for files.
+        "train_files": train_stats["conversations"], "heldout_files": heldout_stats["conversations"],
+        "train_tokens": train_stats["tokens"], "heldout_tokens": heldout_stats["tokens"], "files_not_utf8": 0,
+        "train": train_stats, "heldout": heldout_stats,
+    }
+    return train_rows, heldout_rows, record
 
 
 def init_record(args, config, folder):
@@ -211,7 +248,8 @@ class Trainer:
         set_seed(args.seed)
         model, self.tokenizer = build_model(args, resume_from)
         self.config = model.config
-        self.train_rows, self.heldout_rows, self.data = load_rows(args, self.tokenizer, warn=acc.is_main_process)
+        self.train_rows, self.heldout_rows, self.data = load_rows(args, self.tokenizer, acc.is_main_process,
+                                                                  self.config.block_size)
         self.heldout_rows = self.heldout_rows[: args.eval_rows]
         eval_rows(self.heldout_rows, args.batch_size, acc)  # enough rows for an evaluation: said now, not at step N
         self.init, self.last_eval, self.last_loss = init_record(args, self.config, args.model), None, None
@@ -251,24 +289,32 @@ class Trainer:
     def tokens_per_step(self):
         return self.args.batch_size * self.args.grad_accum * self.accelerator.num_processes * self.args.seq_len
 
-    def micro_loss(self, batch, micro_step):
-        """The training loss of one micro-batch; its randomness is a function of (seed, micro_step, process)."""
+    def micro_loss(self, batch, micro_step, num_items=None):
+        """The training loss of one micro-batch; its randomness is a function of (seed, micro_step, process). SFT
+        batches (PackedRows) are laid out from block offset 0; their loss is divided by `num_items`, the answer tokens
+        of the whole step."""
         if self.args.objective == "ar":
             return self.objective(batch, kind="ar").loss
         seed = (self.args.seed << 40) + (micro_step << 10) + self.accelerator.process_index
-        return self.objective(batch, generator=torch.Generator().manual_seed(seed)).loss
+        input_ids, kwargs = model_inputs(batch)
+        if kwargs:
+            kwargs.update(block_offset=0, num_items_in_batch=num_items)
+        return self.objective(input_ids, generator=torch.Generator().manual_seed(seed), **kwargs).loss
 
     def train_step(self):
         """One optimizer step over --grad-accum micro-batches; returns (mean loss tensor, grad norm)."""
         acc, args, step = self.accelerator, self.args, self.progress.step
         self.objective.train()
         total = torch.zeros((), device=acc.device)
-        for micro in range(args.grad_accum):
-            micro_step = step * args.grad_accum + micro
-            batch = self.train_rows[self.sampler.rows(micro_step)].to(acc.device)
+        micro_steps = [step * args.grad_accum + micro for micro in range(args.grad_accum)]
+        batches = [self.train_rows[self.sampler.rows(micro_step)].to(acc.device) for micro_step in micro_steps]
+        # SFT: the step's loss is a sum over its answer tokens divided by their count (micro-batches differ in it).
+        num_items = sum(b.loss_mask.sum() for b in batches).clamp(min=1) if args.sft else None
+        for micro, (micro_step, batch) in enumerate(zip(micro_steps, batches)):
             last = micro == args.grad_accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.objective):
-                loss = self.micro_loss(batch, micro_step) / args.grad_accum
+                loss = self.micro_loss(batch, micro_step, num_items)
+                loss = loss if args.sft else loss / args.grad_accum
                 acc.backward(loss)
             total += loss.detach()
         if step < args.freeze_backbone_steps:
@@ -312,7 +358,11 @@ class Trainer:
         state_dict = acc.get_state_dict(self.objective)
         if acc.is_main_process:
             tmp = fresh_temp_dir(folder)
-            save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp)
+            if self.args.lora:
+                self.adapted(state_dict).save_pretrained(tmp)  # PEFT's own format: the adapter only
+                self.tokenizer.save_pretrained(tmp)
+            else:
+                save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp)
             (tmp / ARGS_FILE).write_text(args_to_json(self.args))
             self.write_record(tmp, folder)
         acc.wait_for_everyone()
@@ -332,15 +382,34 @@ class Trainer:
         if self.accelerator.is_main_process:
             tmp = fresh_temp_dir(self.output_dir / "final")
             dtype = getattr(torch, self.args.final_dtype)
+            if self.args.lora:
+                adapted = self.adapted(state_dict)
+                adapter_tmp = fresh_temp_dir(self.output_dir / ADAPTER_DIR)
+                adapted.save_pretrained(adapter_tmp)
+                self.tokenizer.save_pretrained(adapter_tmp)
+                self.write_record(adapter_tmp, self.output_dir / ADAPTER_DIR, card=False)
+                state_dict = {"model." + k: v for k, v in adapted.merge_and_unload().state_dict().items()}
             save_model(_strip_prefix(state_dict), self.config, self.tokenizer, tmp, dtype, self.args.max_shard_size)
             (tmp / "eval.json").write_text(json.dumps(results, indent=1))
             self.write_record(tmp, self.output_dir / "final")
+            if self.args.lora:
+                commit_dir(temp_dir_path(self.output_dir / ADAPTER_DIR), self.output_dir / ADAPTER_DIR)
             commit_dir(tmp, self.output_dir / "final")
         self.accelerator.wait_for_everyone()
 
-    def write_record(self, tmp, folder):
-        """r2lm_training.json (how the weights in `folder` were made) and the README.md card built from it, into
-        `tmp`, the folder that becomes `folder`."""
+    def adapted(self, state_dict):
+        """A PeftModel on the CPU holding `state_dict` (the wrapped model's, gathered by accelerate): a fresh copy, so
+        that saving or merging it leaves the training model as it is, however accelerate wrapped it."""
+        model = R2LMForDiffusionLM(self.config)
+        peft_model = apply_lora(model, lora_config(model, self.args.lora_targets, self.args.lora_r,
+                                                   self.args.lora_alpha, sidecars=self.args.lora_sidecars))
+        peft_model.load_state_dict(_strip_prefix(state_dict))
+        peft_model.peft_config["default"].base_model_name_or_path = str(Path(self.args.model).absolute())
+        return peft_model
+
+    def write_record(self, tmp, folder, card=True):
+        """r2lm_training.json (how the weights in `folder` were made) and, with `card`, the README.md card built from
+        it, into `tmp`, the folder that becomes `folder`."""
         args, progress = self.args, self.progress
         record = {
             "init": self.init,
@@ -355,13 +424,22 @@ class Trainer:
                           ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "max_grad_norm")},
             "freeze_backbone": args.freeze_backbone,
             "freeze_backbone_steps": args.freeze_backbone_steps,
+            "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": self.lora_targets,
+                     "sidecars": args.lora_sidecars, "adapter": str((self.output_dir / ADAPTER_DIR).absolute())}
+            if args.lora else None,
             "metrics": self.last_eval,
             "train_loss": self.last_loss,
             "model_id": str(Path(folder).absolute()),
             "r2lm_version": package_version(),
         }
         (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        build_training_card(record).save(tmp / "README.md")
+        if card:
+            finetune_card(build_training_card(record), record).save(tmp / "README.md")
+
+    @property
+    def lora_targets(self):
+        model = self.accelerator.unwrap_model(self.objective).model
+        return sorted(model.peft_config["default"].target_modules)
 
     def should_stop(self, start, steps_this_run):
         """True when --stop-after-steps or --time-limit-minutes is reached (the same answer on every process)."""
@@ -402,6 +480,62 @@ class Trainer:
         return results
 
 
+CHAT_SNIPPET = """messages = [{{"role": "user", "content": "Write a function that reverses a string."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**inputs.to(model.device), max_new_tokens=64)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+
+
+def finetune_card(card, record):
+    """The training card (convert/model_card.py) with what a fine-tuned folder was tuned on: the chat data and the
+    LoRA adapters, where `record` has them. Returns `card`."""
+    data, lora = record["data"], record.get("lora")
+    if "sft" not in data and not lora:
+        return card
+    text = card.text
+    if "sft" in data:
+        train, heldout = data["train"], data["heldout"]
+        files = ", ".join(f"`{Path(f).name}`" for f in data["sft"])
+        described = (f"{train['conversations']:,} chat conversations from {files} ({train['assistant_turns']:,} "
+                     f"assistant turns, {train['response_tokens']:,} answer tokens of {train['tokens']:,}), "
+                     f"{heldout['conversations']:,} held out")
+        lines = [line for line in text.splitlines() if line.startswith("| data |")]
+        text = text.replace(lines[0], f"| data | {described} |") if lines else text
+        text = text.replace("# R2LM trained with the block-diffusion objective", "# R2LM fine-tuned on chat conversations")
+        text = text.replace("with the block-diffusion objective.", "with the block-diffusion objective on the answers "
+                                                                     "of chat conversations (supervised fine-tuning).")
+    if lora:
+        trained = (f"LoRA adapters (rank {lora['r']}, alpha {lora['alpha']:g}) on {', '.join(lora['targets'])}"
+                   + ("; sidecars trained in full" if lora["sidecars"] == "full" else "") + ", merged into the weights")
+        text = text.replace("| trained parameters | all |", f"| trained parameters | {trained} |")
+    section = ["## Fine-tuning", ""]
+    if "sft" in data:
+        section += [
+            f"Supervised fine-tuning on {described}. Each conversation went through the tokenizer's chat template "
+            f"(sha1 `{data['chat_template_sha1'][:12]}`); every assistant turn was noised and scored with the "
+            "block-diffusion objective, the rest (system prompt, user turns, the template's markup) was clean context. "
+            "Each answer starts a diffusion block, as a generated answer does"
+            + (", and conversations were packed into rows without attending to one another." if data["packed"]
+               else ", one conversation per row."),
+            "",
+            "Chat with it through the template:",
+            "",
+            "```python",
+            CHAT_SNIPPET,
+            "```",
+            "",
+        ]
+    if lora:
+        section += [f"The LoRA adapter alone (PEFT format) was saved to `{lora['adapter']}`; these weights are the "
+                    "base model's with the adapter merged in.", ""]
+    marker = "## Training\n"
+    text = text.replace(marker, "\n".join(section) + "\n" + marker, 1) if marker in text else text + "\n".join(section)
+    card.text = text
+    tags = list(card.data.tags or [])
+    card.data.tags = tags + [t for t in ("sft", "chat", "lora" if lora else None) if t and t not in tags]
+    return card
+
+
 class Meter:
     """Mean loss, last gradient norm and throughput over the steps since the last log line."""
 
@@ -439,7 +573,8 @@ def latest_checkpoint(path):
         if not found:
             raise UserError(f"--resume {path}: neither a checkpoint folder nor a run folder holding one.")
         checkpoint = found[-1]
-    for needed in ("config.json", STATE_DIR):
+    model_file = ADAPTER_CONFIG if (checkpoint / ADAPTER_CONFIG).is_file() else "config.json"
+    for needed in (model_file, STATE_DIR):
         if not (checkpoint / needed).exists():
             raise UserError(f"--resume: {checkpoint} is incomplete (no {needed}): {resume_advice(checkpoint)}.")
     check_checkpoint(checkpoint)
