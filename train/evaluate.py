@@ -50,7 +50,7 @@ def eval_rows(rows, batch_size, accelerator):
     if usable == 0:
         raise UserError(
             f"The held-out split has {len(rows)} rows, fewer than one evaluation round of {per_round} "
-            "(--batch-size x processes): hold out more files or lower --batch-size."
+            "(--batch-size x processes): hold out more data (--heldout-fraction) or lower --batch-size."
         )
     return rows[:usable][accelerator.process_index :: accelerator.num_processes].split(batch_size)
 
