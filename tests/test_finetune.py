@@ -330,6 +330,7 @@ def test_the_record_and_card_say_what_the_model_was_tuned_on(lora_run, chat_data
     assert "# R2LM fine-tuned on chat conversations" in card.text and "## Fine-tuning" in card.text
     assert f"chat conversations from `{chat_data.name}`" in card.text and "LoRA adapters (rank 4" in card.text
     assert "sft" in card.data.tags and "lora" in card.data.tags
+    assert 'messages = [{"role": "user", "content": ' in card.text  # the chat snippet, as written
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

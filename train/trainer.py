@@ -480,7 +480,7 @@ class Trainer:
         return results
 
 
-CHAT_SNIPPET = """messages = [{{"role": "user", "content": "Write a function that reverses a string."}}]
+CHAT_SNIPPET = """messages = [{"role": "user", "content": "Write a function that reverses a string."}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**inputs.to(model.device), max_new_tokens=64)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
