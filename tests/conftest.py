@@ -1,8 +1,19 @@
-"""Shared fixtures: a tiny Qwen3 checkpoint and its R2LM conversion (built once per test session)."""
+"""Shared fixtures: one torch thread, a tiny Qwen3 checkpoint and its R2LM conversion (built once per test session)."""
 
 import pytest
+import torch
 
 from helpers import make_tiny_qwen3, run_convert
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """torch on one thread: the tests' models are so small that every op is dominated by thread synchronisation, which
+    a busy two-core machine makes up to a hundred times slower (threads spin at every op's barrier)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

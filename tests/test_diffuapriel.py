@@ -33,14 +33,6 @@ MAMBA_PARAMS = {"in_proj.weight": (128, 32), "conv1d.weight": (64, 1, 4), "conv1
                 "A_log": (64, 16), "D": (64,), "out_proj.weight": (32, 64)}  # mamba-ssm's, d_model 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(mixer, **overrides) -> R2LMConfig:
     return R2LMConfig(**{**TINY, "mixer": mixer, "mask_token_id": MASK, "block_size": 4, "tie_word_embeddings": False,
                          **overrides})

@@ -21,14 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_generation import MASK, RULES, left_padded, tiny_r2lm  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PATHS = {
     "engine": dict(cache_implementation="static"),
     "eager": dict(cache_implementation="dynamic"),

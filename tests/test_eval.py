@@ -42,14 +42,6 @@ TEXTS = [  # (context, continuation)
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tiny_r2lm):
     return tiny_r2lm.folder

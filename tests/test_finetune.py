@@ -45,14 +45,6 @@ TINY = ["--seq-len", "128", "--batch-size", "4", "--eval-rows", "4", "--warmup-s
         "--heldout-fraction", "0.2", "--eval-every", "1000", "--save-every", "100"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # module scope: the module's fixtures train too (several threads on 2 shared cores spin)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def chat_tokenizer():
     tokenizer = tiny_qwen3_tokenizer()
     tokenizer.add_special_tokens({"mask_token": "<|mask|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

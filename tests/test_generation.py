@@ -38,14 +38,6 @@ RULES = ("confidence", "margin", "entropy", "random", "left_to_right")
 TEXT_VOCAB = 300  # the tokenizer's BPE tokens (EOS included); <|mask|> is id 300, the model has 304 rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_r2lm(attention="causal", gate=0.7, peak=1.0, seed=0, **overrides) -> R2LMForDiffusionLM:
     """A tiny R2LM in eval mode; causal models get perturbed sidecars with gates at `gate`; `lm_head` times `peak`."""
     sidecars = [1, 3] if attention == "causal" else []
