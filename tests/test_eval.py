@@ -4,7 +4,7 @@ against `diffusion_loss`'s training layout, batch invariance, lm-eval end to end
 stop sequences, the offline code task, and the one-line errors.
 
 Tiny models: the session's `r2lm-convert` of a tiny random Qwen3 (hidden 32, 4 layers, block size 8, a sidecar after
-layer 3); where the sidecar must matter its gate is set to 0.5. Torch runs on one thread (see test_generation.py).
+layer 3); where the sidecar must matter its gate is set to 0.5. Torch runs on one thread (conftest).
 """
 
 import hashlib
