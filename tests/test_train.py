@@ -170,6 +170,31 @@ def test_freeze_backbone_trains_only_the_sidecars(corpus, tokenizer_dir, tmp_pat
     assert changed and all(".sidecar." in k for k in changed)
 
 
+def test_train_block_sizes_draw_each_step_from_the_list(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    """--train-block-sizes: every micro-batch's loss is taken at a block size drawn from the list, both sizes occur,
+    the config keeps --block-size as the default, and evaluation uses that default."""
+    used = []
+    original = R2LMForDiffusionLM.diffusion_loss
+
+    def recording(self, input_ids, block_size=None, **kwargs):
+        used.append((torch.is_grad_enabled(), block_size))
+        return original(self, input_ids, block_size=block_size, **kwargs)
+
+    monkeypatch.setattr(R2LMForDiffusionLM, "diffusion_loss", recording)
+    train(corpus, tokenizer_dir, tmp_path, "--max-steps", "12", "--eval-every", "1000", "--train-block-sizes", "4",
+          "16")
+    drawn = [size for grad, size in used if grad]
+    assert len(drawn) == 12 and set(drawn) == {4, 16}
+    assert {size for grad, size in used if not grad} == {8}  # evaluation: the model's own block size
+    assert R2LMConfig.from_pretrained(tmp_path / "final").block_size == 8
+
+
+def test_train_block_sizes_must_divide_the_rows(corpus, tokenizer_dir, tmp_path, capsys):
+    line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path, *TINY,
+                   "--train-block-sizes", "8", "12")
+    assert "--seq-len 32 is not a multiple of the block size 12: use 24 or 36" in line
+
+
 def test_seq_len_not_a_multiple_of_the_block_size(corpus, tokenizer_dir, tmp_path, capsys):
     line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path, *TINY,
                    "--seq-len", "30")
@@ -272,7 +297,7 @@ def flip_bytes(path, start=200, count=60):
 @pytest.mark.parametrize(
     "damaged, damage, expected",
     [
-        ("train_args.json", "truncate", "train_args.json is truncated or corrupt (Expecting"),
+        ("train_args.json", "truncate", "train_args.json is truncated or corrupt ("),
         ("model.safetensors", "truncate", "model.safetensors is truncated or corrupt (Error while deserializing"),
         ("training_state/optimizer.bin", "truncate", "optimizer.bin is truncated or corrupt (not a complete torch"),
         ("training_state/custom_checkpoint_0.pkl", "flip", "training_state holds a damaged file (UnpicklingError"),

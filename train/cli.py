@@ -51,6 +51,9 @@ def build_parser():
     model.add_argument("--sidecar-layers", type=int, nargs="*", help="default every 4th layer; none: causal dLLM")
     model.add_argument("--attention", choices=("causal", "bidirectional"), default="causal")
     model.add_argument("--block-size", type=int, help="diffusion block size (sets the model config's)")
+    model.add_argument("--train-block-sizes", type=int, nargs="+",
+                       help="each micro-batch draws its block size from these (default: the model's block size), "
+                       "so that the model decodes well at any of them; the config's block_size stays the default")
     model.add_argument("--rope-theta", type=float, default=10000.0)
     model.add_argument("--max-position-embeddings", type=int, default=4096)
 
@@ -147,6 +150,9 @@ def parse_args(argv):
     if args.sft and args.eval_block_size is not None:
         parser.error("--sft lays conversations out in the model's blocks, so it evaluates at that block size: leave "
                      "out --eval-block-size.")
+    if args.train_block_sizes and (args.sft or args.objective == "ar"):
+        parser.error("--train-block-sizes is for the diffusion objective on raw text; --sft lays conversations out "
+                     "in the model's blocks and --objective ar has blocks of 1.")
     if args.lora and not args.model:
         parser.error("--lora adapts an existing model: pass --model (an R2LM folder).")
     if args.lora and (args.freeze_backbone or args.freeze_backbone_steps):

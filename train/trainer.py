@@ -140,13 +140,16 @@ def build_model(args, folder=None):
     config = model.config
     if config.mask_token_id is None:
         raise UserError(f"{folder}: config.mask_token_id is not set; the diffusion objective needs `<|mask|>`.")
-    block_size = 1 if args.objective == "ar" else config.block_size
-    if args.seq_len % block_size:
-        lower, upper = args.seq_len // block_size * block_size, -(-args.seq_len // block_size) * block_size
-        raise UserError(
-            f"--seq-len {args.seq_len} is not a multiple of the block size {block_size}: use {lower or upper} or "
-            f"{upper} (or change --block-size)."
-        )
+    block_sizes = [1] if args.objective == "ar" else getattr(args, "train_block_sizes", None) or [config.block_size]
+    for block_size in block_sizes:
+        if block_size < 1:
+            raise UserError(f"--train-block-sizes must be at least 1, got {block_size}.")
+        if args.seq_len % block_size:
+            lower, upper = args.seq_len // block_size * block_size, -(-args.seq_len // block_size) * block_size
+            raise UserError(
+                f"--seq-len {args.seq_len} is not a multiple of the block size {block_size}: use {lower or upper} or "
+                f"{upper} (or change --block-size / --train-block-sizes)."
+            )
     if args.seq_len > config.max_position_embeddings:
         raise UserError(
             f"--seq-len {args.seq_len} exceeds max_position_embeddings {config.max_position_embeddings}: lower it."
@@ -256,7 +259,8 @@ class Trainer:
         if resume_from is not None and (Path(resume_from) / TRAINING_FILE).is_file():
             record = read_json(Path(resume_from) / TRAINING_FILE)
             self.init, self.last_eval, self.last_loss = record["init"], record["metrics"], record["train_loss"]
-        optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95),
+                                      fused=acc.device.type == "cuda")
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, args.warmup_steps, args.max_steps, min_lr_rate=args.min_lr_ratio
         )
@@ -296,10 +300,14 @@ class Trainer:
         if self.args.objective == "ar":
             return self.objective(batch, kind="ar").loss
         seed = (self.args.seed << 40) + (micro_step << 10) + self.accelerator.process_index
+        generator = torch.Generator().manual_seed(seed)
         input_ids, kwargs = model_inputs(batch)
         if kwargs:
             kwargs.update(block_offset=0, num_items_in_batch=num_items)
-        return self.objective(input_ids, generator=torch.Generator().manual_seed(seed), **kwargs).loss
+        sizes = self.args.train_block_sizes
+        if sizes:
+            kwargs["block_size"] = sizes[int(torch.randint(len(sizes), (1,), generator=generator))]
+        return self.objective(input_ids, generator=generator, **kwargs).loss
 
     def train_step(self):
         """One optimizer step over --grad-accum micro-batches; returns (mean loss tensor, grad norm)."""

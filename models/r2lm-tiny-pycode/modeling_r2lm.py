@@ -787,8 +787,9 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         halves = 2 if causal else 1  # the bidirectional baseline reads the noisy sequence only
         tokens = torch.cat([noisy, clean], dim=1) if causal else noisy
         embeds = self.model.embed_tokens(tokens)
-        if causal:
-            mask = training_attention_mask(valid, block, embeds.dtype, document)
+        if causal:  # without padding or packing, one (2L, 2L) mask serves every row
+            shared = not padded and document is None
+            mask = training_attention_mask(valid[:1] if shared else valid, block, embeds.dtype, document)
         elif document is not None and "attention" in self.config.mixer_types:
             same = document[:, :, None] == document[:, None, :]
             eye = torch.eye(length, dtype=torch.bool, device=valid.device)
