@@ -599,6 +599,49 @@ def test_diffusion_loss_predictions_equal_inference_forward(pads):
             start = end
 
 
+def test_a_block_at_mask_rate_zero_masks_nothing_and_adds_nothing():
+    """A block with rate 0 draws no mask (draw < 0 never holds), so its columns add 0 to the summed loss: with the count
+    fixed (num_items_in_batch) the loss equals the one where `loss_mask` leaves those columns unscored, and it and its
+    gradient are finite. All rates 0: nothing masked, loss exactly 0."""
+    model = random_r2lm().train()
+    ids = random_ids(2, 12)
+    rates = torch.tensor([[0.5, 0.0, 0.7], [0.0, 1.0, 0.3]])  # blocks [0, 4), [4, 8), [8, 12)
+    at_zero = (rates == 0)[:, torch.arange(12) // 4]
+    kw = dict(block_size=4, block_offset=0, num_items_in_batch=10)
+    out = model.diffusion_loss(ids, mask_rates=rates, generator=torch.Generator().manual_seed(0), **kw)
+    unscored = model.diffusion_loss(ids, mask_rates=rates.masked_fill(rates == 0, 0.9), loss_mask=~at_zero,
+                                    generator=torch.Generator().manual_seed(0), **kw)
+    assert out.masked.any() and not out.masked[at_zero].any()
+    assert torch.equal(out.masked, unscored.masked)
+    torch.testing.assert_close(out.loss, unscored.loss, rtol=0, atol=0)
+    out.loss.backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+    none = model.diffusion_loss(ids, mask_rates=0.0, **kw)
+    assert not none.masked.any() and none.loss.item() == 0.0
+
+
+def test_diffusion_batch_weighs_masked_columns_only_and_refuses_a_masked_column_at_rate_zero():
+    """In a noised batch the rate of a column that is not masked is never read (0 there changes nothing); a masked
+    column at rate 0 would weigh 1 / 0, and is a ValueError naming it."""
+    model = random_r2lm().train()
+    ids = random_ids(2, 12)
+    labels = ids.masked_fill(torch.arange(12) < 4, -100)  # columns 0..3 context, 4..11 scored
+    noisy = ids.clone()
+    noisy[:, [5, 9]] = MASK
+    rates = torch.full(ids.shape, 0.5)
+    context_at_zero = rates.masked_fill(noisy != MASK, 0.0)
+    out = model.diffusion_batch_loss(noisy, labels, context_at_zero, block_size=4)
+    torch.testing.assert_close(out.loss, model.diffusion_batch_loss(noisy, labels, 0.5, block_size=4).loss,
+                               rtol=0, atol=0)
+    out.loss.backward()
+    assert out.loss.isfinite() and all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+    rates[1, 9] = 0.0
+    with pytest.raises(ValueError, match=r"mask_rates.* 0\.0 at column 9"):
+        model.diffusion_batch_loss(noisy, labels, rates, block_size=4)
+    with pytest.raises(ValueError, match=r"mask_rates.* 0\.0 at column 5"):
+        model(noisy, labels=labels, mask_rates=0.0, block_size=4)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The bidirectional baseline
 

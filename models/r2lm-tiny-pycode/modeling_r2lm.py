@@ -594,6 +594,8 @@ class R2LMModel(R2LMPreTrainedModel):
 class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the three code files
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: R2LMConfig):
         super().__init__(config)
@@ -739,10 +741,11 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         input_ids (b, L): the noisy sequence, `mask_token_id` where a token was masked. labels (b, L): the clean token
         at every scored column (`labels[:, p]` is the target AT column p: not shifted, as `diffusion_loss`'s logits),
         -100 elsewhere; a column without a valid predecessor is never scored. mask_rates: each column's rate t (b, L),
-        or one float; read at the masked columns. The clean half is input_ids with the labels written in. Loss: the
-        sum over masked columns of CE / t, divided by `num_items_in_batch` (the Trainer's count of labels other than
-        -100 over the whole accumulated batch) or else by the number of scored columns. attention_mask, position_ids,
-        block_size, block_offset: as in `diffusion_loss` (padding may sit anywhere in a row).
+        or one float; read at the masked columns only, where it must be > 0 (a ValueError on CPU). The clean half is
+        input_ids with the labels written in. Loss: the sum over masked columns of CE / t, divided by
+        `num_items_in_batch` (the Trainer's count of labels other than -100 over the whole accumulated batch) or else
+        by the number of scored columns. attention_mask, position_ids, block_size, block_offset: as in
+        `diffusion_loss` (padding may sit anywhere in a row).
         """
         if self.config.mask_token_id is None:
             raise ValueError("`config.mask_token_id` is not set: add a `<|mask|>` token and set its id in the config.")
@@ -766,9 +769,16 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             column = int(torch.nonzero(is_mask & valid & ~targeted)[0, 1])
             raise ValueError(f"input_ids holds the mask token at column {column}, where `labels` give no clean token.")
         t = torch.as_tensor(mask_rates, dtype=torch.float32, device=device).expand(batch, length)
+        masked = is_mask & scored
+        if device.type == "cpu" and not is_tracing(input_ids) and bool((masked & ~(t > 0)).any()):
+            row, column = (int(i) for i in torch.nonzero(masked & ~(t > 0))[0])
+            raise ValueError(
+                f"mask_rates is {float(t[row, column])} at column {column}, which holds the mask token: a masked "
+                "column needs a rate in (0, 1] (its loss is weighted by 1 / rate)."
+            )
         block = column_blocks(length, block_size, block_offset, device)
         return self._diffusion_objective(
-            input_ids, clean, valid, attention_mask is not None, position_ids, is_mask & scored, t, scored, block,
+            input_ids, clean, valid, attention_mask is not None, position_ids, masked, t, scored, block,
             block_size, block_offset, num_items_in_batch,
         )
 
@@ -808,9 +818,11 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         logits = self.lm_head(F.pad(source[:, :-1], (0, 0, 1, 0)))  # (b, L, V): logits[:, p] is for token p
 
         ce = F.cross_entropy(logits.flatten(0, 1).float(), clean.flatten(), reduction="none").view(batch, length)
-        t = t.masked_fill(~masked, 1.0)  # unmasked columns weigh 0 (a collator's context columns may have t = 0)
+        # Only masked columns weigh (by 1 / t): elsewhere t is never read (a collator's context columns may have
+        # t = 0) and the column adds exactly 0. A masked column has t > 0: drawn under t, or checked in the batch.
+        t = t.masked_fill(~masked, 1.0)
         count = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = (ce * masked / t).sum() / count
+        loss = torch.where(masked, ce / t, 0.0).sum() / count
         return R2LMDiffusionOutput(
             loss=loss, logits=logits, masked=masked, noisy_input_ids=noisy, mask_rates=t.masked_fill(~masked, 0.0)
         )
