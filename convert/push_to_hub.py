@@ -24,6 +24,7 @@ from convert.model_card import (
     build_model_card,
     build_plain_card,
     build_training_card,
+    finetune_card,
 )
 
 try:  # the HTTP client huggingface_hub raises from: httpx2 from huggingface_hub 2 on, httpx before
@@ -83,8 +84,8 @@ class Records:
         self.metrics = read_json(eval_file) if eval_file.is_file() else None
 
     def card(self):
-        if self.kind == "trained":
-            return build_training_card(self.record)
+        if self.kind == "trained":  # as the trainer writes it, with the fine-tuning section of an SFT or LoRA run
+            return finetune_card(build_training_card(self.record), self.record)
         if self.kind == "converted":
             return build_model_card(self.record)
         return build_plain_card(self.record["model_id"], self.metrics)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import tiny_qwen3_tokenizer
+from test_push_to_hub import REPO_ID, TOKEN, committed_files, hub, push  # noqa: F401 (hub: the fake Hub fixture)
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 from train.__main__ import main
 from train.checkpoint import save_model
@@ -323,6 +324,24 @@ def test_the_record_and_card_say_what_the_model_was_tuned_on(lora_run, chat_data
     assert f"chat conversations from `{chat_data.name}`" in card.text and "LoRA adapters (rank 4" in card.text
     assert "sft" in card.data.tags and "lora" in card.data.tags
     assert 'messages = [{"role": "user", "content": ' in card.text  # the chat snippet, as written
+
+
+def test_push_keeps_the_fine_tuning_section_of_the_card(lora_run, hub, tmp_path):
+    """r2lm-push builds a trained folder's card from its record, as the trainer did: the same text (so it is not taken
+    for a card edited by hand), then rebuilt with the snippet loading the repo, the fine-tuning section kept."""
+    from huggingface_hub import ModelCard
+
+    from convert.push_to_hub import Records
+
+    out, _ = lora_run
+    folder = shutil.copytree(out / "final", tmp_path / "final")
+    assert str(Records(folder).card()) == (folder / "README.md").read_text(encoding="utf-8")
+    result = push(hub, tmp_path, folder, REPO_ID, HF_TOKEN=TOKEN)
+    assert result.returncode == 0 and "left as is" not in result.stdout, result.stdout + result.stderr
+    card = ModelCard(committed_files(hub)["README.md"].decode())
+    assert "# R2LM fine-tuned on chat conversations" in card.text and "## Fine-tuning" in card.text
+    assert "LoRA adapters (rank 4" in card.text and 'messages = [{"role": "user", "content": ' in card.text
+    assert f'model_id = "{REPO_ID}"' in card.text and {"sft", "chat", "lora"} <= set(card.data.tags)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

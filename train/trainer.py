@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from convert.cli import UserError, check_output_folder, load_tokenizer, one_line
-from convert.model_card import SETTINGS_FILE, TRAINING_FILE, build_training_card, package_version
+from convert.model_card import SETTINGS_FILE, TRAINING_FILE, build_training_card, finetune_card, package_version
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 
 from .checkpoint import (
@@ -486,62 +486,6 @@ class Trainer:
         bar.close()
         self.export(results)
         return results
-
-
-CHAT_SNIPPET = """messages = [{"role": "user", "content": "Write a function that reverses a string."}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-out = model.generate(**inputs.to(model.device), max_new_tokens=64)
-print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
-
-
-def finetune_card(card, record):
-    """The training card (convert/model_card.py) with what a fine-tuned folder was tuned on: the chat data and the
-    LoRA adapters, where `record` has them. Returns `card`."""
-    data, lora = record["data"], record.get("lora")
-    if "sft" not in data and not lora:
-        return card
-    text = card.text
-    if "sft" in data:
-        train, heldout = data["train"], data["heldout"]
-        files = ", ".join(f"`{Path(f).name}`" for f in data["sft"])
-        described = (f"{train['conversations']:,} chat conversations from {files} ({train['assistant_turns']:,} "
-                     f"assistant turns, {train['response_tokens']:,} answer tokens of {train['tokens']:,}), "
-                     f"{heldout['conversations']:,} held out")
-        lines = [line for line in text.splitlines() if line.startswith("| data |")]
-        text = text.replace(lines[0], f"| data | {described} |") if lines else text
-        text = text.replace("# R2LM trained with the block-diffusion objective", "# R2LM fine-tuned on chat conversations")
-        text = text.replace("with the block-diffusion objective.", "with the block-diffusion objective on the answers "
-                                                                     "of chat conversations (supervised fine-tuning).")
-    if lora:
-        trained = (f"LoRA adapters (rank {lora['r']}, alpha {lora['alpha']:g}) on {', '.join(lora['targets'])}"
-                   + ("; sidecars trained in full" if lora["sidecars"] == "full" else "") + ", merged into the weights")
-        text = text.replace("| trained parameters | all |", f"| trained parameters | {trained} |")
-    section = ["## Fine-tuning", ""]
-    if "sft" in data:
-        section += [
-            f"Supervised fine-tuning on {described}. Each conversation went through the tokenizer's chat template "
-            f"(sha1 `{data['chat_template_sha1'][:12]}`); every assistant turn was noised and scored with the "
-            "block-diffusion objective, the rest (system prompt, user turns, the template's markup) was clean context. "
-            "Each answer starts a diffusion block, as a generated answer does"
-            + (", and conversations were packed into rows without attending to one another." if data["packed"]
-               else ", one conversation per row."),
-            "",
-            "Chat with it through the template:",
-            "",
-            "```python",
-            CHAT_SNIPPET,
-            "```",
-            "",
-        ]
-    if lora:
-        section += [f"The LoRA adapter alone (PEFT format) was saved to `{lora['adapter']}`; these weights are the "
-                    "base model's with the adapter merged in.", ""]
-    marker = "## Training\n"
-    text = text.replace(marker, "\n".join(section) + "\n" + marker, 1) if marker in text else text + "\n".join(section)
-    card.text = text
-    tags = list(card.data.tags or [])
-    card.data.tags = tags + [t for t in ("sft", "chat", "lora" if lora else None) if t and t not in tags]
-    return card
 
 
 class Meter:
