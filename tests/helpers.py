@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: tiny Qwen3 checkpoints and subprocesses that cannot import this repository."""
+"""Helpers shared by the tests: tiny Qwen3 checkpoints, subprocesses that cannot import this repository, and a
+step-by-step Mamba oracle."""
 
 import functools
 import io
@@ -145,3 +146,35 @@ def run_convert(source, output_dir, *options) -> Conversion:
             else:
                 os.environ[key] = value
     return Conversion(status, Path(output_dir), out.getvalue(), err.getvalue())
+
+
+def stepwise_mamba(m, x):
+    """mamba-ssm's Mamba-1 block `m` on one sequence x (T, d) in scan order, from a zero state, written out step by
+    step in plain PyTorch; returns its outputs (T, d) in the same order. The oracle of the sidecar (each block flipped)
+    and of DiffuApriel's bidirectional mixer (the row, and the row flipped). Over x, from its first step:
+
+        x_t, z_t = in_proj x_t
+        conv_t = bias + sum_k w_k x_{t-(K-1)+k}    (the causal depthwise conv; zeros before the start)
+        u_t = silu(conv_t);  dt_t, B_t, C_t = x_proj u_t;  dt_t = softplus(dt_proj dt_t)
+        s = exp(dt_t A) s + dt_t u_t B_t;  y_t = (s C_t + D u_t) silu(z_t);  out_t = out_proj y_t
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n_inner, K = m.conv1d.weight.shape[0], m.conv1d.weight.shape[2]
+    R, N = m.dt_proj.weight.shape[1], m.A_log.shape[1]
+    A = -torch.exp(m.A_log)
+    x, z = (x @ m.in_proj.weight.T).split(n_inner, dim=-1)
+    state = torch.zeros(n_inner, N, dtype=x.dtype)
+    out = []
+    for t in range(x.shape[0]):
+        conv = m.conv1d.bias.clone()
+        for k in range(max(0, K - 1 - t), K):
+            conv = conv + m.conv1d.weight[:, 0, k] * x[t - (K - 1) + k]
+        u = F.silu(conv)
+        dt, B, C = (m.x_proj.weight @ u).split([R, N, N])
+        dt = F.softplus(m.dt_proj.weight @ dt + m.dt_proj.bias)
+        state = torch.exp(dt[:, None] * A) * state + (dt * u)[:, None] * B[None, :]
+        y = (state @ C + m.D * u) * F.silu(z[t])
+        out.append(m.out_proj.weight @ y)
+    return torch.stack(out)

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM
 from r2lm.engine_r2lm import R2LMEngine
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import run_isolated  # noqa: E402
+from helpers import run_isolated, stepwise_mamba  # noqa: E402
 from test_engine import assert_same_decoding  # noqa: E402
 from test_generation import MASK, TINY, left_padded  # noqa: E402
 
@@ -60,33 +59,9 @@ def random_ids(batch, length, seed=1):
 
 
 def reference_mamba(m, h, reverse):
-    """mamba-ssm's Mamba-1 block on one unpadded row h (n, d), written out step by step; `reverse` runs it on the row
-    flipped in time and writes each output back at its own column. Over the row in scan order x' (from its first
-    step, zero state):
-
-        conv_t = bias + sum_k w_k x'_{t-(K-1)+k}    (the causal depthwise conv; zeros before the start)
-        u_t = silu(conv_t);  dt_t, B_t, C_t = x_proj u_t;  dt_t = softplus(dt_proj dt_t)
-        s = exp(dt_t A) s + dt_t u_t B_t;  y_t = (s C_t + D u_t) silu(z'_t);  out_t = out_proj y_t
-    """
-    n_inner, K = m.conv1d.weight.shape[0], m.conv1d.weight.shape[2]
-    R, N = m.dt_proj.weight.shape[1], m.A_log.shape[1]
-    A = -torch.exp(m.A_log)
-    x, z = (h @ m.in_proj.weight.T).split(n_inner, dim=-1)
-    order = list(range(h.shape[0]))[::-1] if reverse else list(range(h.shape[0]))
-    state = torch.zeros(n_inner, N, dtype=h.dtype)
-    out = [None] * h.shape[0]
-    for t, i in enumerate(order):
-        conv = m.conv1d.bias.clone()
-        for k in range(K):
-            if t - (K - 1) + k >= 0:
-                conv = conv + m.conv1d.weight[:, 0, k] * x[order[t - (K - 1) + k]]
-        u = F.silu(conv)
-        dt, B, C = (m.x_proj.weight @ u).split([R, N, N])
-        dt = F.softplus(m.dt_proj.weight @ dt + m.dt_proj.bias)
-        state = torch.exp(dt[:, None] * A) * state + (dt * u)[:, None] * B[None, :]
-        y = (state @ C + m.D * u) * F.silu(z[i])
-        out[i] = m.out_proj.weight @ y
-    return torch.stack(out)
+    """The Mamba block on one unpadded row h (n, d), step by step; `reverse` runs it on the row flipped in time and
+    writes each output back at its own column."""
+    return stepwise_mamba(m, h.flip(0)).flip(0) if reverse else stepwise_mamba(m, h)
 
 
 def padded_states(length, pads, seed=2):

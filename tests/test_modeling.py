@@ -21,7 +21,7 @@ from r2lm.modeling_r2lm import reverse_conv_silu
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import run_isolated  # noqa: E402
+from helpers import run_isolated, stepwise_mamba  # noqa: E402
 
 
 TINY = dict(
@@ -348,41 +348,24 @@ def test_default_sidecars_add_about_11_percent_to_qwen3_1_7b():
 
 
 def layer_norm(x, weight, bias, eps):
-    return (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + eps) * weight + bias
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
 def reference_sidecar(sidecar, h, columns, block_size, block_offset):
     """The reverse block-local sidecar on one row, as DESIGN section 2 defines it and step by step: h (n, d) are the
     hidden states of the tokens at the consecutive `columns`. Each block is flipped in time, run through mamba-ssm's
-    Mamba left to right from a zero state, and flipped back. Over the flipped block x', from its first step:
+    Mamba left to right from a zero state (`stepwise_mamba`), and flipped back; then at each column
 
-        conv_t = bias + sum_k w_k x'_{t-(K-1)+k}   (mamba-ssm's causal depthwise conv; zeros before the start)
-        u_t = silu(conv_t);  dt_t, B_t, C_t = x_proj u_t;  dt_t = softplus(dt_proj dt_t)
-        s = exp(dt_t A) s + dt_t u_t B_t;  y_t = (s C_t + D u_t) silu(z'_t)
-        out_t = h_t + tanh(gate) layernorm(out_proj y_t)     (written back at the step's own column)
+        out_t = h_t + tanh(gate) layernorm(mamba_t)
     """
-    m = sidecar.mamba
-    n_inner, K = m.conv1d.weight.shape[0], m.conv1d.weight.shape[2]
-    R, N = m.dt_proj.weight.shape[1], m.A_log.shape[1]
-    A = -torch.exp(m.A_log)
-    x, z = (h @ m.in_proj.weight.T).split(n_inner, dim=-1)
-    block = [(c - block_offset) // block_size for c in columns]
+    norm = sidecar.norm
+    block = torch.tensor([(c - block_offset) // block_size for c in columns])
     out = h.clone()
-    for b in sorted(set(block)):
-        flipped = [i for i in range(len(columns)) if block[i] == b][::-1]  # the block's rows, last column first
-        state = torch.zeros(n_inner, N, dtype=h.dtype)
-        for t, i in enumerate(flipped):
-            conv = m.conv1d.bias.clone()
-            for k in range(K):
-                if t - (K - 1) + k >= 0:
-                    conv = conv + m.conv1d.weight[:, 0, k] * x[flipped[t - (K - 1) + k]]
-            u = F.silu(conv)
-            dt, B, C = (m.x_proj.weight @ u).split([R, N, N])
-            dt = F.softplus(m.dt_proj.weight @ dt + m.dt_proj.bias)
-            state = torch.exp(dt[:, None] * A) * state + (dt * u)[:, None] * B[None, :]
-            y = (state @ C + m.D * u) * F.silu(z[i])
-            r = m.out_proj.weight @ y
-            out[i] = h[i] + torch.tanh(sidecar.gate) * layer_norm(r, sidecar.norm.weight, sidecar.norm.bias, sidecar.norm.eps)
+    for b in block.unique():
+        rows = torch.nonzero(block == b)[:, 0]
+        r = stepwise_mamba(sidecar.mamba, h[rows].flip(0)).flip(0)
+        out[rows] = h[rows] + torch.tanh(sidecar.gate) * layer_norm(r, norm.weight, norm.bias, norm.eps)
     return out
 
 
