@@ -236,9 +236,10 @@ def section_latency(models, res, args):
     release(models)
 
 
-def train_step_seconds(config, batch, length, steps):
-    """Median seconds of diffusion_loss -> backward -> gradient clipping -> fused AdamW step, fp32 weights under bf16
-    autocast (train/trainer.py, through accelerate's mixed_precision="bf16"); two untimed steps first."""
+def train_step_seconds(config, batch, length, steps, objective="diffusion"):
+    """Median seconds of one training step (the diffusion loss, or the AR loss for the AR baseline) -> backward ->
+    gradient clipping -> fused AdamW step, fp32 weights under bf16 autocast (train/trainer.py, through accelerate's
+    mixed_precision="bf16"); two untimed steps first."""
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = R2LMForDiffusionLM(config).train()
@@ -248,7 +249,10 @@ def train_step_seconds(config, batch, length, steps):
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model.diffusion_loss(ids).loss
+            if objective == "ar":
+                loss = model(ids, labels=ids, block_size=1, use_cache=False).loss
+            else:
+                loss = model.diffusion_loss(ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -257,22 +261,52 @@ def train_step_seconds(config, batch, length, steps):
     with torch.enable_grad():
         for _ in range(2):
             step()
-        return sorted(timed(step)[0] for _ in range(steps))[steps // 2]
+        seconds = sorted(timed(step)[0] for _ in range(steps))[steps // 2]
+    return seconds, model_flops(model, batch, length, objective)
+
+
+def model_flops(model, batch, length, objective):
+    """FLOPs of one training step: 6 x (weight matrices' parameters) per column they process (the causal diffusion
+    layout runs 2L columns through the decoder, the lm_head L), plus the attention products (QK^T and AV, forward and
+    backward, every key of the layout, masked or not)."""
+    config = model.config
+    columns = batch * length * (2 if objective == "diffusion" and config.attention == "causal" else 1)
+    decoder = sum(p.numel() for n, p in model.model.layers.named_parameters() if p.ndim == 2)
+    head = model.lm_head.weight.numel()
+    keys = columns // batch
+    attention = 6 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * keys * columns
+    return 6 * decoder * columns + 6 * head * batch * length + attention
 
 
 def section_train(models, res, args):
-    """The default model's shape (models/r2lm-tiny-pycode/config.json), with its sidecars and with none."""
+    """Training steps at the default model's shape (models/r2lm-tiny-pycode/config.json) for the four models of its
+    comparison (R2LM, the causal dLLM, the bidirectional dLLM, the AR baseline), and at a 4x larger shape (hidden
+    768, ffn 2048, 12 heads, 4 KV heads: four times the decoder's parameters) with and without sidecars. MFU: the
+    step's model FLOPs (model_flops) over the H200's dense bf16 peak, 989 TFLOP/s."""
     batch, length = (4, 64) if args.tiny else (64, 256)
     fields = json.loads((REPO / "models" / "r2lm-tiny-pycode" / "config.json").read_text())
     for name in ("architectures", "auto_map", "dtype", "transformers_version", "model_type"):
         fields.pop(name)
-    out = dict(batch=batch, length=length)
-    for name, sidecars in (("with_sidecars", fields["sidecar_layers"]), ("without_sidecars", [])):
-        config = R2LMConfig(**{**fields, "sidecar_layers": sidecars})
-        seconds = train_step_seconds(config, batch, length, 3 if args.tiny else 5)
-        out[name] = dict(step_s=seconds, tokens_per_s=batch * length / seconds, sidecar_layers=sidecars,
+    larger = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
+    runs = {
+        "with_sidecars": ({}, "diffusion"),
+        "without_sidecars": (dict(sidecar_layers=[]), "diffusion"),
+        "bidirectional": (dict(sidecar_layers=[], attention="bidirectional"), "diffusion"),
+        "ar": (dict(sidecar_layers=[], block_size=1), "ar"),
+        "4x_with_sidecars": (larger, "diffusion"),
+        "4x_without_sidecars": ({**larger, "sidecar_layers": []}, "diffusion"),
+    }
+    out = dict(batch=batch, length=length, peak_flops=989e12)
+    for name, (changes, objective) in runs.items():
+        config = R2LMConfig(**{**fields, **changes})
+        seconds, flops = train_step_seconds(config, batch, length, 3 if args.tiny else 5, objective)
+        out[name] = dict(step_s=seconds, tokens_per_s=batch * length / seconds, sidecar_layers=config.sidecar_layers,
+                         mfu=flops / seconds / out["peak_flops"],
                          scan=scan_implementation(config.sidecar_scan, torch.empty(1, 1, 32, device=DEVICE)))
+        res["train"] = out
+        save(res, args)
     out["sidecar_cost"] = out["with_sidecars"]["step_s"] / out["without_sidecars"]["step_s"] - 1
+    out["sidecar_cost_4x"] = out["4x_with_sidecars"]["step_s"] / out["4x_without_sidecars"]["step_s"] - 1
     res["train"] = out
 
 
@@ -332,12 +366,14 @@ def summary_lines(res):
                   "floor: {weight_gb:.3g} GB / 4.8 TB/s = {floor_ms_datasheet:.3g} ms (step "
                   "{step_over_floor_datasheet:.2f}x); at the measured copy bandwidth, {copy_tbps:.2f} TB/s, "
                   "{floor_ms_measured:.3g} ms (step {step_over_floor_measured:.2f}x).".format(**res["latency"])]
-    if "train" in res:
-        t, w, wo = res["train"], res["train"]["with_sidecars"], res["train"]["without_sidecars"]
-        lines += ["", f"Training step, the default model's shape, {t['batch']} x {t['length']} tokens, bf16 "
-                  f"autocast, fused AdamW: {w['tokens_per_s']:,.0f} tokens/s with sidecars (scan {w['scan']}), "
-                  f"{wo['tokens_per_s']:,.0f} without: sidecar cost (with / without - 1) "
-                  f"{100 * t['sidecar_cost']:.1f}%."]
+    if "sidecar_cost_4x" in res.get("train", {}):
+        t = res["train"]
+        lines += ["", f"Training steps, {t['batch']} x {t['length']} tokens, bf16 autocast, fused AdamW (MFU: model "
+                  "FLOPs / 989 TFLOP/s):", "", "| model | tokens/s | step ms | MFU | scan |", "|---|---:|---:|---:|---|"]
+        lines += [f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {100 * r['mfu']:.1f}% | "
+                  f"{r['scan'] if r['sidecar_layers'] else '-'} |" for name, r in t.items() if isinstance(r, dict)]
+        lines += ["", f"Sidecar cost (with / without - 1): {100 * t['sidecar_cost']:.1f}% at the default shape, "
+                  f"{100 * t['sidecar_cost_4x']:.1f}% at the 4x shape."]
     skipped = [f"{k} ({v['skipped']})" for k, v in res["points"].items() if "skipped" in v]
     errors = [f"{k}: {v['error']}" for k, v in res["points"].items() if "error" in v]
     errors += [f"{k}: {v}" for k, v in res.get("errors", {}).items()]
@@ -380,7 +416,7 @@ def parse_args():
 def main():
     args = parse_args()
     res = json.loads(args.resume.read_text()) if args.resume else {"points": {}}
-    models = build_models(TINY if args.tiny else QWEN3_1_7B)
+    models = build_models(TINY if args.tiny else QWEN3_1_7B) if set(args.parts) - {"train"} else {}
     res["env"] = env = dict(device=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
                       transformers=transformers.__version__, date=datetime.date.today().isoformat(),
                       model="tiny config" if args.tiny else "Qwen3-1.7B shapes", compile=args.compile,
