@@ -72,6 +72,26 @@ class R2LMConfig(PretrainedConfig):
     _auto_class = "AutoConfig"  # save_pretrained copies the code files next to config.json
     keys_to_ignore_at_inference = ["past_key_values"]
     default_theta = 1000000.0  # Qwen3's checkpoints; transformers fills `rope_parameters["rope_theta"]` from it
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): Qwen3's plan for attention and MLP,
+    # each rank holding whole heads. The sidecars and the Mamba mixers are replicated (absent from the plan): a
+    # sidecar is ~1/10 of a layer's weights, and split by channel its LayerNorm over d_model would need one more
+    # all-reduce per sidecar. The head counts must divide by the world size (`R2LMForDiffusionLM.tp_plan_error`).
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(
         self,

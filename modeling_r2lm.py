@@ -24,6 +24,7 @@ the Mamba mixer elsewhere). Each layer reads its kind from `config.mixer_types[l
 import inspect
 import math
 import numbers
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,21 @@ def gated_residual(h, r, norm_weight, norm_bias, norm_eps, gate):
     return h + torch.tanh(gate).to(r.dtype) * r
 
 
+@contextmanager
+def _weights_loaded(*modules):
+    """Makes the weights of `modules` usable without calling their forward. accelerate's offloading (a device_map
+    with layers on cpu or disk) keeps them on the meta device and loads them in a hook around each module's own
+    forward; the sidecar reads the weights of its conv, dt_proj and norm directly, so it runs those hooks itself."""
+    hooked = [(m, m._hf_hook) for m in modules if getattr(m, "_hf_hook", None) is not None]
+    for module, hook in hooked:
+        hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        for module, hook in hooked:
+            hook.post_forward(module, None)
+
+
 def _reshape(x, shape):
     """x.reshape(shape). With symbolic sizes (torch.export with a dynamic length) x is contiguous (freshly padded, or a
     projection's output) and the reshape is an `as_strided` view: the view algorithm would guard on sizes it cannot
@@ -133,18 +149,19 @@ class R2LMMamba(nn.Module):
         keep = None if valid is None else valid.to(hidden_states.dtype).unsqueeze(-1)  # (N, L, 1)
         x, z = self.in_proj(hidden_states if keep is None else hidden_states * keep).chunk(2, dim=-1)  # (N, L, E) views
         conv_silu = reverse_conv_silu if self.reverse else causal_conv_silu
-        u = conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
-        if keep is not None:
-            u = u * keep.to(u.dtype)  # in u's dtype, so under autocast u stays bf16
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # (N, L, E); the bias goes in as delta_bias
-        compute = torch.promote_types(hidden_states.dtype, torch.float32)
-        A = -torch.exp(self.A_log.to(compute))  # (E, d_state)
-        y = selective_scan(
-            u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(compute),
-            z.transpose(1, 2), self.dt_proj.bias.to(compute), reverse=self.reverse,
-            implementation=self.config.sidecar_scan,
-        )  # (N, E, L)
+        with _weights_loaded(self.conv1d, self.dt_proj):
+            u = conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+            if keep is not None:
+                u = u * keep.to(u.dtype)  # in u's dtype, so under autocast u stays bf16
+            dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            delta = F.linear(dt, self.dt_proj.weight)  # (N, L, E); the bias goes in as delta_bias
+            compute = torch.promote_types(hidden_states.dtype, torch.float32)
+            A = -torch.exp(self.A_log.to(compute))  # (E, d_state)
+            y = selective_scan(
+                u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(compute),
+                z.transpose(1, 2), self.dt_proj.bias.to(compute), reverse=self.reverse,
+                implementation=self.config.sidecar_scan,
+            )  # (N, E, L)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -189,7 +206,8 @@ class R2LMSidecar(nn.Module):
         r = r.index_select(1, torch.arange(length, device=r.device) + lead) if symbolic else r[:, lead : lead + length]
         if segments > 1:
             r = r.reshape(batch, total, dim)
-        return gated_residual(hidden_states, r, self.norm.weight, self.norm.bias, self.norm.eps, self.gate)
+        with _weights_loaded(self.norm):
+            return gated_residual(hidden_states, r, self.norm.weight, self.norm.bias, self.norm.eps, self.gate)
 
 
 class R2LMDecoderLayer(Qwen3DecoderLayer):
@@ -420,6 +438,21 @@ class R2LMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, then a check that tensor parallelism (`tp_plan`, `config.base_model_tp_plan`)
+        gave each rank whole attention heads: transformers would shard a head across ranks and fail at the first
+        forward with a reshape error."""
+        model = super().from_pretrained(*args, **kwargs)
+        size, config = getattr(model, "tp_size", None) or 1, model.config
+        if size > 1 and (config.num_attention_heads % size or config.num_key_value_heads % size):
+            raise ValueError(
+                f"tp_plan: num_attention_heads ({config.num_attention_heads}) and num_key_value_heads "
+                f"({config.num_key_value_heads}) must be multiples of the tensor-parallel size ({size}): run on a number "
+                "of processes (torchrun --nproc-per-node) that divides both, or load without tp_plan."
+            )
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -38,6 +38,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from convert.cli import UserError, check_output_folder, load_tokenizer, one_line
 from convert.model_card import SETTINGS_FILE, TRAINING_FILE, build_training_card, finetune_card, package_version
 from r2lm import R2LMConfig, R2LMForDiffusionLM
+from r2lm.modeling_r2lm import column_blocks
 
 from .checkpoint import (
     check_checkpoint, commit_dir, fresh_temp_dir, load_model, read_json, resume_advice, save_model, temp_dir_path,
@@ -249,6 +250,8 @@ class Trainer:
         if acc.is_main_process:
             check_output_folder(self.output_dir, "--output-dir")  # before any work, not at the first checkpoint
         set_seed(args.seed)
+        if resume_from is not None:
+            check_world_size(resume_from, acc.num_processes)
         model, self.tokenizer = build_model(args, resume_from)
         self.config = model.config
         self.train_rows, self.heldout_rows, self.data = load_rows(args, self.tokenizer, acc.is_main_process,
@@ -259,6 +262,8 @@ class Trainer:
         if resume_from is not None and (Path(resume_from) / TRAINING_FILE).is_file():
             record = read_json(Path(resume_from) / TRAINING_FILE)
             self.init, self.last_eval, self.last_loss = record["init"], record["metrics"], record["train_loss"]
+        if acc.distributed_type == DistributedType.FSDP:
+            hold_gates_as_vectors(model)
         optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95),
                                       fused=acc.device.type == "cuda")
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -294,20 +299,31 @@ class Trainer:
         return self.args.batch_size * self.args.grad_accum * self.accelerator.num_processes * self.args.seq_len
 
     def micro_loss(self, batch, micro_step, num_items=None):
-        """The training loss of one micro-batch; its randomness is a function of (seed, micro_step, process). SFT
-        batches (PackedRows) are laid out from block offset 0; their loss is divided by `num_items`, the answer tokens
-        of the whole step."""
+        """The training loss of one micro-batch. Its randomness is a function of (seed, micro_step) and of each row's
+        place in the micro-batch of all processes: every process draws the block size, the block offset and the mask
+        rates of the whole micro-batch from one generator, keeps its rows' rates and skips the token draws of the
+        processes before it, so N processes of --batch-size b draw what one process of N b draws (the same losses).
+        SFT batches (PackedRows) are laid out from block offset 0; their loss is divided by `num_items`, the answer
+        tokens of the whole step."""
         if self.args.objective == "ar":
             return self.objective(batch, kind="ar").loss
-        seed = (self.args.seed << 40) + (micro_step << 10) + self.accelerator.process_index
-        generator = torch.Generator().manual_seed(seed)
+        acc, sizes = self.accelerator, self.args.train_block_sizes
+        generator = torch.Generator().manual_seed((self.args.seed << 40) + (micro_step << 10))
         input_ids, kwargs = model_inputs(batch)
+        rows, length = input_ids.shape
+        block_size = sizes[int(torch.randint(len(sizes), (1,), generator=generator))] if sizes else None
+        block_size = block_size or self.config.block_size
         if kwargs:
             kwargs.update(block_offset=0, num_items_in_batch=num_items)
-        sizes = self.args.train_block_sizes
-        if sizes:
-            kwargs["block_size"] = sizes[int(torch.randint(len(sizes), (1,), generator=generator))]
-        return self.objective(input_ids, generator=generator, **kwargs).loss
+        else:
+            kwargs["block_offset"] = int(torch.randint(block_size, (1,), generator=generator))
+        n_blocks = int(column_blocks(length, block_size, kwargs["block_offset"], "cpu")[-1]) + 1
+        eps = 1e-3  # as `diffusion_loss` draws them: t ~ U(eps, 1]
+        rates = eps + (1 - eps) * (1 - torch.rand(rows * acc.num_processes, n_blocks, generator=generator))
+        first = acc.process_index * rows
+        torch.rand(first, length, generator=generator)  # the token draws of the rows of the processes before
+        return self.objective(input_ids, generator=generator, block_size=block_size,
+                              mask_rates=rates[first : first + rows], **kwargs).loss
 
     def train_step(self):
         """One optimizer step over --grad-accum micro-batches; returns (mean loss tensor, grad norm)."""
@@ -507,9 +523,33 @@ class Meter:
         return record
 
 
+def check_world_size(checkpoint, processes):
+    """Refuses to resume `checkpoint` on another number of processes than wrote it (its r2lm_training.json records
+    them): the rows each process reads, the optimizer's FSDP shards and the random states all depend on it."""
+    record = Path(checkpoint) / TRAINING_FILE
+    written = read_json(record).get("batch", {}).get("processes") if record.is_file() else None
+    if written is not None and written != processes:
+        raise UserError(
+            f"--resume: {checkpoint} was written by {written} processes (world size {written}) and this run has "
+            f"{processes}: resume it on {written} (accelerate launch --num_processes {written}, or torchrun "
+            f"--nproc-per-node {written})."
+        )
+
+
+def hold_gates_as_vectors(model):
+    """FSDP2 shards no 0-d parameter: each sidecar's scalar gate is held as a (1,) vector while training under FSDP
+    (the forward broadcasts it alike)."""
+    for module in model.modules():
+        gate = getattr(module, "gate", None)
+        if isinstance(gate, torch.nn.Parameter) and gate.dim() == 0:
+            module.gate = torch.nn.Parameter(gate.detach().reshape(1), requires_grad=gate.requires_grad)
+
+
 def _strip_prefix(state_dict):
-    """The Objective wrapper's keys ("model.model.layers...") as the model's ("model.layers...")."""
-    return {k.removeprefix("model."): v for k, v in state_dict.items()}
+    """The Objective wrapper's keys ("model.model.layers...") as the model's ("model.layers..."), the sidecars' gates
+    as scalars (see `hold_gates_as_vectors`)."""
+    return {k.removeprefix("model."): v.reshape(()) if k.endswith(".gate") else v
+            for k, v in state_dict.items()}
 
 
 def latest_checkpoint(path):

@@ -500,16 +500,34 @@ class R2LMGenerationMixin(GenerationMixin):
             return _CachedRunner(self) if causal and config.use_cache else _RecomputeRunner(self)
         if config.cache_implementation is None and self.device.type != "cuda":
             return _CachedRunner(self) if causal else _RecomputeRunner(self)
-        reason = self._engine_unsupported()
+        placement = self._engine_placement()
+        if placement is not None and config.cache_implementation == "static":
+            raise ValueError(f"cache_implementation='static' asks for R2LM's decoding engine, which cannot run this "
+                             f"model ({placement}): leave cache_implementation unset to decode with the eager runner.")
+        reason = placement or self._engine_unsupported()
         if reason is not None:
             logger.warning_once(f"R2LM's decoding engine is not used ({reason}): decoding with the eager runner.")
             return _CachedRunner(self) if causal else _RecomputeRunner(self)
         compile = config.compile_config is not None and not config.disable_compile
         return R2LMEngine.for_model(self, compile=compile)
 
+    def _engine_placement(self):
+        """Why the engine cannot run where the weights are, or None: its steps read whole weight matrices on one
+        device, so weights sharded over processes or offloaded by a device_map are out of its reach."""
+        if (getattr(self, "tp_size", None) or 1) > 1 or any(hasattr(p, "placements") for p in self.parameters()):
+            return "its weights are sharded over processes (tp_plan or FSDP)"  # `placements`: a DTensor's
+        device_map = getattr(self, "hf_device_map", None) or {}
+        offloaded = [name for name, device in device_map.items() if str(device) in ("cpu", "disk")]
+        if offloaded and len({str(device) for device in device_map.values()}) > 1:
+            return f"device_map puts {', '.join(offloaded[:3])}{', ...' if len(offloaded) > 3 else ''} on cpu or disk"
+        return None
+
     def _engine_unsupported(self):
         """Why the engine cannot run this model, or None. It reads the projections' weights directly, so adapters,
         quantized layers and hooks would be skipped; and it keeps the whole model on one device."""
+        placement = self._engine_placement()
+        if placement is not None:
+            return placement
         if getattr(self.config, "attention_bias", False):
             return "attention_bias=True"
         if len({p.device for p in self.parameters()}) > 1:
