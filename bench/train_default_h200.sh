@@ -3,6 +3,8 @@
 # corpus and chooses its decoding settings by measurement. Needs .corpus/corpus.tar.xz (`python -m train.corpus
 # .corpus`) carried:
 #   run(command="bash bench/train_default_h200.sh", carry=[".corpus/corpus.tar.xz"], timeout_s=600)
+# CORPUS=PATH names another archive of the same layout (e.g. a part of the corpus, when the whole one and the
+# repository exceed what a call carries).
 # Steps: install; unpack and tokenize the corpus (background) while bench/throughput.py --parts train times the
 # training step of each model; train/default_models.sh with the step count that fits what is left of TRAIN_S
 # seconds (default 300) at the measured step times; bench/decoding_table.py on the held-out functions. $OUT gets
@@ -20,7 +22,7 @@ elapsed() { echo $(( $(date +%s) - start )); }
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv
   python3 -c "import torch, transformers as tf, triton; print(torch.__version__, tf.__version__, triton.__version__)"
   python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
-  (tar xJf .corpus/corpus.tar.xz -C "$work/corpus" \
+  (tar xJf "${CORPUS:-.corpus/corpus.tar.xz}" -C "$work/corpus" \
      && python3 -m train.corpus "$work/corpus" --tokens-only --tokenizer models/r2lm-tiny-pycode) \
      > "$work/results/corpus.log" 2>&1 &
   corpus=$!
