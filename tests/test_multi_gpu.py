@@ -1,11 +1,11 @@
 """Past one device, on two CPU processes (gloo): tensor parallelism through transformers (`tp_plan="auto"` under
 torchrun), a device_map that offloads layers, and training with FSDP2 (accelerate launch --config_file train/fsdp.yaml)
-and DDP, each against one process.
+and DDP (train/ddp.yaml), each against one process.
 
 accelerate runs FSDP only with GPUs: the FSDP test launches train/fsdp.yaml as it is, with a one-line shim that makes
 accelerate take gloo on CPU for its GPU backend (`ACCELERATE_TORCH_DEVICE=cpu`), so its FSDP2 code runs unchanged.
-DDP on CPU is accelerate's MULTI_CPU (`ACCELERATE_USE_CPU=1` under torchrun). Two CPU processes take a few seconds to
-start: four launches, about 40 s in all.
+DDP on CPU is accelerate's MULTI_CPU (`ACCELERATE_USE_CPU=1`). Two CPU processes take a few seconds to start: four
+launches, about 45 s in all.
 """
 
 import json
@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -116,12 +115,14 @@ def test_fsdp2_two_processes_repeat_one_and_resume_exactly(data, one_process, tm
 
 
 def test_ddp_two_processes_repeat_one(data, one_process, tmp_path):
-    """accelerate's DDP (MULTI_CPU under torchrun) on two processes of --batch-size 2: the losses of one process of 4."""
+    """`accelerate launch --config_file train/ddp.yaml -m train` (on CPU, ACCELERATE_USE_CPU=1 makes it accelerate's
+    MULTI_CPU DDP) on two processes of --batch-size 2: the losses of one process of 4."""
     corpus, tokenizer = data
     out = tmp_path / "run"
-    launch(torchrun("-m", "train", "--data", corpus, "--tokenizer", tokenizer, "--output-dir", out, *TINY,
-                    "--batch-size", "2", "--max-steps", "4", "--stop-after-steps", "2"), tmp_path,
-           ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO / "train" / "ddp.yaml",
+               "--main_process_port", free_port(), "-m", "train", "--data", corpus, "--tokenizer", tokenizer,
+               "--output-dir", out, *TINY, "--batch-size", "2", "--max-steps", "4", "--stop-after-steps", "2"]
+    launch([str(c) for c in command], REPO, ACCELERATE_USE_CPU="1")
     assert losses(out) == pytest.approx(losses(one_process)[:2], rel=1e-5) and len(losses(out)) == 2
 
 
