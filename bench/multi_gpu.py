@@ -4,8 +4,8 @@ against one GPU, tensor-parallel generate through transformers, and a device_map
     python bench/multi_gpu.py --out DIR [--budget 510] [--parts fsdp,ddp,tp,device_map,fsdp_uninterrupted] [--tiny]
 
 Parts, each in its own processes under a time limit, its failure recorded without stopping the others:
-- fsdp: a Qwen3-1.7B-shaped R2LM from random init (`python -m train --config`) on random tokens, --seq-len 512:
-  one GPU with --batch-size 8, then `accelerate launch --config_file train/fsdp.yaml -m train` on two with
+- fsdp: a Qwen3-1.7B-shaped R2LM with random weights (`python -m train --model` of a random folder) on random tokens,
+  --seq-len 512: one GPU with --batch-size 8, then `accelerate launch --config_file train/fsdp.yaml -m train` on two with
   --batch-size 4 (the same global batch), stopped after 3 steps (a sharded checkpoint) and resumed with --resume.
   Losses compared step by step (bf16: within 1e-2 relative), tokens/s (the median of the steps after each launch's
   first), and the final folder loaded on one GPU (AutoModelForCausalLM, trust_remote_code) and asked for tokens.
@@ -146,8 +146,12 @@ class Run:
 
     def train_command(self, launcher, out, shape, batch, steps, *extra):
         seq_len = self.training[shape][0]
-        options = ["--tokens", self.scratch / f"tokens_{shape}", "--tokenizer", self.scratch / "tokenizer",
-                   "--config", self.scratch / f"config_{shape}.json", "--seq-len", seq_len, "--batch-size", batch,
+        # FSDP continues the random 1.7B folder (no random initialisation of 2B weights in every process); DDP starts
+        # from the default model's config.
+        model = ["--model", self.scratch / "model_1.7b"] if shape == "fsdp" else \
+            ["--config", self.scratch / f"config_{shape}.json"]
+        options = ["--tokens", self.scratch / f"tokens_{shape}", "--tokenizer", self.scratch / "tokenizer", *model,
+                   "--seq-len", seq_len, "--batch-size", batch,
                    "--max-steps", steps, "--warmup-steps", 2, "--lr", 3e-4, "--log-every", 1, "--eval-every", 10000,
                    "--save-every", 10000, "--eval-rows", self.training[shape][1], "--keep-checkpoints", 1,
                    "--final-dtype", "bfloat16", "--max-shard-size", "2GB", "--output-dir", out, *extra]
@@ -182,20 +186,17 @@ class Run:
         stop = ("--stop-after-steps", STOP_AT) if resume else ()
         self.launch(f"{kind}_two_gpus", self.train_command(kind, two, kind, batch // 2, steps, *stop),
                     deadline - time.time(), self.cpu_env(kind))
-        first_launch = [1]
+        self.compare(result, metrics(two, [1]))  # kept if the resumed launch runs out of time
         if resume:
             state = two / f"checkpoint-{STOP_AT:07d}" / "training_state"
             result["checkpoint"] = sorted(p.name for p in state.iterdir())
+            self.save()
             self.launch(f"{kind}_two_gpus_resumed", self.launcher(kind) + ["--resume", two], deadline - time.time(),
                         self.cpu_env(kind))
-            first_launch.append(STOP_AT + 1)
-        result["two_gpus"] = metrics(two, first_launch)
-        a, b = result["one_gpu"]["losses"], result["two_gpus"]["losses"]
-        result["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-        result["losses_match"] = len(a) == len(b) == steps and result["max_rel_loss_diff"] <= BF16_REL
-        result["speedup"] = result["two_gpus"]["tokens_per_s"] / result["one_gpu"]["tokens_per_s"]
-        self.save()
-        if resume:
+            self.compare(result, metrics(two, [1, STOP_AT + 1]))
+            result["resumed"] = True
+            self.save()
+            b = result["two_gpus"]["losses"]
             final = two / "final"
             self.launch(f"{kind}_final_loads", [PY, SCRIPT, "--worker", "load_final", "--folder", final,
                                                 "--json", self.scratch / "final.json"] + self.tiny_flag(),
@@ -203,6 +204,16 @@ class Run:
             result["final_folder"] = json.loads((self.scratch / "final.json").read_text())
             (self.scratch / f"{kind}_resumed_losses.json").write_text(json.dumps(b))
         shutil.rmtree(two, ignore_errors=True)
+
+    def compare(self, result, two):
+        """The two-GPU run's metrics against the one-GPU run's, step by step."""
+        result["two_gpus"] = two
+        a, b = result["one_gpu"]["losses"], two["losses"]
+        result["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+        result["steps_compared"] = min(len(a), len(b))
+        result["losses_match"] = result["max_rel_loss_diff"] <= BF16_REL
+        result["speedup"] = two["tokens_per_s"] / result["one_gpu"]["tokens_per_s"]
+        self.save()
 
     def fsdp_uninterrupted(self, limit):
         seq_len, batch, steps = self.training["fsdp"]
@@ -277,7 +288,8 @@ class Run:
                 np.save(folder / f"{side}.npy", rng.integers(2, vocab, count).astype(np.uint16))
                 meta[side] = {"files": [f"random-{side}"], "tokens": count, "files_not_utf8": 0}
             (folder / "meta.json").write_text(json.dumps(meta))
-        if {"tp", "device_map"} & set(self.args.parts) and not (self.scratch / "model_1.7b" / "config.json").exists():
+        if {"fsdp", "tp", "device_map"} & set(self.args.parts) and \
+                not (self.scratch / "model_1.7b" / "config.json").exists():
             self.launch("make_model", [PY, SCRIPT, "--worker", "make_model", "--folder",
                                        self.scratch / "model_1.7b"] + self.tiny_flag(), 240, gpus="0")
 
@@ -488,11 +500,12 @@ def markdown(res):
                   f"| 1 GPU | {one.get('tokens_per_s', 0):,.0f} | {fmt(one.get('losses'))} |",
                   f"| 2 GPUs | {two.get('tokens_per_s', 0):,.0f} | {fmt(two.get('losses'))} |", ""]
         if "speedup" in p:
-            lines.append(f"Speed-up {p['speedup']:.2f}x (target 1.8x); largest relative loss difference "
-                         f"{p['max_rel_loss_diff']:.2e} (bf16 tolerance {BF16_REL:g}): "
+            lines.append(f"Speed-up {p['speedup']:.2f}x (target 1.8x); largest relative loss difference over "
+                         f"{p['steps_compared']} steps {p['max_rel_loss_diff']:.2e} (bf16 tolerance {BF16_REL:g}): "
                          f"{'match' if p['losses_match'] else 'MISMATCH'}.")
         if "checkpoint" in p:
-            lines.append(f"Stopped after step {STOP_AT} (training_state: {', '.join(p['checkpoint'])}) and resumed.")
+            lines.append(f"Stopped after step {STOP_AT} (training_state: {', '.join(p['checkpoint'])})"
+                         f"{' and resumed' if p.get('resumed') else '; the resumed launch did not finish'}.")
         if "final_folder" in p:
             lines.append(f"Final folder loads on one device and generates ({p['final_folder']['generated']} tokens).")
         lines.append("")
