@@ -1,9 +1,10 @@
 """Past one GPU (issue 16), measured in one run on a machine with two GPUs: FSDP2 and DDP training through accelerate
 against one GPU, tensor-parallel generate through transformers, and a device_map split over the two GPUs.
 
-    python bench/multi_gpu.py --out DIR [--budget 510] [--parts fsdp,ddp,tp,device_map,fsdp_uninterrupted] [--tiny]
+    python bench/multi_gpu.py --out DIR [--budget 510] [--parts ddp,tp,device_map,fsdp,fsdp_uninterrupted] [--tiny]
 
-Parts, each in its own processes under a time limit, its failure recorded without stopping the others:
+Parts, each in its own processes under a time limit, its failure recorded without stopping the others (run in the
+order ddp, tp, device_map, fsdp, fsdp_uninterrupted, cheapest first; listed here by the issue's order):
 - fsdp: a Qwen3-1.7B-shaped R2LM with random weights (`python -m train --model` of a random folder) on random tokens,
   --seq-len 512: one GPU with --batch-size 8, then `accelerate launch --config_file train/fsdp.yaml -m train` on two with
   --batch-size 4 (the same global batch), stopped after 3 steps (a sharded checkpoint) and resumed with --resume.
@@ -67,7 +68,7 @@ TINY_TIMING = dict(prompt=16, new=32, batches=(1, 4))
 POLICY = dict(block_size=32, threshold=1.0, min_tokens_per_step=4, unmasking="left_to_right", eos_token_id=None,
               pad_token_id=0)
 EQUALITY = dict(batch=2, prompt=32, new=64)
-PARTS = ("fsdp", "ddp", "tp", "device_map", "fsdp_uninterrupted")
+PARTS = ("ddp", "tp", "device_map", "fsdp", "fsdp_uninterrupted")
 # accelerate runs FSDP with GPUs only: for the CPU dry run, gloo stands in for the GPU backend.
 FSDP_ON_CPU = """
 import sys
@@ -560,11 +561,12 @@ def main():
     except Exception as err:
         run.res["errors"]["prepare"] = f"{type(err).__name__}: {err}"[-1500:]
         run.save()
-    # The limits add up to more than the budget: a part that finishes early leaves its time to the next.
-    run.part("fsdp", lambda limit: run.training_part("fsdp", limit, resume=True), 280)
-    run.part("ddp", lambda limit: run.training_part("ddp", limit, resume=False), 80)
+    # Cheapest first; the limits add up to more than the budget, so a part that finishes early leaves its time to the
+    # next, and FSDP at 1.7B (checkpoints of tens of GB) takes what is left, recording each launch as it ends.
+    run.part("ddp", lambda limit: run.training_part("ddp", limit, resume=False), 90)
     run.part("tp", run.tp, 130)
     run.part("device_map", run.device_map, 80)
+    run.part("fsdp", lambda limit: run.training_part("fsdp", limit, resume=True), 330)
     run.part("fsdp_uninterrupted", run.fsdp_uninterrupted, 150)
     print(markdown(run.res))
 
