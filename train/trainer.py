@@ -2,9 +2,11 @@
 and accumulation, periodic held-out evaluation, and checkpoints from which a run resumes exactly.
 
 Exact resume holds because nothing random is carried in hidden state: the rows of micro-batch k are fixed by
-(seed, k) through per-epoch permutations, and the masks and block offset of micro-batch k on process r come from a
-generator seeded with (seed, k, r). A checkpoint stores the weights, the optimizer, the scheduler, the step and the
-RNG states (accelerate's `save_state`), so step k + 1 after a resume is step k + 1 of the uninterrupted run.
+(seed, k) through per-epoch permutations, and the block size, block offset and masks of micro-batch k come from a
+generator seeded with (seed, k), drawn for the rows of all processes (each keeps its rows' share: N processes of
+--batch-size b train as one process of N b). A checkpoint stores the weights, the optimizer, the scheduler, the step
+and the RNG states (accelerate's `save_state`) and is resumed on the number of processes that wrote it, so step k + 1
+after a resume is step k + 1 of the uninterrupted run.
 
 Every checkpoint and the final folder also hold `r2lm_training.json` (where the weights started, the data, the steps,
 the optimiser, the last held-out metrics) and a model card built from it, which `r2lm-push` updates when it uploads.
