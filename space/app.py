@@ -47,10 +47,12 @@ COLOR_MAP = {"mask": "#d0d0d0", **{f"c{i}": colour for i, colour in enumerate(PA
 FRAME_S = 0.05  # at most ~20 canvas updates a second go to the page; the model may step faster
 
 EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, temperature
-    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n', 64, 32, 0.9, "confidence", 0.0],
-    ["import os\n\n\ndef list_python_files(root):\n", 64, 32, 0.3, "confidence", 0.0],  # more tokens per pass
-    ['class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n', 64, 8, 0.9, "margin", 0.0],
-    ["def is_prime(n):\n", 48, 16, 0.5, "entropy", 0.7],
+    # Prompts end inside a line: byte-level BPE rarely saw a token boundary at a line's trailing whitespace.
+    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 4, 0.6, "confidence", 0.0],
+    ["import os\n\n\ndef list_python_files(root):\n    result = []\n    for", 64, 16, 0.3, "confidence", 0.0],
+    ['class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n        self', 64, 8, 0.6,
+     "margin", 0.0],
+    ["def is_prime(n):\n    if", 48, 4, 0.6, "entropy", 0.7],
 ]
 
 
@@ -351,7 +353,8 @@ forward pass, like an autoregressive model) and then with your block size, and m
 
 def build_inputs(model):
     """The input column: prompt and decoding settings (defaults from the model's config)."""
-    block_size = model.config.block_size if model.config.block_size in BLOCK_SIZES else 16
+    block_size = getattr(model.generation_config, "block_size", None) or model.config.block_size
+    block_size = block_size if block_size in BLOCK_SIZES else 16
     threshold = getattr(model.generation_config, "threshold", None) or 0.9
     return [
         gr.Textbox(label="Prompt (Python code)", lines=6, value=EXAMPLES[0][0], elem_id="prompt"),
