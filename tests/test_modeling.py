@@ -802,3 +802,24 @@ def test_default_model_ships_the_package_code():
     root = Path(__file__).resolve().parent.parent
     for name in CODE_FILES:
         assert (root / "models" / "r2lm-tiny-pycode" / name).read_bytes() == (root / name).read_bytes(), name
+
+
+def test_the_batch_shared_training_mask_equals_the_per_row_mask():
+    """Rows without padding or packing share one (2L, 2L) layout mask; an all-ones attention_mask builds it per row.
+    Same masks, same logits and loss, same gradients."""
+    model = random_r2lm().train()
+    ids = torch.randint(2, TINY["vocab_size"], (3, 16))
+    outs = []
+    for attention_mask in (None, torch.ones_like(ids)):
+        model.zero_grad()
+        out = model.diffusion_loss(ids, attention_mask=attention_mask, block_offset=1,
+                                   generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (shared, shared_grads), (per_row, per_row_grads) = outs
+    assert torch.equal(shared.masked, per_row.masked) and shared.masked.any()
+    torch.testing.assert_close(shared.logits, per_row.logits)
+    torch.testing.assert_close(shared.loss, per_row.loss)
+    assert shared_grads.keys() == per_row_grads.keys()
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], per_row_grads[name], msg=name)
