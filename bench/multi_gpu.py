@@ -351,6 +351,13 @@ def equality_tokens(model, device, tiny, **kwargs):
     return model.generate(ids, max_new_tokens=eq["new"], **{**POLICY, **kwargs}).tolist()
 
 
+@torch.no_grad()
+def prompt_logits(model, device, tiny):
+    """The logits of one plain forward over the equality prompts, on the CPU."""
+    eq = dict(EQUALITY, new=16) if tiny else EQUALITY
+    return model(prompts(eq["batch"], eq["prompt"], 1).to(device), use_cache=False).logits.float().cpu()
+
+
 def tokens_per_s(model, device, tiny, **kwargs):
     """{batch: tokens/s} of the figures' call: the second call of each shape (the first builds buffers, graphs)."""
     timing = TINY_TIMING if tiny else TIMING
@@ -439,6 +446,7 @@ def worker_device_map(args):
     caught = Warnings()
     model = load(args.folder, torch.float32).to(device)
     one = equality_tokens(model, device, args.tiny, cache_implementation="dynamic")
+    one_logits = prompt_logits(model, device, args.tiny)
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -453,6 +461,11 @@ def worker_device_map(args):
               "layers_per_device": {str(d): sum(1 for k, v in split.hf_device_map.items() if ".layers." in k and v == d)
                                     for d in set(split.hf_device_map.values())}}
     result["tokens_equal"] = equality_tokens(split, device, args.tiny) == one
+    # For a difference: where each module ran, whether the tied lm_head still is the embedding, and how far the
+    # prompt's logits (one forward, no decoding) are from one device's.
+    result["hf_device_map"] = {k: str(v) for k, v in split.hf_device_map.items()}
+    result["lm_head_tied"] = split.lm_head.weight.data_ptr() == split.model.embed_tokens.weight.data_ptr()
+    result["prompt_logits_max_abs_diff"] = (prompt_logits(split, device, args.tiny) - one_logits).abs().max().item()
     result["warnings"] = sorted({m for m in caught.messages if "engine" in m})
     del split
     if cuda:
@@ -530,7 +543,10 @@ def markdown(res):
     if "tokens_equal" in dm:
         lines += ["## device_map=\"auto\" over two GPUs (max_memory forcing a split)", "",
                   f"Layers per device {dm['layers_per_device']}; float32 tokens equal to one GPU's: "
-                  f"{dm['tokens_equal']} (warned: {'; '.join(dm['warnings']) or 'nothing'}). Layers on the CPU with "
+                  f"{dm['tokens_equal']} (warned: {'; '.join(dm['warnings']) or 'nothing'}); the prompt's logits differ "
+                  f"by at most {dm.get('prompt_logits_max_abs_diff', float('nan')):.3g}, lm_head tied to the "
+                  f"embedding: {dm.get('lm_head_tied')}, lm_head on {dm.get('hf_device_map', {}).get('lm_head')}, "
+                  f"embed_tokens on {dm.get('hf_device_map', {}).get('model.embed_tokens')}. Layers on the CPU with "
                   f"the engine asked for: {dm.get('cpu_layers_static', 'not run')}", ""]
     if errors:
         lines += ["## Errors", ""] + [f"- {name}: {error}" for name, error in errors.items()] + [""]
