@@ -12,14 +12,14 @@ lines of the same file with the same indentation (so indentation gives nothing a
 `--min-chars` characters after stripping and all different; the choices are shuffled. Files are visited round-robin
 (each file's eligible lines in a seeded random order) so that no large file dominates.
 
-`--heldout-fraction F` keeps only the files that `python -m train` holds out with the same fraction: those whose path
-relative to the files' common folder has the lowest SHA-1 (train.data.split_by_file's rule). The default model
-(models/r2lm-tiny-pycode) was trained with F = 0.05 on CPython 3.11.7's standard library without site-packages, so
+`--heldout-fraction F` keeps only the files that `python -m train --data` holds out with the same fraction: those
+whose path relative to the files' common folder has the lowest SHA-1 (train.data.split_by_file's rule). The default
+model (models/r2lm-tiny-pycode) was trained on the code corpus of `python -m train.corpus`, which writes its held-out
+files to their own folder, so
 
-    python -m evaluate_r2lm.code_task OUT --files "$(python -c 'import os; print(os.path.dirname(os.__file__))')" \
-        --exclude 'site-packages/*' --heldout-fraction 0.05
+    python -m evaluate_r2lm.code_task OUT --files .corpus/heldout
 
-on Python 3.11.7 builds the task from the 90 files it never saw.
+builds the task from the 206 files it never saw.
 """
 
 import fnmatch
