@@ -3,8 +3,8 @@
     python -m evaluate_r2lm.timing [--model models/r2lm-tiny-pycode] [--mc-num 1 32 128] [--questions 8]
     python -m evaluate_r2lm.timing --model QWEN3_1P7B_R2LM --device cuda --dtype bfloat16 --batch-size 128
 
-The requests are the four choices of the first `--questions` questions of the code task built from the held-out
-standard-library files (`code_task`, the default model's split), run through `R2LMEvalLM.loglikelihood` exactly as
+The requests are the four choices of the first `--questions` questions of the code task built from 5% of the
+standard library's files (`code_task`; any Python files time alike, and these are on every machine), run through `R2LMEvalLM.loglikelihood` exactly as
 lm-eval calls it, `--batch-size` rows per forward, after one untimed warm-up request. Torch runs on `--threads`
 threads (default 1); the table gives this process's CPU time per request, which on one thread is the time on an idle
 core however busy the machine is, and the wall time. Prints a Markdown table headed by the machine and the date.
