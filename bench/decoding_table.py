@@ -37,13 +37,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load(folder, dtype):
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(DEVICE).eval()
-    return model
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(DEVICE).eval()
 
 
 def function_prompts(heldout, tokenizer, count, context_tokens):
