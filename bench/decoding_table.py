@@ -239,7 +239,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model, judge = load(args.model, dtype), load(args.judge, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, config=model.config)  # no remote-code question
     pad_id, eos_id = model.config.pad_token_id, model.config.eos_token_id
     prompts = function_prompts(args.heldout, tokenizer, args.prompts, args.context_tokens)
     res = dict(model=str(args.model), judge=str(args.judge), device=torch.cuda.get_device_name() if DEVICE == "cuda"
