@@ -28,13 +28,14 @@ at block size 1. Results: DIR/decoding_table.json and .md (written atomically), 
 import argparse
 import ast
 import json
-import os
 import textwrap
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from train.checkpoint import write_text_atomic
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,9 +186,7 @@ def timed_generate(model, prompts, settings, max_new, pad_id, eos_id):
 
 def write(out, result):
     for name, text in (("decoding_table.json", json.dumps(result, indent=1)), ("decoding_table.md", report(result))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
 
 
 def row_md(name, r):
@@ -299,8 +298,7 @@ def main():
         cfg = json.loads((folder / "config.json").read_text())
         cfg["block_size"] = settings["block_size"]
         for name, data in (("generation_config.json", gen), ("config.json", cfg)):
-            (folder / f".{name}.tmp").write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(folder / f".{name}.tmp", folder / name)
+            write_text_atomic(folder / name, json.dumps(data, indent=2) + "\n")
     print(report(res))
 
 

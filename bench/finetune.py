@@ -23,8 +23,6 @@ full one does not at the same batch. JSON and .md are rewritten (temporary file,
 import argparse
 import datetime
 import json
-import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -33,12 +31,12 @@ import torch
 import transformers
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM
+from train.checkpoint import write_text_atomic
+from train.lora import apply_lora, lora_config
+from train.sft import lay_out, pack_documents
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train/ (installed with the package, but the device may run from a bare checkout)
-from train.lora import apply_lora, lora_config  # noqa: E402
-from train.sft import lay_out, pack_documents  # noqa: E402
 
 
 CUDA = torch.cuda.is_available()
@@ -192,8 +190,7 @@ def save(res, args):
           f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; random weights, synthetic "
           "packed chat rows (bench/finetune.py).", ""] + table(res)
     for name, text in (("finetune.json", json.dumps(res, indent=1)), ("finetune.md", "\n".join(md))):
-        (args.out / f"{name}.tmp").write_text(text + "\n")
-        os.replace(args.out / f"{name}.tmp", args.out / name)
+        write_text_atomic(args.out / name, text + "\n")
 
 
 def parse_args():

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.checkpoint import write_text_atomic
+
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -100,8 +102,7 @@ class Run:
         self.args.out.mkdir(parents=True, exist_ok=True)
         self.res["elapsed_s"] = round(time.time() - self.start, 1)
         for name, text in (("multi_gpu.json", json.dumps(self.res, indent=1)), ("multi_gpu.md", markdown(self.res))):
-            (self.args.out / f"{name}.tmp").write_text(text)
-            os.replace(self.args.out / f"{name}.tmp", self.args.out / name)
+            write_text_atomic(self.args.out / name, text)
 
     def launch(self, name, command, limit, cpu_env=None, gpus="0,1"):
         """Runs `command` (a list) from the repository root within `limit` seconds; its output's tail goes to

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import time
 import traceback
 from pathlib import Path
@@ -38,6 +37,7 @@ from transformers import CompileConfig, Qwen3Config, Qwen3ForCausalLM
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 from r2lm.kernels_r2lm import scan_implementation, selective_scan_fn
+from train.checkpoint import write_text_atomic
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -389,8 +389,7 @@ def save(res, args):
           f"compile={env['compile']}; tokens/s = batch x new tokens / seconds of the second call (prefill included)."]
     md += report_lines(res, args) + summary_lines(res)
     for name, text in (("throughput.json", json.dumps(res, indent=1, default=str)), ("throughput.md", "\n".join(md))):
-        (args.out / f"{name}.tmp").write_text(text + "\n")
-        os.replace(args.out / f"{name}.tmp", args.out / name)
+        write_text_atomic(args.out / name, text + "\n")
 
 
 def parse_args():

@@ -3,6 +3,7 @@ and checking a checkpoint's files before resuming from it."""
 
 import contextlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -58,6 +59,14 @@ def atomic_dir(final):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_dir(tmp, final)
+
+
+def write_text_atomic(path, text):
+    """Writes `text` to `path` through a temporary file in the same folder and a rename: a reader never sees half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_json(path):

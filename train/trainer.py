@@ -44,6 +44,7 @@ from r2lm.modeling_r2lm import column_blocks
 
 from .checkpoint import (
     check_checkpoint, commit_dir, fresh_temp_dir, load_model, read_json, resume_advice, save_model, temp_dir_path,
+    write_text_atomic,
 )
 from .cli import ARGS_FILE, args_to_json
 from .data import find_files, load_tokens, pack, split_by_file, tokenize_files, warn_not_utf8
@@ -371,9 +372,7 @@ class Trainer:
         path = self.output_dir / METRICS
         if self.accelerator.is_main_process and path.exists():
             lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= self.progress.step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in lines))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(l + "\n" for l in lines))
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self):
