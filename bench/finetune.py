@@ -14,10 +14,10 @@ clipping and a fused AdamW step; the median of --steps timed steps after two unt
 counts every column of the rows (padding included) and, separately, the answer tokens. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps.
 
-Fit (--fit-shape, default qwen3-1.7b): the largest power-of-two batch at which a full fine-tune's step runs without
-running out of memory, then LoRA at the next batch (where full does not fit): the claim that a LoRA run fits where a
-full one does not at the same batch. JSON and .md are rewritten (temporary file, then rename) after every point.
-`--tiny` runs everything on the CPU with a tiny shape: a dry run of the script (no memory figures).
+Fit (--fit-shape, default qwen3-1.7b): the largest batch at which a full fine-tune's step runs without running out of
+memory (doubling from 1, then bisecting), then LoRA at the next batch (where full does not fit): the claim that a
+LoRA run fits where a full one does not at the same batch. JSON and .md are rewritten (temporary file, then rename)
+after every point. `--tiny` runs everything on the CPU with a tiny shape: a dry run of the script (no memory figures).
 """
 
 import argparse
@@ -145,21 +145,35 @@ def fits(config, mode, batch, length):
 
 
 def section_fit(res, args):
-    """The largest power-of-two batch a full fine-tune of --fit-shape fits, and LoRA at twice that batch."""
+    """The largest batch a full fine-tune of --fit-shape fits (doubling, then bisecting), and LoRA at the smallest
+    batch the full fine-tune does not fit."""
     config, length = config_of(args.fit_shape), args.length
     out = res.setdefault("fit", {"shape": args.fit_shape, "length": length, "full": {}, "lora": {}})
-    batch, largest = 1, None
-    while time.time() < args.deadline - 60 and batch <= args.max_fit_batch:
+
+    def try_full(batch):
         got = fits(config, "full", batch, length)
         out["full"][str(batch)] = got or "out of memory"
         save(res, args)
-        if got is None:
+        return got is not None
+
+    largest, smallest_out = None, None
+    batch = 1
+    while time.time() < args.deadline - 60 and batch <= args.max_fit_batch:
+        if not try_full(batch):
+            smallest_out = batch
             break
         largest, batch = batch, batch * 2
+    while largest is not None and smallest_out is not None and smallest_out - largest > 1 \
+            and time.time() < args.deadline - 60:
+        middle = (largest + smallest_out) // 2
+        if try_full(middle):
+            largest = middle
+        else:
+            smallest_out = middle
     out["full_largest_batch"] = largest
-    if largest is not None and out["full"].get(str(batch)) == "out of memory":
-        got = fits(config, "lora", batch, length)
-        out["lora"][str(batch)] = got or "out of memory"
+    if largest is not None and smallest_out == largest + 1:
+        got = fits(config, "lora", smallest_out, length)
+        out["lora"][str(smallest_out)] = got or "out of memory"
         out["lora_fits_where_full_does_not"] = got is not None
     save(res, args)
 
@@ -178,7 +192,7 @@ def table(res):
     fit = res.get("fit")
     if fit:
         lines += ["", f"Fit ({fit['shape']}, length {fit['length']}): full fine-tune, largest batch "
-                  f"{fit.get('full_largest_batch')}; LoRA at the next batch: "
+                  f"{fit.get('full_largest_batch')}; LoRA at the next batch (where full runs out of memory): "
                   + ", ".join(f"batch {b}: " + ("out of memory" if isinstance(v, str) else f"{v['peak_gib']:.1f} GiB")
                               for b, v in fit["lora"].items())]
     return lines

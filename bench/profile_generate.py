@@ -1,12 +1,19 @@
-"""Where a public `generate` spends its GPU time: torch.profiler over the second call of one shape, top kernels.
+"""Where a public `generate` spends its time: the CUDA kernels, and the GPU's idle gaps with what the host did then.
 
-    python bench/profile_generate.py --out DIR [--batch 1] [--compile]
+    python bench/profile_generate.py --out DIR [--batch 1 32] [--compile]
 
 Qwen3-1.7B shapes, random bf16 weights, prompt 128, 256 new tokens, blocks of 32, 4 tokens per forward (left to
-right). Writes DIR/profile_b{batch}{_compiled}.txt: the CUDA-time table of the timed call, the 30 costliest ops.
+right). For each batch: a first call (capture, compilation), a timed second call (wall seconds, synchronised), then a
+third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_compiled}.txt: the wall time, the GPU's
+busy time (the union of its kernels' intervals), the idle time before the first step's graph launch (setup and the
+prompt's prefill), between the step launches and after the last one, the 15 longest gaps with the host ops that began
+in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz (chrome://tracing).
 """
 
 import argparse
+import gzip
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -15,33 +22,78 @@ from transformers import CompileConfig
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 
 
-QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
+def gaps_report(trace, wall):
+    """Idle intervals of the GPU in a chrome trace's events, attributed to the host's ops and phases."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy",
+                                                                                          "gpu_memset"))
+    launches = sorted(e["ts"] for e in events if e.get("name") == "cudaGraphLaunch")
+    host = sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "cpu_op")
+    busy, gaps, end = 0.0, [], None
+    for a, b in kernels:
+        if end is not None and a > end:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    merged_start = kernels[0][0]
+    busy = (end - merged_start) - sum(b - a for a, b in gaps)
+    first, last = (launches[0], launches[-1]) if launches else (end, end)
+    phase = {"before the first step launch": 0.0, "between step launches": 0.0, "after the last launch": 0.0}
+    for a, b in gaps:
+        key = ("before the first step launch" if b <= first else "after the last launch" if a >= last
+               else "between step launches")
+        phase[key] += b - a
+    lines = [f"wall of the timed call: {wall * 1e3:.1f} ms; profiled call: GPU span {(end - merged_start) / 1e3:.1f} ms, "
+             f"busy {busy / 1e3:.1f} ms, idle {sum(b - a for a, b in gaps) / 1e3:.1f} ms in {len(gaps)} gaps; "
+             f"{len(launches)} graph launches"]
+    lines += [f"  idle {name}: {us / 1e3:.1f} ms" for name, us in phase.items()]
+    lines.append("longest gaps (ms, host ops that began in them, by total duration):")
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:15]:
+        ops = {}
+        for ts, dur, name in host:
+            if a <= ts < b:
+                ops[name] = ops.get(name, 0.0) + dur
+        top = ", ".join(f"{n} {d / 1e3:.2f}" for n, d in sorted(ops.items(), key=lambda kv: -kv[1])[:5])
+        lines.append(f"  {(b - a) / 1e3:7.2f} at +{(a - merged_start) / 1e3:7.1f}: {top}")
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = R2LMForDiffusionLM(R2LMConfig(**QWEN3_1_7B, mask_token_id=1000)).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 1000, (args.batch, 128), device="cuda")
+    with torch.device("cuda"):  # R2LMConfig's defaults are Qwen3-1.7B's shape
+        model = R2LMForDiffusionLM(R2LMConfig(mask_token_id=1000, max_position_embeddings=8192))
+    model.to(torch.bfloat16).eval()
     settings = dict(max_new_tokens=256, block_size=32, threshold=1.0, min_tokens_per_step=4,
                     unmasking="left_to_right", eos_token_id=None, pad_token_id=0,
                     compile_config=CompileConfig() if args.compile else None)
-    model.generate(ids, **settings)  # the first call captures (and compiles)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for batch in args.batch:
+        ids = torch.randint(0, 1000, (batch, 128), device="cuda")
+        model.generate(ids, **settings)  # the first call captures (and compiles)
+        torch.cuda.synchronize()
+        wall = time.perf_counter()
         model.generate(ids, **settings)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"profile_b{args.batch}{'_compiled' * args.compile}.txt"
-    (args.out / name).write_text(table)
-    print(table)
+        wall = time.perf_counter() - wall
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            model.generate(ids, **settings)
+            torch.cuda.synchronize()
+        name = f"b{batch}{'_compiled' * args.compile}"
+        trace_path = args.out / f"trace_{name}.json"
+        prof.export_chrome_trace(str(trace_path))
+        trace = json.loads(trace_path.read_text())
+        with gzip.open(f"{trace_path}.gz", "wt") as f:
+            json.dump(trace, f)
+        trace_path.unlink()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        report = f"batch {batch}, compile={args.compile}\n{gaps_report(trace, wall)}\n\n{table}"
+        (args.out / f"profile_{name}.txt").write_text(report)
+        print(report[:6000])
 
 
 if __name__ == "__main__":
