@@ -100,6 +100,23 @@ def test_engine_modes(attention, block_size):
     assert_same_decoding(model, ids, mask, block_size=block_size, threshold=0.5)
 
 
+@pytest.mark.parametrize("emulate_capture", [False, True], ids=["eager", "capture"])
+@pytest.mark.parametrize("length", ["whole", "one-over", "three-chunks"])
+@pytest.mark.parametrize("block_size", [4, 32, 5])  # chunks of 128, 128 and 130 columns
+def test_prefill_chunks(block_size, length, emulate_capture):
+    """The prefill runs in chunks of C columns (the smallest multiple of B from 128 on), the prompt left-padded inside
+    the engine to whole chunks: a prompt of exactly C (no idle column), of C + 1 (C - 1 idle columns) and over three
+    chunks, each batch with rows of three lengths (the shortest leaves whole chunks of padding in its row)."""
+    model = tiny_r2lm(peak=4)
+    C = -(-128 // block_size) * block_size
+    T = {"whole": C, "one-over": C + 1, "three-chunks": 2 * C + 5}[length]
+    ids, mask = left_padded((T, T - 3, 5))
+    assert_same_decoding(model, ids, mask, block_size=block_size, threshold=0.5, emulate_capture=emulate_capture)
+    engine = model._r2lm_engine
+    assert (engine.chunk, engine.offset) == (C, (-T) % C)
+    assert int(engine.first_col) == engine.offset + T == -(-T // C) * C
+
+
 def test_split_key_attention_matches():
     model = tiny_r2lm(peak=4)
     ids, mask = left_padded((7, 4))

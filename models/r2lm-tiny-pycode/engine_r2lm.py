@@ -8,6 +8,10 @@ the decoding policy of `generation_r2lm` (the same commit function, passed in) a
   up to a whole number of `bucket` columns, the cache's true length a device tensor. Each step (forward, token
   choice, commit into the canvas) is captured once per (rows, kind, keys, policy) in a CUDA graph and replayed; the
   buffers are kept between calls, so a second call of the same shape captures nothing;
+- the prompt's prefill as the same kind of step: fixed chunks of C columns (the smallest multiple of B from 128 on),
+  captured and replayed likewise. The prompt is left-padded inside the engine to a whole number of chunks; blocks end
+  at the prompt's end, so chunk boundaries are block boundaries, and padding on the left of a row reaches none of its
+  tokens (attention skips it, the sidecars scan right to left);
 - rows bucketed to powers of two: a batch of 5 runs as 8 (3 idle rows), finished rows idle until the live ones fit
   half the rows, then move to the front; so a server sees a handful of graph sizes;
 - each Qwen3 layer as two elementwise pieces around its matrix products and attention (q, k, v and gate, up stacked
@@ -138,12 +142,18 @@ class R2LMEngine:
 
     The generation loop (`R2LMGenerationMixin.generate`) drives it through the runner interface it shares with the
     eager runners: `start(...)`, `step(start, block_step)` (forward, token choice and commit; returns the block's
-    logits), `drop(slots)`, and `canvas`, `slot_rows`, `forwards`."""
+    logits), `drop(slots)`, and `canvas`, `slot_rows`, `forwards`, `T`. These speak the caller's columns (its prompt,
+    then the generated blocks); inside, a causal engine's columns start `offset` idle columns earlier, so that its
+    prompt fills whole prefill chunks: `tokens`, `columns`, `cache_len`, `limit`, `first_col` and `pad` count from
+    there."""
 
     bucket = 256  # keys are read in whole buckets of columns: one graph per bucket as the cache grows
     # From this many keys on, decode steps of a small batch use `split_key_attention` (on an H200, a batch-1 step
     # over 2304 cached columns: 4.15 -> 3.04 ms; batch 8 unchanged).
     split_keys_from = 1024
+    # The prompt is prefilled in chunks of the smallest multiple of B from this many columns on: one graph per chunk
+    # and key bucket, whatever the prompt's length (on an H200 an eager prefill cost ~2,500 launches, 45-90 ms).
+    prefill_columns = 128
 
     def __init__(self, model, compile=False):
         cfg = model.config
@@ -202,7 +212,7 @@ class R2LMEngine:
         """Canvas, cache and step state for `slots` rows of `columns` columns (a whole number of buckets); kept while
         later calls fit in them."""
         have = self.buffers
-        if have is not None and have["canvas"].shape[0] >= slots and have["canvas"].shape[1] >= columns:
+        if have is not None and have["tokens"].shape[0] >= slots and have["tokens"].shape[1] >= columns:
             return
         self.release()
         columns = -(-columns // self.bucket) * self.bucket
@@ -215,7 +225,7 @@ class R2LMEngine:
                 f"The static KV cache for {slots} rows x {columns} columns needs {needed / 2**30:.1f} GiB, more than "
                 f"the GPU has free: lower the batch or max_new_tokens, or pass cache_implementation='dynamic'.")
         self.buffers = dict(
-            canvas=torch.zeros(slots, columns, dtype=torch.long, device=dev),
+            tokens=torch.zeros(slots, columns, dtype=torch.long, device=dev),  # the canvas in the engine's columns
             key_valid=torch.ones(slots, columns, dtype=torch.bool, device=dev),
             pad=torch.zeros(slots, dtype=torch.long, device=dev),  # left padding of each row
             first_h=torch.zeros(slots, model.config.hidden_size, dtype=dtype, device=dev),
@@ -230,7 +240,7 @@ class R2LMEngine:
     def _use_slots(self, n):
         """Every step runs on the first n rows of the buffers (views: the graphs of n rows are kept)."""
         self.n = n
-        for name in ("canvas", "key_valid", "pad", "first_h"):
+        for name in ("tokens", "key_valid", "pad", "first_h"):
             setattr(self, name, self.buffers[name][:n])
         self.k_cache = self.ops.mark_cache([t[:n] for t in self.buffers["k"]])
         self.v_cache = self.ops.mark_cache([t[:n] for t in self.buffers["v"]])
@@ -242,84 +252,85 @@ class R2LMEngine:
     # -- the runner interface ----------------------------------------------------------------------------------
 
     def start(self, input_ids, valid, n_blocks, block_size, limit, commit, policy_key):
-        """Prefills the prompt (b, T) into the cache; the canvas then holds it and masks up to T + n_blocks B.
-        `commit(block, wanted, columns, logits, block_step) -> block` is the decoding policy (columns: generated-column
-        indices, 0 = the first generated token), `policy_key` names it."""
+        """Prefills the prompt (b, T) into the cache, chunk by chunk; the canvas then holds it and masks up to
+        T + n_blocks B. `commit(block, wanted, columns, logits, block_step) -> block` is the decoding policy (columns:
+        generated-column indices, 0 = the first generated token), `policy_key` names it. `limit`: the first column
+        never decoded."""
         batch, T = input_ids.shape
         self.B, self.T, self.commit, self.policy_key = block_size, T, commit, policy_key
-        self.columns = T + n_blocks * block_size
+        self.chunk = -(-self.prefill_columns // block_size) * block_size  # a whole number of blocks
+        # Idle columns before the prompt, invalid keys: the engine's prompt is a whole number of chunks. (The
+        # bidirectional engine has no prefill: its canvas is the caller's.)
+        self.offset = (-T) % self.chunk if self.causal else 0
+        self.prompt_end = self.offset + T
+        self.columns = self.prompt_end + n_blocks * block_size
         slots = _pow2(batch)
         self._allocate(slots, self.columns)
         self._use_slots(slots)
         self.slot_rows = list(range(batch)) + [-1] * (slots - batch)
         self.forwards = 0
-        self.canvas.fill_(idle_token(self.model.config))
-        self.canvas[:batch, T : self.columns] = self.model.config.mask_token_id
-        self.canvas[:batch, :T] = input_ids
+        self.tokens.fill_(idle_token(self.model.config))
+        self.tokens[:batch, self.prompt_end : self.columns] = self.model.config.mask_token_id
+        self.tokens[:batch, self.offset : self.prompt_end] = input_ids
         self.key_valid.fill_(True)
-        self.key_valid[:batch, :T] = valid
-        self.pad.zero_()
-        self.pad[:batch] = (~valid).sum(1)
-        self.limit.fill_(limit)
-        self.first_col.fill_(T)
-        self.cache_len.fill_(T)
+        self.key_valid[:, : self.offset] = False
+        self.key_valid[:batch, self.offset : self.prompt_end] = valid
+        self.pad.fill_(self.offset)  # positions count from each row's first token
+        self.pad[:batch] += (~valid).sum(1)
+        self.limit.fill_(self.offset + limit)
+        self.first_col.fill_(self.prompt_end)
+        self.cache_len.zero_()
         self.block_step.zero_()
-        if self.causal:
-            self._prefill(T, (~valid).any())
+        if self.causal:  # the prefill: no logits, no commit, not a denoising forward (not counted)
+            for end in range(self.chunk, self.prompt_end + 1, self.chunk):
+                self._run("prefill", self._key_len(end))
 
-    @torch.no_grad()
-    def _prefill(self, T, padded):
-        """The prompt through the same layers (eager, not captured: its length changes from call to call), written
-        into the cache's first T columns. Its blocks end at column T (block_offset = T mod B), as in the model."""
-        cols = torch.arange(T, device=self.canvas.device)
-        allowed = None
-        if padded:  # a padded query sees itself, so that no softmax row is empty
-            allowed = (cols[None, :, None] >= cols[None, None, :]) & self.key_valid[:, None, :T]
-            allowed = (allowed | torch.eye(T, dtype=torch.bool, device=cols.device))[:, None]
-        hidden = self.forward(self.canvas[:, :T], (cols[None] - self.pad[:, None]).clamp(min=0), cols, T, allowed,
-                              T % self.B, ops=_EAGER_OPS, causal=allowed is None)
-        self.first_h.copy_(hidden[:, -1])  # the prompt's last column predicts the first generated token
+    @property
+    def canvas(self):
+        """The canvas in the caller's columns: the prompt as given (without the `offset` idle columns), then the
+        generated blocks. A view of `tokens`, which the graphs read."""
+        return self.tokens[:, self.offset :]
 
     def step(self, start, block_step):
         """One denoising step of the block at [start, start + B): forward, token choice and commit into the canvas.
         Returns the block's logits (rows, B, V)."""
         B = self.B
+        start += self.offset  # the engine's columns
         if not self.causal:
             if block_step == 0:
                 self.cache_len.fill_(start)  # here: the current block's first column
                 self.block_step.zero_()
             kind, keys = "bidirectional", self.columns
-        elif block_step == 0 and start > self.T:  # the finished block enters the cache in this forward
+        elif block_step == 0 and start > self.prompt_end:  # the finished block enters the cache in this forward
             kind, keys = "fused", self._key_len(start + B if B > 1 else start)
         else:
             if block_step == 0:
                 self.block_step.zero_()
             kind, keys = ("head" if B == 1 else "step"), self._key_len(start + B)
         self.forwards += kind != "head"
-        self._run(kind, keys)
-        return self.logits
+        return self._run(kind, keys)
 
     def drop(self, slots):
         """Rows that finished: their slots idle; once the live rows fit half the slots they move to the front."""
         for slot in slots:
             self.slot_rows[slot] = -1
-        self.canvas[slots] = idle_token(self.model.config)
+        self.tokens[slots] = idle_token(self.model.config)
         live = [slot for slot, row in enumerate(self.slot_rows) if row >= 0]
         n = _pow2(len(live))
         if not live or n == self.n:
             return
-        keep = torch.tensor(live, device=self.canvas.device)
-        for name in ("canvas", "key_valid", "pad", "first_h"):
+        keep = torch.tensor(live, device=self.tokens.device)
+        for name in ("tokens", "key_valid", "pad", "first_h"):
             getattr(self, name)[: len(live)] = getattr(self, name)[keep]
         for t in self.k_cache + self.v_cache:
             t[: len(live)] = t[keep]
         self.slot_rows = [self.slot_rows[slot] for slot in live] + [-1] * (n - len(live))
-        self.canvas[len(live) : n] = idle_token(self.model.config)
+        self.tokens[len(live) : n] = idle_token(self.model.config)
         self._use_slots(n)
 
     def _key_len(self, end):
         """Keys cover a whole number of buckets past `end` columns (never past the buffers)."""
-        return min(self.canvas.shape[1], -(-end // self.bucket) * self.bucket)
+        return min(self.tokens.shape[1], -(-end // self.bucket) * self.bucket)
 
     # -- steps (each one captured in a graph) -------------------------------------------------------------------
 
@@ -327,12 +338,12 @@ class R2LMEngine:
         """The causal step of `kind`: "step" runs the block [cache_len, cache_len + B); "fused" runs the finished
         block [cache_len, cache_len + B) (kept in the cache) and the next one (B = 1: the finished column only);
         "head" (B = 1, first block) runs nothing: the prompt's last column predicts the token."""
-        B, n, dev = self.B, self.n, self.canvas.device
+        B, n, dev = self.B, self.n, self.tokens.device
         fused = kind == "fused"
         hidden = None
         if kind != "head":
             cols = self.cache_len + torch.arange(2 * B if fused and B > 1 else B, device=dev)
-            ids = self.canvas.gather(1, cols.expand(n, -1))
+            ids = self.tokens.gather(1, cols.expand(n, -1))
             hidden = self.forward(ids, cols[None] - self.pad[:, None], cols, key_len, self._step_mask(cols, key_len))
             if fused:  # the finished block's last column predicts the new block's first token, for every step
                 self.first_h.copy_(hidden[:, B - 1])
@@ -350,14 +361,26 @@ class R2LMEngine:
             self.block_step += 1
         return logits
 
+    def _prefill_step(self, key_len):
+        """One chunk of the prompt, the columns [cache_len, cache_len + C), through the layers: its keys and values
+        go into the cache. A chunk starts on a block boundary, so the sidecars see whole blocks. Its pieces run eager
+        even with `compile=True`: compiled, the chunk would be one more shape to compile per row bucket (seconds each)
+        for a step that runs a few times per call."""
+        cols = self.cache_len + torch.arange(self.chunk, device=self.tokens.device)
+        ids = self.tokens.gather(1, cols.expand(self.n, -1))
+        positions = (cols[None] - self.pad[:, None]).clamp(min=0)
+        hidden = self.forward(ids, positions, cols, key_len, self._step_mask(cols, key_len), ops=_EAGER_OPS)
+        self.first_h.copy_(hidden[:, -1])  # the prompt's last column predicts the first generated token
+        self.cache_len += self.chunk
+
     def _bidirectional_step(self):
         """The bidirectional baseline: the whole canvas (prompt, every block, later ones masked) in each step; the
         block decoded starts at column `cache_len` (set per block)."""
-        B, dev = self.B, self.canvas.device
+        B, dev = self.B, self.tokens.device
         positions = (torch.arange(self.columns, device=dev)[None] - self.pad[:, None]).clamp(min=0)
         valid = self.key_valid[:, : self.columns]
-        hidden = self.forward(self.canvas[:, : self.columns], positions, None, None, valid[:, None, None], self.T % B,
-                              valid=valid)
+        hidden = self.forward(self.tokens[:, : self.columns], positions, None, None, valid[:, None, None],
+                              self.prompt_end % B, valid=valid)
         block_cols = self.cache_len + torch.arange(B, device=dev)
         rows = (block_cols - 1)[None, :, None].expand(self.n, -1, hidden.shape[-1])  # column c from c - 1
         logits = self.model.lm_head(hidden.gather(1, rows))
@@ -367,9 +390,9 @@ class R2LMEngine:
 
     def _commit(self, block_cols, logits, block_step):
         index = block_cols.expand(self.n, -1)
-        block = self.commit(self.canvas.gather(1, index), block_cols < self.limit, block_cols - self.first_col, logits,
+        block = self.commit(self.tokens.gather(1, index), block_cols < self.limit, block_cols - self.first_col, logits,
                             block_step)
-        self.canvas.scatter_(1, index, block)
+        self.tokens.scatter_(1, index, block)
 
     def _step_mask(self, cols, key_len):
         """Additive mask (rows, 1, rep * queries, key_len) in the grouped query layout: the query at column c sees
@@ -382,13 +405,14 @@ class R2LMEngine:
 
     # -- the forward -------------------------------------------------------------------------------------------
 
-    def forward(self, ids, positions, write_cols, key_len, mask, block_offset=0, ops=None, causal=False, valid=None):
+    def forward(self, ids, positions, write_cols, key_len, mask, block_offset=0, ops=None, valid=None):
         """The decoder on ids (rows, s) at `positions`; returns the final-normed hidden states (rows, s, d).
 
-        With `write_cols` (decode steps, the prefill) each layer's k and v go into the static cache at those columns
-        and attention reads its first `key_len` columns. `mask`: additive in the grouped layout (decode steps), or
-        boolean (rows, 1, s | 1, keys), or None with `causal`. The sidecars' blocks start at `block_offset`. `valid`
-        (rows, s) bool marks the tokens (False on padding) for the Mamba mixers, as the model's forward gives it."""
+        With `write_cols` (decode steps, prefill chunks) each layer's k and v go into the static cache at those
+        columns and attention reads its first `key_len` columns. `mask`: additive in the grouped layout (cached
+        steps), or boolean (rows, 1, 1, keys) (bidirectional steps). The sidecars' blocks start at `block_offset`.
+        `valid` (rows, s) bool marks the tokens (False on padding) for the Mamba mixers, as the model's forward gives
+        it."""
         ops = ops or self.ops
         decoder = self.model.model
         h = decoder.embed_tokens(ids)
@@ -406,19 +430,19 @@ class R2LMEngine:
                                            self.eps, self.n_heads, self.n_kv, *cache)
             if write_cols is not None:
                 k, v = self.k_cache[i][:, :, :key_len], self.v_cache[i][:, :, :key_len]
-            o = self._attention(q, k, v, mask, causal, ops)
+            o = self._attention(q, k, v, mask, ops)
             h = ops.attention_output_and_mlp(o, h, attn.o_proj.weight, layer.post_attention_layernorm.weight,
                                              w["gate_up"], layer.mlp.down_proj.weight, self.eps)
             if layer.sidecar is not None:
                 h = layer.sidecar(h, None, self.B, block_offset)
         return ops.rms_norm(h, decoder.norm.weight, self.eps)
 
-    def _attention(self, q, k, v, mask, causal, ops):
+    def _attention(self, q, k, v, mask, ops):
         """q in the grouped layout (rows, kv_heads, rep * s, hd); returns the output in the same layout."""
-        if mask is None or mask.dtype == torch.bool:  # the prefill and bidirectional steps: per-head queries
+        if mask.dtype == torch.bool:  # the bidirectional steps: per-head queries
             b, kv_heads, rows, hd = q.shape
             o = F.scaled_dot_product_attention(q.view(b, self.n_heads, -1, hd), k, v, attn_mask=mask,
-                                               is_causal=causal, enable_gqa=True)
+                                               enable_gqa=True)
             return o.view(q.shape)
         if q.shape[0] * self.n_kv < 64 and k.shape[2] >= self.split_keys_from and k.shape[2] % self.bucket == 0:
             return ops.split_key_attention(q, k, v, mask, self.bucket)  # few queries of a small batch, many keys
@@ -429,26 +453,32 @@ class R2LMEngine:
     emulate_capture = False  # tests on the CPU: each step preceded by the warm-up runs of a capture
 
     def _run(self, kind, key_len):
-        fn = self._bidirectional_step if kind == "bidirectional" else (lambda: self._block_step(kind, key_len))
-        if self.canvas.device.type != "cuda":
+        """Runs the step of `kind` (captured once per shape on CUDA, then replayed); returns its logits (None for a
+        prefill chunk)."""
+        fn = {"bidirectional": self._bidirectional_step,
+              "prefill": lambda: self._prefill_step(key_len)}.get(kind, lambda: self._block_step(kind, key_len))
+        if self.tokens.device.type != "cuda":
             if self.emulate_capture:
                 self._warm_up(fn)
-            self.logits = fn()
-            return
-        key = (self.n, kind, key_len, self.B, self.columns if kind == "bidirectional" else None, self.policy_key)
+            return fn()
+        # What else shapes the graph: the canvas's width (bidirectional), the chunk (prefill), the decoding policy
+        # (not for the prefill, which commits nothing: its graphs serve every policy).
+        width = {"bidirectional": self.columns, "prefill": self.chunk}.get(kind)
+        key = (self.n, kind, key_len, self.B, width, None if kind == "prefill" else self.policy_key)
         if key not in self.graphs:
             self.graphs[key] = self._capture(fn)
-        graph, self.logits = self.graphs[key]
+        graph, logits = self.graphs[key]
         graph.replay()
+        return logits
 
     def _state(self):
-        return [self.canvas, self.cache_len, self.block_step, self.first_h]
+        return [self.tokens, self.cache_len, self.block_step, self.first_h]
 
     def _warm_up(self, fn, runs=2):
         """Runs `fn` (compiling what it compiles), putting back after each run the state it changed: a step moves the
         cache's end, and two unrestored fused steps would index past the last block."""
         saved = [t.clone() for t in self._state()]
-        with torch.random.fork_rng(devices=[self.canvas.device] if self.canvas.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.tokens.device] if self.tokens.device.type == "cuda" else []):
             for _ in range(runs):
                 fn()
                 for t, s in zip(self._state(), saved):
@@ -457,7 +487,7 @@ class R2LMEngine:
     def _capture(self, fn):
         """Warms up on a side stream, then captures `fn` in a CUDA graph (capturing runs nothing). The random state
         is put back, so that a seeded call samples the same tokens whether or not it captured."""
-        device = self.canvas.device
+        device = self.tokens.device
         try:
             with torch.random.fork_rng(devices=[device]):
                 stream = torch.cuda.Stream(device)
