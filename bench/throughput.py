@@ -124,9 +124,10 @@ def plan(args):
     """The points of the chosen parts, each once (a point two sections share runs once)."""
     (p0, g0), c, parts, pts = args.grid[0], args.compile, args.parts, []
     if "grid" in parts:
-        pts += [point(s, b, p, g, compile=c) for p, g in args.grid for b in args.batches for s in SYSTEMS]
+        pts += [point(s, b, p, g, compile=c) for p, g in args.grid for b in args.batches for s in args.systems]
     if "blocks" in parts:
-        pts += [point(s, b, p0, g0, block=bk, compile=c) for bk in (8, 16) for b in args.block_batches for s in CACHED]
+        pts += [point(s, b, p0, g0, block=bk, compile=c) for bk in (8, 16) for b in args.block_batches
+                for s in CACHED if s in args.systems]
     if "engine_vs_eager" in parts:
         pts += [point("r2lm", b, p0, g0, **kw) for b in args.small_batches
                 for kw in ({"compile": c}, {"path": "dynamic"})]
@@ -400,10 +401,15 @@ def parse_args():
                     default=[(128, 256), (2048, 1024)], help="PROMPT:NEW,...; the first also serves the sections")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
     ap.add_argument("--parts", type=lambda s: s.split(","), default=PARTS)
+    ap.add_argument("--systems", type=lambda s: s.split(","), default=list(SYSTEMS),
+                    help=f"of {','.join(SYSTEMS)}: the grid's and the blocks' systems")
     ap.add_argument("--compile", action="store_true", help="compile_config=CompileConfig() for every R2LM point")
     ap.add_argument("--resume", type=Path, help="a throughput.json whose measured points are kept")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and grid on the CPU: a dry run")
     args = ap.parse_args()
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(sorted(unknown))}; known: {', '.join(SYSTEMS)}")
     args.deadline = time.time() + args.budget
     if args.tiny:
         args.grid, args.batches = [(16, 32), (64, 64)], [1, 2]

@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 
 import torch
 from lm_eval.api.instance import Instance
-from transformers import AutoTokenizer
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 
@@ -57,11 +56,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     batch = requests(args.questions)
     pretrained, tokenizer = args.model, None
-    if args.random_weights:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.random_weights:  # the harness loads `tokenizer` with this model's config (no remote-code question)
+        tokenizer = args.model
         torch.manual_seed(0)
         with torch.device(args.device):
-            pretrained = R2LMForDiffusionLM(R2LMConfig(mask_token_id=tokenizer.mask_token_id))
+            mask_token_id = R2LMConfig.from_pretrained(args.model).mask_token_id
+            pretrained = R2LMForDiffusionLM(R2LMConfig(mask_token_id=mask_token_id))
     lm = R2LMEvalLM(pretrained=pretrained, tokenizer=tokenizer, dtype=args.dtype, device=args.device,
                     batch_size=args.batch_size)
     name = "Qwen3-1.7B shape, random weights" if args.random_weights else args.model
