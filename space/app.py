@@ -48,10 +48,10 @@ FRAME_S = 0.05  # at most ~20 canvas updates a second go to the page; the model 
 
 EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, temperature
     # Prompts end inside a line: byte-level BPE rarely saw a token boundary at a line's trailing whitespace.
-    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 4, 0.6, "confidence", 0.0],
     ["import os\n\n\ndef list_python_files(root):\n    result = []\n    for", 64, 16, 0.3, "confidence", 0.0],
     ['class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n        self', 64, 8, 0.6,
      "margin", 0.0],
+    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 8, 0.6, "confidence", 0.0],
     ["def is_prime(n):\n    if", 48, 4, 0.6, "entropy", 0.7],
 ]
 
