@@ -92,6 +92,20 @@ def test_compiled_triton_scan_matches_reference(reverse, dtype):
         assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}", **tolerance)
 
 
+@pytest.mark.skipif(triton is None or torch.cuda.device_count() < 2, reason="needs Triton and two CUDA GPUs")
+def test_triton_scan_runs_on_the_gpu_of_its_tensors():
+    """A layer of a model split over two GPUs (device_map): inputs on the second GPU, written there by work still
+    queued (a large product first), while the first GPU is current. The kernels must run on the second GPU's stream:
+    launched on the first, they read the inputs early (or fault)."""
+    inputs, dy = scan_inputs(batch=3, d_inner=300, length=32, d_state=16, dtype=torch.float32)
+    with torch.cuda.device(0):
+        busy = torch.randn(8192, 8192, device="cuda:1")
+        for _ in range(3):
+            busy = busy @ busy / 100  # keeps the second GPU's stream busy
+        inputs = [t.to("cuda:1") + 0 * busy[0, 0] for t in inputs]  # written after the products
+        assert_scans_close(inputs, dy.to("cuda:1"), True, "second GPU", rtol=6e-4, atol=2e-3)
+
+
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
 def test_triton_scan_refuses_long_rows_to_train():
     """Its backward holds whole rows in registers: longer rows that need gradients are refused by name, before any

@@ -15,6 +15,8 @@ and keeps its state in registers, where mamba-ssm's kernel launches one 32-threa
 32 steps (about 8x slower on an H200).
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
@@ -203,6 +205,13 @@ def _accumulate_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _launch_device(x):
+    """Triton launches a kernel on the current CUDA device's stream, not on the device of its tensors: a model split
+    over GPUs (device_map) would run a layer's scan on another GPU, unsynchronised with the stream that wrote its
+    inputs. Launches go through `x`'s device (nothing to choose for the CPU interpreter's tensors)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None):
     """y (batch, d_inner, L), laid out as u is. block_d: channels per program; by default 64, or 16 when that leaves
     fewer than four programs per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels per program
@@ -214,13 +223,14 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=N
         block_d = 64 if batch * triton.cdiv(d_inner, 64) >= 4 * sms else 16
     y = torch.empty_like(u)
     grid = (batch, triton.cdiv(d_inner, block_d))
-    _scan_fwd_kernel[grid](
-        u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
-        d_inner,
-        *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
-        L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
-        ACC=_accumulate_dtype(u.dtype),
-    )
+    with _launch_device(u):
+        _scan_fwd_kernel[grid](
+            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
+            d_inner,
+            *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
+            L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
+            ACC=_accumulate_dtype(u.dtype),
+        )
     return y
 
 
@@ -239,14 +249,15 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, reverse):
     dA = torch.zeros(d_inner, d_state, dtype=acc, device=u.device)
     dD, dbias = (torch.zeros(d_inner, dtype=acc, device=u.device) for _ in range(2))
     grid = (batch, triton.cdiv(d_inner, block_d))
-    _scan_bwd_kernel[grid](
-        u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy,
-        du, ddelta, dz, dA, dB, dC, dD, dbias,
-        d_inner,
-        *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
-        L=L, N=d_state, NP=NP, LP=LP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype),
-        num_warps=num_warps,
-    )
+    with _launch_device(u):
+        _scan_bwd_kernel[grid](
+            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy,
+            du, ddelta, dz, dA, dB, dC, dD, dbias,
+            d_inner,
+            *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
+            L=L, N=d_state, NP=NP, LP=LP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype),
+            num_warps=num_warps,
+        )
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
             dbias.to(delta_bias.dtype))
 
