@@ -207,7 +207,7 @@ def test_device_map_over_two_gpus_generates_alike(tmp_path):
     tiny_r2lm(tmp_path / "model", heads=4, kv_heads=2)
     one = R2LMForDiffusionLM.from_pretrained(tmp_path / "model", device_map={"": 0})
     split = R2LMForDiffusionLM.from_pretrained(tmp_path / "model", device_map="auto",
-                                               max_memory={0: "60KB", 1: "10GB"})
+                                               max_memory={0: "200KB", 1: "10GB"})  # layers 0-1 | 2-3
     assert len({p.device for p in split.parameters()}) == 2
     ids = torch.randint(1, 120, (2, 11), generator=torch.Generator().manual_seed(2)).cuda()
     kw = dict(max_new_tokens=16, threshold=0.7, cache_implementation="dynamic")
