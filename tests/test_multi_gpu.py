@@ -200,6 +200,22 @@ def test_offloaded_layers_generate_alike_and_refuse_the_engine(tmp_path):
         offloaded.generate(ids, max_new_tokens=16, cache_implementation="static")
 
 
+def test_device_map_that_splits_the_tied_embedding_is_a_clear_error(tmp_path):
+    """The embedding and lm_head share one weight: a device_map that puts them apart breaks the tie (accelerate then
+    fails deep inside with a KeyError); forward and generate refuse it with one line naming both modules."""
+    tiny_r2lm(tmp_path / "model", heads=4, kv_heads=2)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+                  "lm_head": "disk"}
+    split = R2LMForDiffusionLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                               offload_folder=tmp_path / "offload")
+    ids = torch.randint(1, 120, (2, 11), generator=torch.Generator().manual_seed(3))
+    message = r"device_map puts model.embed_tokens on cpu and lm_head on disk, but they share one weight"
+    with pytest.raises(ValueError, match=message):
+        split.generate(ids, max_new_tokens=8)
+    with pytest.raises(ValueError, match=message):
+        split(ids)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_device_map_over_two_gpus_generates_alike(tmp_path):
     """device_map="auto" with max_memory forcing a split over two GPUs: the tokens of one GPU (float32, both through

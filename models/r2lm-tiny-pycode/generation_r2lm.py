@@ -437,6 +437,7 @@ class R2LMGenerationMixin(GenerationMixin):
                 raise ValueError(f"`{name}` must be a tensor (the tokenizer's `return_tensors='pt'`), got a "
                                  f"{type(value).__name__}.")
         tokenizer = kwargs.pop("tokenizer", None)
+        self._check_tied_placement()
         config, unused = self._r2lm_generation_config(generation_config, kwargs)
         if unused:
             raise ValueError(f"`generate` got arguments it does not use: {sorted(unused)}.")

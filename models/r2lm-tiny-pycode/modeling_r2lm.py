@@ -655,6 +655,26 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         self.lm_head = new_embeddings
 
     @can_return_tuple
+    def _check_tied_placement(self):
+        """A `device_map` that puts the tied embedding and `lm_head` (one weight) on different devices breaks the tie:
+        accelerate's hooks then look for the weight where it is not (a KeyError or a device error from deep inside
+        accelerate or torch). Refused here, with the fix."""
+        device_map = getattr(self, "hf_device_map", None)
+        if not device_map or not self.config.tie_word_embeddings:
+            return
+
+        def placed(name):  # the entry of device_map that covers the module `name`
+            while name and name not in device_map:
+                name = name.rpartition(".")[0]
+            return str(device_map.get(name))
+
+        embed, head = placed("model.embed_tokens"), placed("lm_head")
+        if embed != head:
+            raise ValueError(
+                f"device_map puts model.embed_tokens on {embed} and lm_head on {head}, but they share one weight "
+                "(tie_word_embeddings=True): map both to the same device."
+            )
+
     def forward(
         self,
         input_ids=None,
@@ -681,6 +701,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
 
         With `mask_rates` the call is a diffusion batch (a collator's noised batch, e.g. under transformers'
         Trainer) and returns `diffusion_batch_loss`'s output: see there."""
+        self._check_tied_placement()
         if mask_rates is not None:
             if inputs_embeds is not None or past_key_values is not None or logits_to_keep:
                 raise ValueError("A diffusion batch (`mask_rates`) takes `input_ids`, no cache and every column.")
