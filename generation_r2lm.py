@@ -505,7 +505,7 @@ class R2LMGenerationMixin(GenerationMixin):
         if placement is not None and config.cache_implementation == "static":
             raise ValueError(f"cache_implementation='static' asks for R2LM's decoding engine, which cannot run this "
                              f"model ({placement}): leave cache_implementation unset to decode with the eager runner.")
-        reason = placement or self._engine_unsupported()
+        reason = placement or self._engine_limits()
         if reason is not None:
             logger.warning_once(f"R2LM's decoding engine is not used ({reason}): decoding with the eager runner.")
             return _CachedRunner(self) if causal else _RecomputeRunner(self)
@@ -524,11 +524,13 @@ class R2LMGenerationMixin(GenerationMixin):
         return None
 
     def _engine_unsupported(self):
-        """Why the engine cannot run this model, or None. It reads the projections' weights directly, so adapters,
-        quantized layers and hooks would be skipped; and it keeps the whole model on one device."""
-        placement = self._engine_placement()
-        if placement is not None:
-            return placement
+        """Why the engine cannot run this model, or None: `_engine_placement`, then `_engine_limits`."""
+        return self._engine_placement() or self._engine_limits()
+
+    def _engine_limits(self):
+        """Why the engine cannot run this model wherever it is placed, or None. It reads the projections' weights
+        directly, so adapters, quantized layers and hooks would be skipped; and it keeps the whole model on one
+        device."""
         if getattr(self.config, "attention_bias", False):
             return "attention_bias=True"
         if len({p.device for p in self.parameters()}) > 1:
