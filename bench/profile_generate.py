@@ -5,8 +5,8 @@
 Qwen3-1.7B shapes, random bf16 weights, prompt 128, 256 new tokens, blocks of 32, 4 tokens per forward (left to
 right). For each batch: a first call (capture, compilation), a timed second call (wall seconds, synchronised), then a
 third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_compiled}.txt: the wall time, the GPU's
-busy time (the union of its kernels' intervals), the idle time before the first step's graph launch (setup and the
-prompt's prefill), between the step launches and after the last one, the 15 longest gaps with the host ops that began
+busy time (the union of its kernels' intervals), the idle time before the first graph launch (the host's setup; the
+prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with the host ops that began
 in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz (chrome://tracing).
 """
 
@@ -37,10 +37,10 @@ def gaps_report(trace, wall):
     merged_start = kernels[0][0]
     busy = (end - merged_start) - sum(b - a for a, b in gaps)
     first, last = (launches[0], launches[-1]) if launches else (end, end)
-    phase = {"before the first step launch": 0.0, "between step launches": 0.0, "after the last launch": 0.0}
+    phase = {"before the first graph launch": 0.0, "between graph launches": 0.0, "after the last launch": 0.0}
     for a, b in gaps:
-        key = ("before the first step launch" if b <= first else "after the last launch" if a >= last
-               else "between step launches")
+        key = ("before the first graph launch" if b <= first else "after the last launch" if a >= last
+               else "between graph launches")
         phase[key] += b - a
     lines = [f"wall of the timed call: {wall * 1e3:.1f} ms; profiled call: GPU span {(end - merged_start) / 1e3:.1f} ms, "
              f"busy {busy / 1e3:.1f} ms, idle {sum(b - a for a, b in gaps) / 1e3:.1f} ms in {len(gaps)} gaps; "
