@@ -654,7 +654,6 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    @can_return_tuple
     def _check_tied_placement(self):
         """A `device_map` that puts the tied embedding and `lm_head` (one weight) on different devices breaks the tie:
         accelerate's hooks then look for the weight where it is not (a KeyError or a device error from deep inside
@@ -675,6 +674,7 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
                 "(tie_word_embeddings=True): map both to the same device."
             )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
