@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import set_seed
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
 
 from convert.cli import UserError
 from r2lm import R2LMConfig, R2LMForDiffusionLM
@@ -133,7 +134,8 @@ def test_a_few_steps_lower_the_loss(corpus, tokenizer_dir, tmp_path):
     # The training record (read by r2lm-push for the card): 30 steps x 4 rows x 32 tokens; 12 files, 3 held out.
     record = json.loads((tmp_path / "final" / "r2lm_training.json").read_text())
     assert record["init"] == {"kind": "scratch", "config": {"hidden_size": 32, "layers": 2, "sidecar_layers": [1],
-                                                             "attention": "causal", "block_size": 8}}
+                                                             "attention": "causal", "mixer": "attention",
+                                                             "block_size": 8}}
     assert (record["steps"], record["max_steps"], record["tokens"]) == (30, 30, 30 * 4 * 32)
     data = record["data"]
     assert (data["train_files"], data["heldout_files"], data["files_not_utf8"]) == (9, 3, 0)
@@ -168,6 +170,29 @@ def test_freeze_backbone_trains_only_the_sidecars(corpus, tokenizer_dir, tmp_pat
     initial = R2LMForDiffusionLM(R2LMConfig.from_pretrained(tmp_path / "final")).state_dict()
     changed = {k for k, v in trained.items() if not torch.equal(v, initial[k])}
     assert changed and all(".sidecar." in k for k in changed)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "hybrid"])
+def test_mixer_trains_the_matched_diffuapriel(mixer, corpus, tokenizer_dir, tmp_path):
+    """--mixer mamba / hybrid: DiffuApriel / DiffuApriel-H at the parameter count of the bidirectional dLLM of the size
+    options (R2LMConfig.matched_to), no sidecars, trained and evaluated like the others (no AR NLL: bidirectional)."""
+    at = TINY.index("--sidecar-layers")
+    args = TINY[:at] + TINY[at + 2 :]  # DiffuApriel has no sidecars
+    args += ["--num-layers", "4", "--mixer", mixer, "--max-steps", "2", "--eval-every", "1000"]
+    status = main(["--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--output-dir", str(tmp_path), *args])
+    assert status == 0
+    config = R2LMConfig.from_pretrained(tmp_path / "final")
+    tokenizer_size = len(PreTrainedTokenizerFast.from_pretrained(tokenizer_dir))
+    reference = R2LMConfig(vocab_size=tokenizer_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, intermediate_size=64, sidecar_layers=[],
+                           attention="bidirectional", max_position_embeddings=64, block_size=8,
+                           tie_word_embeddings=True, mask_token_id=config.mask_token_id,
+                           eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    expected = R2LMConfig.matched_to(reference, mixer)
+    assert config.mixer == mixer and config.sidecar_layers == [] and config.attention == "bidirectional"
+    assert (config.num_hidden_layers, config.intermediate_size, config.mixer_types) == \
+        (expected.num_hidden_layers, expected.intermediate_size, expected.mixer_types)
+    assert json.loads((tmp_path / "final" / "eval.json").read_text())["ar_nll"] is None
 
 
 def test_train_block_sizes_draw_each_step_from_the_list(corpus, tokenizer_dir, tmp_path, monkeypatch):
@@ -244,6 +269,8 @@ def test_bad_numbers_are_refused_before_any_work(option, value, expected, corpus
         ("config_not_a_model", "--config {tmp}/config.json do not make a valid R2LM: `sidecar_layers` holds layer 5"),
         ("odd_head_dim", "the size options do not make a valid R2LM: Class validation error for validator 'validate_rope'"),
         ("freeze_backbone_without_sidecars", "--freeze-backbone trains only the sidecars, and this model has none"),
+        ("mixer_with_sidecars", "--mixer mamba (DiffuApriel) has no sidecars: leave out --sidecar-layers"),
+        ("mixer_with_config", "--mixer hybrid builds its config from the size options: with --config, set `mixer`"),
         ("batch_larger_than_the_heldout_split", "fewer than one evaluation round of 64"),
         ("missing_resume", "--resume {tmp}/run: no such folder"),
         ("tokens_folder_without_meta", "--tokens {tmp}: no meta.json there"),
@@ -270,6 +297,11 @@ def test_user_errors_are_one_line(case, expected, corpus, tokenizer_dir, tmp_pat
         args += ["--head-dim", "15"]
     elif case == "freeze_backbone_without_sidecars":
         args += ["--sidecar-layers", "--freeze-backbone"]
+    elif case == "mixer_with_sidecars":  # TINY holds --sidecar-layers 1
+        args += ["--mixer", "mamba"]
+    elif case == "mixer_with_config":
+        (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+        args += ["--config", tmp_path / "config.json", "--mixer", "hybrid"]
     elif case == "batch_larger_than_the_heldout_split":
         args += ["--batch-size", "64"]
     elif case == "missing_resume":

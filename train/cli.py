@@ -50,6 +50,10 @@ def build_parser():
     model.add_argument("--intermediate-size", type=int, default=1024)
     model.add_argument("--sidecar-layers", type=int, nargs="*", help="default every 4th layer; none: causal dLLM")
     model.add_argument("--attention", choices=("causal", "bidirectional"), default="causal")
+    model.add_argument("--mixer", choices=("attention", "mamba", "hybrid"), default="attention",
+                       help="mamba: DiffuApriel (every layer a bidirectional Mamba mixer), hybrid: DiffuApriel-H "
+                       "(attention in every 4th layer); both with the parameter count of the bidirectional dLLM of "
+                       "the size options (R2LMConfig.matched_to: fewer layers, another MLP width)")
     model.add_argument("--block-size", type=int, help="diffusion block size (sets the model config's)")
     model.add_argument("--train-block-sizes", type=int, nargs="+",
                        help="each micro-batch draws its block size from these (default: the model's block size), "

@@ -5,7 +5,10 @@
 #   causal         the causal dLLM: the same without sidecars
 #   bidirectional  the bidirectional dLLM: full attention, no sidecar
 #   ar             the AR model: no sidecar, block size 1, plain next-token loss
-# The four share the GPU by time-slicing, so together they take about the sum of their solo step times (on one
+# and, named in R2LM_TRAIN_VARIANTS, the seed's Mamba diffusion LMs at the bidirectional dLLM's parameter count:
+#   diffuapriel    every layer a bidirectional Mamba mixer (--mixer mamba)
+#   diffuapriel_h  attention in every 4th layer, bidirectional Mamba elsewhere (--mixer hybrid)
+# The variants share the GPU by time-slicing, so together they take about the sum of their solo step times (on one
 # H200: r2lm 0.34 s, the others 0.10-0.12 s per 64 x 256-token step; measured together, 0.49 s per step of all four).
 # A 20-step solo calibration of each measures those times, and the step count is chosen so that training takes about
 # MINUTES; R2LM_TRAIN_STEPS=N gives the count instead (the default model: N=900), R2LM_TRAIN_VARIANTS a subset.
@@ -24,6 +27,8 @@ declare -A variant=(
   [causal]="--sidecar-layers $mixed"
   [bidirectional]="--attention bidirectional $mixed"
   [ar]="--sidecar-layers --block-size 1 --objective ar"
+  [diffuapriel]="--mixer mamba $mixed"
+  [diffuapriel_h]="--mixer hybrid $mixed"
 )
 
 run() {  # PREFIX NAME, then options; in the background
@@ -33,18 +38,18 @@ run() {  # PREFIX NAME, then options; in the background
   python3 -m train "${common[@]}" ${variant[$name]} --output-dir "$out/$prefix-$name" "$@" > "$out/$prefix-$name.log" 2>&1 &
 }
 
-calibrate() {  # prints the step count that fits MINUTES with all four running at once
-  for name in r2lm causal bidirectional ar; do
+calibrate() {  # prints the step count that fits MINUTES with all the variants running at once
+  for name in $variants; do
     run calib "$name" --max-steps 20 --warmup-steps 5 --log-every 5 --eval-every 1000000 --save-every 1000000
     wait $!
   done
-  python3 - "$out" "$minutes" <<'PY'
+  python3 - "$out" "$minutes" $variants <<'PY'
 import json, sys
-out, minutes = sys.argv[1], float(sys.argv[2])
+out, minutes, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 def step_time(name):  # solo seconds per step, steps 5 to 20
     t = {r["step"]: r["elapsed_s"] for r in map(json.loads, open(f"{out}/calib-{name}/metrics.jsonl")) if "loss" in r}
     return (t[20] - t[5]) / 15
-times = {name: step_time(name) for name in ("r2lm", "causal", "bidirectional", "ar")}
+times = {name: step_time(name) for name in names}
 print(times, file=sys.stderr)
 steps = int(0.9 * minutes * 60 / sum(times.values()))  # 10% left for evaluations and checkpoints
 if steps < 20:
@@ -53,8 +58,8 @@ print(steps // 100 * 100 if steps >= 200 else steps)
 PY
 }
 
-steps=${R2LM_TRAIN_STEPS:-$(calibrate)}
 variants=${R2LM_TRAIN_VARIANTS:-r2lm causal bidirectional ar}
+steps=${R2LM_TRAIN_STEPS:-$(calibrate)}
 echo "training $variants for $steps steps"
 pids=()
 for name in $variants; do

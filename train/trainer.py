@@ -119,8 +119,17 @@ def new_config(args, tokenizer):
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if args.block_size is not None:
         fields["block_size"] = args.block_size
+    mixer = args.mixer
+    if mixer != "attention":
+        if args.config is not None:
+            raise UserError(f"--mixer {mixer} builds its config from the size options: with --config, set `mixer` "
+                            "(and the layers) in the JSON instead.")
+        if args.sidecar_layers:
+            raise UserError(f"--mixer {mixer} (DiffuApriel) has no sidecars: leave out --sidecar-layers.")
+        fields.update(attention="bidirectional", sidecar_layers=[])  # the reference whose budget it matches
     try:
-        return R2LMConfig(**fields)
+        config = R2LMConfig(**fields)
+        return config if mixer == "attention" else R2LMConfig.matched_to(config, mixer)
     except (TypeError, ValueError, StrictDataclassError) as err:  # the last: transformers' own validators
         where = f"--config {args.config}" if args.config is not None else "the size options"
         raise UserError(f"{where} do not make a valid R2LM: {one_line(err)}") from None
@@ -214,7 +223,8 @@ def init_record(args, config, folder):
     (and what that started from), another R2LM folder, or random weights of the given size."""
     if not folder:
         size = {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
-                "sidecar_layers": config.sidecar_layers, "attention": config.attention, "block_size": config.block_size}
+                "sidecar_layers": config.sidecar_layers, "attention": config.attention, "mixer": config.mixer,
+                "block_size": config.block_size}
         return {"kind": "scratch", "config": size}
     folder = Path(folder).absolute()
     carried = ("source", "base_model", "license")
