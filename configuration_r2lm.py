@@ -47,8 +47,8 @@ class R2LMConfig(PretrainedConfig):
             reference otherwise; `"triton"` the Triton scan (CUDA only); `"mamba"` mamba-ssm's `selective_scan_fn`
             (CUDA, when mamba-ssm is installed); `"torch"` the reference. A choice the machine cannot run raises a
             ValueError at the forward. The `sidecar_*` Mamba fields size and run every Mamba block of the model,
-            the Mamba mixers' too. The Triton scan takes rows of at most 128 steps: the Mamba mixers scan whole
-            sequences, so on CUDA `"auto"` runs them through the reference (slow); `"mamba"` is the long-row kernel.
+            the Mamba mixers' too. The Triton scan takes rows of any length (its backward in chunks of 128 steps),
+            the Mamba mixers' whole sequences too.
         attention (`str`, *optional*): `"causal"` (R2LM; the causal dLLM when `sidecar_layers=[]`) or
             `"bidirectional"` (the bidirectional dLLM baseline: full attention, no sidecar, no KV cache). Defaults to
             `"causal"` with `mixer="attention"` and to `"bidirectional"` otherwise, which is the only value the Mamba

@@ -12,7 +12,8 @@ D, delta_bias: (d_inner,). It returns y (batch, d_inner, L) in u's dtype, with
 `reverse=True` runs the recurrence from the last step to the first (R2LM's right-to-left sidecar) without flipping
 anything in memory. The Triton scan is built for short rows (R2LM's blocks): one program owns a (row, channels) tile
 and keeps its state in registers, where mamba-ssm's kernel launches one 32-thread block per (row, channel) on rows of
-32 steps (about 8x slower on an H200).
+32 steps (about 8x slower on an H200). Its backward takes a row in chunks of at most _BWD_CHUNK steps, so rows of any
+length train through it (the Mamba mixers' whole sequences too).
 """
 
 import contextlib
@@ -57,10 +58,11 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):
     return (y * F.silu(z)).to(dtype)
 
 
-# The backward keeps (BLOCK_D, d_state, L) tiles in registers: rows longer than this go to the PyTorch reference.
-TRITON_MAX_L = 128
-# The backward's register tiles, (BLOCK_D, d_state, L) padded to powers of two: 4 channels, as many or as few as keep
-# a tile within 1024..4096 elements, 16 elements a thread. Measured on an H200 (bf16, d_state 16, 16k rows x 2048
+# The backward keeps (BLOCK_D, d_state, chunk) tiles in registers: it walks longer rows in chunks of this many steps
+# (in scan order), from the last chunk to the first, with the state entering each chunk saved by the forward.
+_BWD_CHUNK = 128
+# The backward's register tiles, (BLOCK_D, d_state, chunk) padded to powers of two: 4 channels, as many or as few as
+# keep a tile within 1024..4096 elements, 16 elements a thread. Measured on an H200 (bf16, d_state 16, 16k rows x 2048
 # channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
 # within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
 _BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
@@ -83,14 +85,16 @@ if triton is not None:
         return tl.load(ptr + i[:, None] * stride_i + j[None, :] * stride_j, mask=mask, other=0.0).to(ACC)
 
     @triton.jit
-    def _scan_steps(L: tl.constexpr, LP: tl.constexpr, REVERSE: tl.constexpr):
-        """The scan steps s = 0 .. LP - 1 and the time steps of s and of s + 1 (t = s, or L - 1 - s right to left)."""
+    def _scan_steps(start, L: tl.constexpr, LP: tl.constexpr, REVERSE: tl.constexpr):
+        """A chunk's steps s = 0 .. LP - 1, their scan positions p = start + s in the row of L steps, and the time
+        steps of p and of p + 1 (t = p, or L - 1 - p right to left)."""
         s = tl.arange(0, LP)
+        p = start + s
         if REVERSE:
-            t, t_next = L - 1 - s, L - 2 - s
+            t, t_next = L - 1 - p, L - 2 - p
         else:
-            t, t_next = s, s + 1
-        return s, t, t_next
+            t, t_next = p, p + 1
+        return s, p, t, t_next
 
     @triton.jit
     def _first_order_combine(a1, b1, a2, b2):
@@ -99,15 +103,17 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd_kernel(
-        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
         L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
-        ACC: tl.constexpr,
+        ACC: tl.constexpr, CHUNK: tl.constexpr, STATES: tl.constexpr,
     ):
         """One program: row `program_id(0)`, BLOCK_D channels; the (BLOCK_D, NP) state steps through the row in
-        registers (NP: d_state padded to a power of two, the padding masked)."""
+        registers (NP: d_state padded to a power of two, the padding masked). STATES: also store, in the ACC buffer
+        states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the row (in scan
+        order) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
@@ -132,10 +138,15 @@ if triton is not None:
             y = tl.sum(state * Ct[None, :], axis=1) + D * u
             y = y * z * _sigmoid(z)
             tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
+            if STATES:
+                if (i % CHUNK == CHUNK - 1) & (i < L - 1):  # the end of a chunk that another follows
+                    slot = row * ((L - 1) // CHUNK) + i // CHUNK  # (row, chunk) of (batch, chunks - 1)
+                    tl.store(states_ptr + (slot * d_inner + d[:, None]) * N + n[None, :], state,
+                             mask=dmask[:, None] & nmask[None, :])
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
@@ -143,61 +154,89 @@ if triton is not None:
         L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr,
         REVERSE: tl.constexpr, ACC: tl.constexpr,
     ):
-        """One program: row `program_id(0)`, BLOCK_D channels, the whole row at once as (BLOCK_D, NP, LP) tiles in
-        scan order s (t = s, or L - 1 - s right to left; NP, LP: d_state and L padded to powers of two). du, ddt, dz
-        are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every program
-        of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
+        """One program: row `program_id(0)`, BLOCK_D channels, the row in chunks of LP steps (its last chunk in scan
+        order part padding, NP: d_state padded to a power of two), each chunk at once as (BLOCK_D, NP, LP) tiles in
+        scan order s, from the last chunk to the first. A row of several chunks starts each chunk from the state the
+        forward stored in states (batch, chunks - 1, d_inner, N) and carries the adjoint back from the chunk after.
+        du, ddt, dz are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every
+        program of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
+        CHUNKS: tl.constexpr = (L + LP - 1) // LP
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
-        s, t, t_next = _scan_steps(L, LP, REVERSE)
-        dmask, nmask, smask = d < d_inner, n < N, s < L
-        m = dmask[:, None] & smask[None, :]
-        m_next = dmask[:, None] & (s < L - 1)[None, :]  # the step after s exists
-        mB = nmask[:, None] & smask[None, :]
-        u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
-        dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
-        dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
-        z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
-        dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
-        B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
-        C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
-        A = _load_tile(A_ptr, N, 1, d, n, dmask[:, None] & nmask[None, :], ACC)[:, :, None]  # (BLOCK_D, NP, 1)
+        dmask, nmask = d < d_inner, n < N
+        dnmask = dmask[:, None] & nmask[None, :]
+        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]  # (BLOCK_D, NP, 1)
         D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
         bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        lam_carry = tl.zeros((BLOCK_D, NP), dtype=ACC)  # dL/dh at the first step of the chunk after this one
+        dA = tl.zeros((BLOCK_D, NP), dtype=ACC)  # sums over the row's steps, added to the buffers once at the end
+        dD = tl.zeros((BLOCK_D,), dtype=ACC)
+        dbias = tl.zeros((BLOCK_D,), dtype=ACC)
+        for k in range(CHUNKS):
+            chunk = CHUNKS - 1 - k
+            s, p, t, t_next = _scan_steps(chunk * LP, L, LP, REVERSE)
+            smask = p < L
+            m = dmask[:, None] & smask[None, :]
+            # The step after p exists: after the chunk's last step, the next chunk's first (its delta is in memory).
+            m_next = dmask[:, None] & (p < L - 1)[None, :]
+            mB = nmask[:, None] & smask[None, :]
+            u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
+            dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
+            dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
+            z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
+            dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
+            B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+            C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
 
-        # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding a=1, b=0.
-        delta = tl.where(m, _softplus(dt + bias), 0.0)
-        delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
-        b = (delta * u)[:, None, :] * B
-        _, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
-        sig_z = _sigmoid(z)
-        g = dy * z * sig_z  # dL/dy'_s, y'_s = C_s . h_s + D u_s the output before its gate
-        y = tl.sum(C * h, axis=1) + D * u
-        dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
+            # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding a=1,
+            # b=0. From h = 0 the scan gives h's part from this chunk's inputs; the state h0 entering the chunk adds
+            # (a_0 ... a_s) h0, the scan's cumulative product of a.
+            delta = tl.where(m, _softplus(dt + bias), 0.0)
+            delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
+            b = (delta * u)[:, None, :] * B
+            a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
+            if CHUNKS > 1:  # (states is None for a row of one chunk)
+                if chunk > 0:  # the first chunk starts from h = 0
+                    h0 = _load_tile(states_ptr + (row * (CHUNKS - 1) + chunk - 1) * d_inner * N, N, 1, d, n, dnmask,
+                                    ACC)
+                    h += a_prod * h0[:, :, None]
+            sig_z = _sigmoid(z)
+            g = dy * z * sig_z  # dL/dy'_s, y'_s = C_s . h_s + D u_s the output before its gate
+            y = tl.sum(C * h, axis=1) + D * u
+            dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
 
-        # The adjoint lambda_s = dL/dh_s = g_s C_s + a_{s+1} lambda_{s+1} (a_L = 0): the same recurrence, right to left.
-        a_next = tl.where(m_next[:, None, :], tl.exp(delta_next[:, None, :] * A), 0.0)
-        _, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine, reverse=True)
-        lam_B = tl.sum(lam * B, axis=1)
-        lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
-        du = g * D + lam_B * delta
-        ddelta = tl.sum(lam_ah * A, axis=1) + lam_B * u
-        x = dt + bias
-        ddt = ddelta * tl.where(x > 20.0, 1.0, _sigmoid(x))
+            # The adjoint lambda_s = dL/dh_s = g_s C_s + a_{s+1} lambda_{s+1} (a_L = 0): the same recurrence, right
+            # to left. After the chunk's last step comes the next chunk's first, whose lambda the carry holds: it adds
+            # (a_{s+1} ... a_{last+1}) lambda_carry, the reverse scan's cumulative product of a_next.
+            a_next = tl.where(m_next[:, None, :], tl.exp(delta_next[:, None, :] * A), 0.0)
+            a_next_prod, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine,
+                                                   reverse=True)
+            if CHUNKS > 1:
+                lam += a_next_prod * lam_carry[:, :, None]
+                lam_carry = tl.sum(tl.where(s[None, None, :] == 0, lam, 0.0), axis=2)
+            lam_B = tl.sum(lam * B, axis=1)
+            lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
+            du = g * D + lam_B * delta
+            ddelta = tl.sum(lam_ah * A, axis=1) + lam_B * u
+            x = dt + bias
+            ddt = ddelta * tl.where(x > 20.0, 1.0, _sigmoid(x))
 
-        out = row * d_inner * L + d[:, None] * L + t[None, :]
-        tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
-        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
-        # Sums over this tile's channels (dB, dC) and over this row's steps (dA, dD, dbias); other programs add theirs.
-        rows = row * N * L + n[:, None] * L + t[None, :]
-        tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
-        tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
-        tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], tl.sum(lam_ah * delta[:, None, :], axis=2),
-                      mask=dmask[:, None] & nmask[None, :])
-        tl.atomic_add(dD_ptr + d, tl.sum(g * u, axis=1), mask=dmask)
-        tl.atomic_add(dbias_ptr + d, tl.sum(ddt, axis=1), mask=dmask)
+            out = row * d_inner * L + d[:, None] * L + t[None, :]
+            tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+            tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
+            # Sums over this tile's channels (dB, dC): other programs of the row add theirs.
+            rows = row * N * L + n[:, None] * L + t[None, :]
+            tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
+            tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
+            dA += tl.sum(lam_ah * delta[:, None, :], axis=2)
+            dD += tl.sum(g * u, axis=1)
+            dbias += tl.sum(ddt, axis=1)
+        # Sums over this row's steps (dA, dD, dbias): other programs of the channel tile add theirs.
+        tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA, mask=dnmask)
+        tl.atomic_add(dD_ptr + d, dD, mask=dmask)
+        tl.atomic_add(dbias_ptr + d, dbias, mask=dmask)
 
 
 def _accumulate_dtype(dtype):
@@ -212,34 +251,46 @@ def _launch_device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None):
-    """y (batch, d_inner, L), laid out as u is. block_d: channels per program; by default 64, or 16 when that leaves
-    fewer than four programs per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels per program
-    took 31 us per sidecar there)."""
+def _bwd_chunk(L):
+    """The backward's chunk length for rows of L steps: the row padded to a power of two, at most _BWD_CHUNK."""
+    return min(triton.next_power_of_2(L), _BWD_CHUNK)
+
+
+def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None, chunk_states=False):
+    """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
+    (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
+    block_d: channels per program; by default 64, or 16 when that leaves fewer than four programs per SM (a batch-1
+    block step: 2 rows x 4096 channels; on an H200 64 channels per program took 31 us per sidecar there)."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     if block_d is None:
         sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
         block_d = 64 if batch * triton.cdiv(d_inner, 64) >= 4 * sms else 16
     y = torch.empty_like(u)
+    chunk = _bwd_chunk(L)
+    states = None
+    if chunk_states and L > chunk:
+        states = torch.empty(batch, triton.cdiv(L, chunk) - 1, d_inner, d_state,
+                             dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
     grid = (batch, triton.cdiv(d_inner, block_d))
     with _launch_device(u):
         _scan_fwd_kernel[grid](
-            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
+            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states,
             d_inner,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
             L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
-            ACC=_accumulate_dtype(u.dtype),
+            ACC=_accumulate_dtype(u.dtype), CHUNK=chunk, STATES=states is not None,
         )
-    return y
+    return y, states
 
 
-def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, reverse):
+def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, reverse):
     """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
-    (du, ddelta, dz: contiguous (batch, d_inner, L)). Tiles of BLOCK_D channels as _BWD_CHANNELS says."""
+    (du, ddelta, dz: contiguous (batch, d_inner, L)); states: the forward's chunk states. Tiles of BLOCK_D channels
+    as _BWD_CHANNELS says, for the chunk's steps."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
-    NP, LP = triton.next_power_of_2(d_state), triton.next_power_of_2(L)
+    NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
     block_d = min(max(_BWD_CHANNELS, _BWD_TILE_MIN // (NP * LP)), max(1, _BWD_TILE_MAX // (NP * LP)))
     block_d = min(block_d, triton.next_power_of_2(d_inner))
     num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
@@ -251,7 +302,7 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, reverse):
     grid = (batch, triton.cdiv(d_inner, block_d))
     with _launch_device(u):
         _scan_bwd_kernel[grid](
-            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy,
+            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
             du, ddelta, dz, dA, dB, dC, dD, dbias,
             d_inner,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
@@ -265,9 +316,11 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, reverse):
 class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, reverse):
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        y, states = _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse,
+                                         chunk_states=any(ctx.needs_input_grad))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.reverse = reverse
-        return _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -275,16 +328,8 @@ class _TritonScan(torch.autograd.Function):
         return *_scan_triton_backward(dy, *ctx.saved_tensors, ctx.reverse), None
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=False):
-    """The Triton scan, differentiable on rows of at most TRITON_MAX_L steps (its backward holds whole rows in
-    registers); its forward, which walks the steps with the state in registers, takes rows of any length."""
-    if u.shape[-1] > TRITON_MAX_L and _needs_grad(u, delta, A, B, C, D, z, delta_bias):
-        raise ValueError(f"The Triton scan's backward takes rows of at most {TRITON_MAX_L} steps, got {u.shape[-1]}: "
-                         "use sidecar_scan='torch' or 'mamba' to train on longer rows.")
+    """The Triton scan, differentiable, on rows of any length."""
     return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, reverse)
 
 
@@ -299,22 +344,18 @@ def _mamba_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False):
 SCANS = {"triton": selective_scan_triton, "mamba": _mamba_scan, "torch": selective_scan_ref}
 
 
-def scan_implementation(requested, x, needs_grad=True):
+def scan_implementation(requested, x):
     """The one dispatch point: `requested` ("auto", "triton", "mamba" or "torch") for a tensor `x`.
 
-    auto: the Triton scan on CUDA when Triton imports and either no gradient is needed or the rows (x's last
-    dimension, the scan's L) have at most TRITON_MAX_L steps; else the PyTorch reference. mamba-ssm's kernel runs only
-    when asked for (on 32-step rows it is about 8x slower than the Triton scan)."""
-    short = x.shape[-1] <= TRITON_MAX_L or not needs_grad
+    auto: the Triton scan on CUDA when Triton imports, rows of any length, with or without gradients; else the
+    PyTorch reference. mamba-ssm's kernel runs only when asked for (on 32-step rows it is about 8x slower than the
+    Triton scan)."""
     if requested not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {requested!r}.")
     if requested == "auto":
-        requested = "triton" if triton is not None and x.is_cuda and short else "torch"
+        requested = "triton" if triton is not None and x.is_cuda else "torch"
     elif requested == "triton" and (triton is None or not x.is_cuda):
         raise ValueError("sidecar_scan='triton' needs Triton and CUDA tensors: use 'auto' or 'torch' here.")
-    elif requested == "triton" and not short:
-        raise ValueError(f"sidecar_scan='triton' trains on rows of at most {TRITON_MAX_L} steps, got {x.shape[-1]}: "
-                         "use 'auto' or 'torch' here.")
     elif requested == "mamba" and (selective_scan_fn is None or not x.is_cuda):
         raise ValueError("sidecar_scan='mamba' needs mamba-ssm (`pip install mamba-ssm`) and CUDA tensors: use "
                          "'auto' or 'torch' here.")
@@ -324,9 +365,7 @@ def scan_implementation(requested, x, needs_grad=True):
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False, implementation="auto"):
     """The selective scan through the implementation `scan_implementation` picks."""
-    needs_grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
-    return SCANS[scan_implementation(implementation, u, needs_grad)](u, delta, A, B, C, D, z, delta_bias,
-                                                                      reverse=reverse)
+    return SCANS[scan_implementation(implementation, u)](u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
 
 
-__all__ = ["TRITON_MAX_L", "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]

@@ -10,8 +10,8 @@ bidirectional (the engine recomputes the canvas each step); ar_engine (the R2LM 
 their own random weights, at the bidirectional dLLM's parameter count (the Qwen3 backbone's; R2LMConfig.matched_to:
 16 layers x ffn 5760 and 17 x 6400 at 1.7B shapes): diffuapriel (every layer a bidirectional Mamba mixer) and
 diffuapriel_h (attention in every 4th layer), decoded as the bidirectional baseline; their whole-sequence scans run
-through mamba-ssm's kernel where it is installed, else the PyTorch reference (slow: the Triton scan takes rows of at
-most 128 steps), as env.diffuapriel_scan says.
+through mamba-ssm's kernel where it is installed, else through "auto" (the Triton scan on CUDA), as
+env.diffuapriel_scan says.
 A point is whole `model.generate(ids, attention_mask=..., max_new_tokens=G, block_size=Bk, threshold=1.0,
 min_tokens_per_step=k, unmasking="left_to_right", return_dict_in_generate=True)` calls, prefill included. Before a
 point every engine drops its buffers and graphs; the first call's seconds (buffers, capture, compilation) are

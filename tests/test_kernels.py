@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r2lm.kernels_r2lm import TRITON_MAX_L, scan_implementation, selective_scan_ref, selective_scan_triton, triton
+from r2lm.kernels_r2lm import _BWD_CHUNK, scan_implementation, selective_scan_ref, selective_scan_triton, triton
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,32 +62,55 @@ def check_triton_scan(reverse):
     for length, d_state in itertools.product((5, 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
         assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
-    # Without gradients the forward takes rows past the backward's limit (the whole-sequence scans of DiffuApriel).
-    inputs, _ = scan_inputs(d_inner=4, length=TRITON_MAX_L + 3, d_state=5)
+    # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
+    inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
     with torch.no_grad():
         torch.testing.assert_close(selective_scan_triton(*inputs, reverse=reverse),
                                    selective_scan_ref(*inputs, reverse=reverse), rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.skipif(triton is None, reason=NO_TRITON)
-@pytest.mark.parametrize("reverse", [False, True])
-def test_triton_scan_matches_reference(reverse):
-    """check_triton_scan in a fresh process with the interpreter on."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    code = f"from test_kernels import check_triton_scan; check_triton_scan(reverse={reverse}); print('scan ok')"
+def check_triton_scan_long_rows(reverse):
+    """In Triton's interpreter, rows the backward takes in chunks of _BWD_CHUNK steps: one step past a chunk, exactly
+    two chunks, and 300 steps (three, the last partial); d_state 16 and 5, 2 rows (they add to the same dA, dD, dbias)
+    and 3 channels (a tile part padding)."""
+    for length, d_state in ((_BWD_CHUNK + 1, 16), (_BWD_CHUNK + 1, 5), (2 * _BWD_CHUNK, 5), (300, 16), (300, 5)):
+        inputs, dy = scan_inputs(d_inner=3, length=length, d_state=d_state)
+        assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
+
+
+def run_in_interpreter(check, reverse):
+    """`check(reverse)` of this module in a fresh process with the interpreter on."""
+    # The caller's PYTHONPATH stays after ours: where it supplies `r2lm`, the subprocess checks the same package.
+    path = [str(REPO), str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
+    code = f"from test_kernels import {check}; {check}(reverse={reverse}); print('scan ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "scan ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_scan_matches_reference(reverse):
+    run_in_interpreter("check_triton_scan", reverse)
+
+
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_scan_trains_on_long_rows(reverse):
+    """Gradients through rows of several backward chunks: the chunk states and the adjoint carried between chunks."""
+    run_in_interpreter("check_triton_scan_long_rows", reverse)
 
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_compiled_triton_scan_matches_reference(reverse, dtype):
-    """The compiled kernels on R2LM's block size (32 steps) and on the longest rows they take (with a padded
-    d_state); float32 against the float32 reference (both sum in float32, in different orders, over up to 128 steps)."""
+    """The compiled kernels on R2LM's block size (32 steps), on one backward chunk and on rows of three (the last
+    partial, with a padded d_state); float32 against the float32 reference (both sum in float32, in different orders,
+    over up to 300 steps)."""
     tolerance = dict(rtol=6e-4, atol=2e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
-    for length, d_state in ((32, 16), (TRITON_MAX_L, 5)):
+    for length, d_state in ((32, 16), (_BWD_CHUNK, 5), (300, 5)):
         inputs, dy = scan_inputs(batch=3, d_inner=300, length=length, d_state=d_state, dtype=dtype, device="cuda")
         assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}", **tolerance)
 
@@ -104,15 +127,6 @@ def test_triton_scan_runs_on_the_gpu_of_its_tensors():
             busy = busy @ busy / 100  # keeps the second GPU's stream busy
         inputs = [t.to("cuda:1") + 0 * busy[0, 0] for t in inputs]  # written after the products
         assert_scans_close(inputs, dy.to("cuda:1"), True, "second GPU", rtol=6e-4, atol=2e-3)
-
-
-@pytest.mark.skipif(triton is None, reason=NO_TRITON)
-def test_triton_scan_refuses_long_rows_to_train():
-    """Its backward holds whole rows in registers: longer rows that need gradients are refused by name, before any
-    kernel runs."""
-    inputs, _ = scan_inputs(length=TRITON_MAX_L + 1)
-    with pytest.raises(ValueError, match=f"at most {TRITON_MAX_L} steps"):
-        selective_scan_triton(*[t.requires_grad_() for t in inputs])
 
 
 def test_reverse_reference_is_the_forward_one_flipped():
@@ -142,10 +156,8 @@ def test_scan_implementation_refuses_what_cannot_run():
 
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
-def test_scan_implementation_sends_long_rows_to_torch():
-    short, long = torch.zeros(2, 20, TRITON_MAX_L, device="cuda"), torch.zeros(2, 20, TRITON_MAX_L + 1, device="cuda")
-    assert scan_implementation("auto", short) == "triton"
-    assert scan_implementation("auto", long) == "torch"
-    assert scan_implementation("auto", long, needs_grad=False) == "triton"
-    with pytest.raises(ValueError, match=f"at most {TRITON_MAX_L} steps"):
-        scan_implementation("triton", long)
+def test_scan_implementation_sends_rows_of_any_length_to_triton():
+    for length in (32, _BWD_CHUNK + 1, 4096):
+        x = torch.zeros(2, 20, length, device="cuda")
+        assert scan_implementation("auto", x) == "triton"
+        assert scan_implementation("triton", x) == "triton"
