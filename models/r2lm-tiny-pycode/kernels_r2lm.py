@@ -151,16 +151,15 @@ if triton is not None:
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
-        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr,
-        REVERSE: tl.constexpr, ACC: tl.constexpr,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, CHUNKS: tl.constexpr,
+        BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
     ):
-        """One program: row `program_id(0)`, BLOCK_D channels, the row in chunks of LP steps (its last chunk in scan
+        """One program: row `program_id(0)`, BLOCK_D channels, the row in CHUNKS chunks of LP steps (its last chunk in scan
         order part padding, NP: d_state padded to a power of two), each chunk at once as (BLOCK_D, NP, LP) tiles in
         scan order s, from the last chunk to the first. A row of several chunks starts each chunk from the state the
         forward stored in states (batch, chunks - 1, d_inner, N) and carries the adjoint back from the chunk after.
         du, ddt, dz are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every
         program of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
-        CHUNKS: tl.constexpr = (L + LP - 1) // LP
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
@@ -306,8 +305,8 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, rever
             du, ddelta, dz, dA, dB, dC, dD, dbias,
             d_inner,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
-            L=L, N=d_state, NP=NP, LP=LP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype),
-            num_warps=num_warps,
+            L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, REVERSE=reverse,
+            ACC=_accumulate_dtype(u.dtype), num_warps=num_warps,
         )
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
             dbias.to(delta_bias.dtype))
