@@ -1,44 +1,86 @@
 #!/bin/bash
-# One device call (nvidia-h200, under 10 minutes): retrains the default model and its three baselines on the code
-# corpus and chooses its decoding settings by measurement. Needs .corpus/corpus.tar.xz (`python -m train.corpus
-# .corpus`) carried:
+# One device call (nvidia-h200, under 10 minutes): retrains the default model and its baselines on the code corpus,
+# side by side, and compares them: held-out masked NLL (every run's eval.json), decoding settings and quality
+# (bench/decoding_table.py), and optionally the held-out next-line task through lm-eval. Needs .corpus/corpus.tar.xz
+# (`python -m train.corpus .corpus`) carried:
 #   run(command="bash bench/train_default_h200.sh", carry=[".corpus/corpus.tar.xz"], timeout_s=600)
-# CORPUS=PATH names another archive of the same layout (e.g. a part of the corpus, when the whole one and the
-# repository exceed what a call carries).
+# Settings (environment):
+#   CORPUS=PATH     another archive of the same layout (a part of the corpus, when the whole one and the repository
+#                   exceed what a call carries)
+#   VARIANTS="..."  the models of train/default_models.sh (default: r2lm causal bidirectional ar; diffuapriel and
+#                   diffuapriel_h add the seed's Mamba diffusion LMs)
+#   STEPS=N         steps of every run (default: fitted to TRAIN_S seconds, default 300, from the measured step times
+#                   of the four default variants; give STEPS when VARIANTS names others)
+#   SEED=N          the runs' seed (default 0): a second seed of the same comparison
+#   LMEVAL=1        also run the next-line task (evaluate_r2lm.code_task on the held-out files, first 200 questions)
+#                   for every variant: the diffusion bound (mc_num 32) and, for causal ones, the exact likelihood;
+#                   needs lm-eval's wheels carried in .whl (see the device README), and the repository, the wheels
+#                   and the corpus within 64 MiB (a smaller CORPUS)
+#   RETURN_MODEL=0  do not return the R2LM's weights
 # Steps: install; unpack and tokenize the corpus (background) while bench/throughput.py --parts train times the
-# training step of each model; train/default_models.sh with the step count that fits what is left of TRAIN_S
-# seconds (default 300) at the measured step times; bench/decoding_table.py on the held-out functions. $OUT gets
-# train_h200.log, decoding_table.{json,md}, the R2LM's final folder as r2lm_final.tar.part-* (15 MiB each: returned
-# files are at most 16 MiB) and results.tar.xz (throughput.{json,md}, the corpus log, every run's logs, metrics and
-# eval.json).
+# training step of each model; train/default_models.sh; bench/decoding_table.py on the held-out functions with every
+# diffusion baseline at the chosen setting; the lm-eval task. $OUT gets train_h200.log, decoding_table.{json,md}, the
+# R2LM's final folder as r2lm_final.tar.part-* (15 MiB each: returned files are at most 16 MiB) and results.tar.xz
+# (throughput.{json,md}, the corpus log, every run's logs, metrics and eval.json, the lm-eval results).
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
 out=${OUT:-runs/h200}
 work=/tmp/r2lm_work
+variants=${VARIANTS:-r2lm causal bidirectional ar}
 mkdir -p "$out" "$work/corpus" "$work/results"
 elapsed() { echo $(( $(date +%s) - start )); }
 {
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv
   python3 -c "import torch, transformers as tf, triton; print(torch.__version__, tf.__version__, triton.__version__)"
+  if [ "${LMEVAL:-0}" = 1 ] && ! python3 -c "import lm_eval" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
   (tar xJf "${CORPUS:-.corpus/corpus.tar.xz}" -C "$work/corpus" \
      && python3 -m train.corpus "$work/corpus" --tokens-only --tokenizer models/r2lm-tiny-pycode) \
      > "$work/results/corpus.log" 2>&1 &
   corpus=$!
-  timeout 150 python3 bench/throughput.py --out "$work/results" --parts train --budget 140
+  if [ -z "${STEPS:-}" ]; then
+    timeout 150 python3 bench/throughput.py --out "$work/results" --parts train --budget 140
+  fi
   wait $corpus || { echo "corpus failed:"; tail -5 "$work/results/corpus.log"; }
   echo "== corpus and step times ready at $(elapsed) s"
-  steps=$(python3 bench/fit_steps.py "$work/results/throughput.json" "${TRAIN_S:-300}" "$(elapsed)")
-  echo "== training the four models for $steps steps"
-  R2LM_TRAIN_STEPS=$steps timeout $(( 480 - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" \
-    models/r2lm-tiny-pycode "$work/runs" 0
+  steps=${STEPS:-$(python3 bench/fit_steps.py "$work/results/throughput.json" "${TRAIN_S:-300}" "$(elapsed)")}
+  echo "== training $variants for $steps steps, seed ${SEED:-0}"
+  R2LM_TRAIN_STEPS=$steps R2LM_TRAIN_VARIANTS=$variants R2LM_TRAIN_EXTRA="--seed ${SEED:-0} ${R2LM_TRAIN_EXTRA:-}" \
+    timeout $(( 480 - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" models/r2lm-tiny-pycode \
+    "$work/runs" 0
   echo "== trained at $(elapsed) s"
-  tar -cf "$work/r2lm_final.tar" -C "$work/runs/train-r2lm" final \
-    && split -b 15M -d "$work/r2lm_final.tar" "$out/r2lm_final.tar.part-"
-  timeout $(( 570 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/train-r2lm/final" \
-    --judge "$work/runs/train-ar/final" --heldout "$work/corpus/heldout" --out "$out" \
-    --baselines "causal=$work/runs/train-causal/final" "bidirectional=$work/runs/train-bidirectional/final"
+  if [ "${RETURN_MODEL:-1}" = 1 ]; then
+    tar -cf "$work/r2lm_final.tar" -C "$work/runs/train-r2lm" final \
+      && split -b 15M -d "$work/r2lm_final.tar" "$out/r2lm_final.tar.part-"
+  fi
+  baselines=()
+  for name in $variants; do
+    case $name in r2lm|ar) ;; *) baselines+=("$name=$work/runs/train-$name/final") ;; esac
+  done
+  timeout $(( ${LMEVAL:-0} == 1 ? 470 - $(elapsed) : 570 - $(elapsed) )) python3 bench/decoding_table.py \
+    --model "$work/runs/train-r2lm/final" --judge "$work/runs/train-ar/final" --heldout "$work/corpus/heldout" \
+    --out "$out" --baselines "${baselines[@]}"
+  if [ "${LMEVAL:-0}" = 1 ]; then
+    python3 -m evaluate_r2lm.code_task "$work/task" --files "$work/corpus/heldout"
+    device=$(python3 -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")  # cpu: a dry run
+    for name in $variants; do
+      folder=$work/runs/train-$name/final
+      likelihoods="diffusion"
+      case $name in r2lm|causal) likelihoods="diffusion ar" ;; ar) likelihoods="ar" ;; esac
+      for likelihood in $likelihoods; do
+        args="pretrained=$folder,dtype=float32,likelihood=$likelihood,mc_num=32,seed=0"
+        timeout $(( 575 - $(elapsed) )) python3 -m evaluate_r2lm --model r2lm --model_args "$args" \
+          --tasks pycode_next_line --include_path "$work/task" --device "$device" --batch_size 128 --limit 200 \
+          --output_path "$work/results/lmeval-$name-$likelihood" > "$work/results/lmeval-$name-$likelihood.log" 2>&1
+        echo "lm-eval $name $likelihood: exit $?, $(grep -E '^\|pycode_next_line' "$work/results/lmeval-$name-$likelihood.log")"
+      done
+    done
+  fi
   echo "== done at $(elapsed) s"
 } 2>&1 | tee "$out/train_h200.log"
 tar -cJf "$out/results.tar.xz" -C "$work" --exclude='*.safetensors' --exclude='checkpoint-*' results runs
