@@ -6,8 +6,8 @@ Qwen3-1.7B shapes, random bf16 weights, prompt 128, 256 new tokens, blocks of 32
 right). For each batch: a first call (capture, compilation), a timed second call (wall seconds, synchronised), then a
 third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_compiled}.txt: the wall time, the GPU's
 busy time (the union of its kernels' intervals), the idle time before the first graph launch (the host's setup; the
-prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with the host ops that began
-in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz (chrome://tracing).
+prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with
+the host ops that began in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz (chrome://tracing).
 """
 
 import argparse
@@ -29,21 +29,22 @@ def gaps_report(trace, wall):
                                                                                           "gpu_memset"))
     launches = sorted(e["ts"] for e in events if e.get("name") == "cudaGraphLaunch")
     host = sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "cpu_op")
-    busy, gaps, end = 0.0, [], None
+    gaps, end = [], None
     for a, b in kernels:
         if end is not None and a > end:
             gaps.append((end, a))
         end = b if end is None else max(end, b)
-    merged_start = kernels[0][0]
-    busy = (end - merged_start) - sum(b - a for a, b in gaps)
+    first_kernel = kernels[0][0]
+    idle = sum(b - a for a, b in gaps)
+    busy = (end - first_kernel) - idle
     first, last = (launches[0], launches[-1]) if launches else (end, end)
     phase = {"before the first graph launch": 0.0, "between graph launches": 0.0, "after the last launch": 0.0}
     for a, b in gaps:
         key = ("before the first graph launch" if b <= first else "after the last launch" if a >= last
                else "between graph launches")
         phase[key] += b - a
-    lines = [f"wall of the timed call: {wall * 1e3:.1f} ms; profiled call: GPU span {(end - merged_start) / 1e3:.1f} ms, "
-             f"busy {busy / 1e3:.1f} ms, idle {sum(b - a for a, b in gaps) / 1e3:.1f} ms in {len(gaps)} gaps; "
+    lines = [f"wall of the timed call: {wall * 1e3:.1f} ms; profiled call: GPU span "
+             f"{(end - first_kernel) / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps; "
              f"{len(launches)} graph launches"]
     lines += [f"  idle {name}: {us / 1e3:.1f} ms" for name, us in phase.items()]
     lines.append("longest gaps (ms, host ops that began in them, by total duration):")
@@ -53,7 +54,7 @@ def gaps_report(trace, wall):
             if a <= ts < b:
                 ops[name] = ops.get(name, 0.0) + dur
         top = ", ".join(f"{n} {d / 1e3:.2f}" for n, d in sorted(ops.items(), key=lambda kv: -kv[1])[:5])
-        lines.append(f"  {(b - a) / 1e3:7.2f} at +{(a - merged_start) / 1e3:7.1f}: {top}")
+        lines.append(f"  {(b - a) / 1e3:7.2f} at +{(a - first_kernel) / 1e3:7.1f}: {top}")
     return "\n".join(lines)
 
 
