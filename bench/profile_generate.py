@@ -7,7 +7,8 @@ right). For each batch: a first call (capture, compilation), a timed second call
 third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_compiled}.txt: the wall time, the GPU's
 busy time (the union of its kernels' intervals), the idle time before the first graph launch (the host's setup; the
 prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with
-the host ops that began in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz (chrome://tracing).
+the host ops that began in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz
+(chrome://tracing).
 """
 
 import argparse
@@ -44,8 +45,8 @@ def gaps_report(trace, wall):
                else "between graph launches")
         phase[key] += b - a
     lines = [f"wall of the timed call: {wall * 1e3:.1f} ms; profiled call: GPU span "
-             f"{(end - first_kernel) / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps; "
-             f"{len(launches)} graph launches"]
+             f"{(end - first_kernel) / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in "
+             f"{len(gaps)} gaps; {len(launches)} graph launches"]
     lines += [f"  idle {name}: {us / 1e3:.1f} ms" for name, us in phase.items()]
     lines.append("longest gaps (ms, host ops that began in them, by total duration):")
     for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:15]:

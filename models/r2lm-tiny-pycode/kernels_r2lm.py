@@ -156,8 +156,9 @@ if triton is not None:
     ):
         """One program: row `program_id(0)`, BLOCK_D channels, the row in CHUNKS chunks of LP steps (its last chunk
         in scan order part padding, NP: d_state padded to a power of two), each chunk at once as (BLOCK_D, NP, LP)
-        tiles in scan order s, from the last chunk to the first. A row of several chunks starts each chunk from the state the
-        forward stored in states (batch, chunks - 1, d_inner, N) and carries the adjoint back from the chunk after.
+        tiles in scan order s, from the last chunk to the first. A row of several chunks starts each chunk from the
+        state the forward stored in states (batch, chunks - 1, d_inner, N) and carries the adjoint back from the chunk
+        after.
         du, ddt, dz are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every
         program of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
         row = tl.program_id(0)
