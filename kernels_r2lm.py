@@ -66,6 +66,9 @@ _BWD_CHUNK = 128
 # channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
 # within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
 _BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
+# The forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make about
+# _FWD_TILE elements, each tile's steps at once (an associative scan), the tiles of a row in turn.
+_FWD_STEPS, _FWD_TILE = 32, 2048
 
 
 if triton is not None:
@@ -107,42 +110,46 @@ if triton is not None:
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
-        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, REVERSE: tl.constexpr,
-        ACC: tl.constexpr, CHUNK: tl.constexpr, STATES: tl.constexpr,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr,
+        REVERSE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, STATES: tl.constexpr,
     ):
-        """One program: row `program_id(0)`, BLOCK_D channels; the (BLOCK_D, NP) state steps through the row in
-        registers (NP: d_state padded to a power of two, the padding masked). STATES: also store, in the ACC buffer
-        states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the row (in scan
-        order) but the last: the state each later chunk of the backward starts from."""
+        """One program: row `program_id(0)`, BLOCK_D channels, the row in tiles of LP steps in scan order (the last
+        part padding; NP: d_state padded to a power of two, the padding masked), each tile's recurrence at once: an
+        associative scan over its (BLOCK_D, NP, LP) steps from the state the tile before left. STATES: also store, in
+        the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
+        row (in scan order; LP divides CHUNK) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
         dmask, nmask = d < d_inner, n < N
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0).to(ACC)
-        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        dnmask = dmask[:, None] & nmask[None, :]
+        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]  # (BLOCK_D, NP, 1)
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
         state = tl.zeros((BLOCK_D, NP), dtype=ACC)
-        for i in range(L):
-            if REVERSE:
-                t = L - 1 - i
-            else:
-                t = i
-            u = tl.load(u_ptr + row * su_b + d * su_d + t * su_l, mask=dmask, other=0.0).to(ACC)
-            dt = tl.load(dt_ptr + row * sdt_b + d * sdt_d + t * sdt_l, mask=dmask, other=0.0).to(ACC)
-            z = tl.load(z_ptr + row * sz_b + d * sz_d + t * sz_l, mask=dmask, other=0.0).to(ACC)
-            Bt = tl.load(B_ptr + row * sB_b + n * sB_n + t * sB_l, mask=nmask, other=0.0).to(ACC)  # (NP,)
-            Ct = tl.load(C_ptr + row * sC_b + n * sC_n + t * sC_l, mask=nmask, other=0.0).to(ACC)
-            dt = _softplus(dt + bias)
-            # h_t = exp(dt A) h_{t-1} + dt B_t u_t ;  y_t = C_t . h_t + D u_t, gated by silu(z_t)
-            state = tl.exp(dt[:, None] * A) * state + (dt * u)[:, None] * Bt[None, :]
-            y = tl.sum(state * Ct[None, :], axis=1) + D * u
-            y = y * z * _sigmoid(z)
-            tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
+        for start in range(0, L, LP):
+            s, p, t, _ = _scan_steps(start, L, LP, REVERSE)
+            m = dmask[:, None] & (p < L)[None, :]
+            mB = nmask[:, None] & (p < L)[None, :]
+            u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
+            dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
+            z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
+            B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+            C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
+            # h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s (padding: a = 1, b = 0); from h = 0
+            # the scan gives the tile's own part, the state entering it adds (a_0 ... a_s) state.
+            delta = tl.where(m, _softplus(dt + bias), 0.0)
+            a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), (delta * u)[:, None, :] * B), 2,
+                                            _first_order_combine)
+            h += a_prod * state[:, :, None]
+            y = (tl.sum(C * h, axis=1) + D * u) * z * _sigmoid(z)  # y_s = (C_s . h_s + D u_s) silu(z_s)
+            tl.store(y_ptr + row * sy_b + d[:, None] * sy_d + t[None, :] * sy_l, y.to(y_ptr.dtype.element_ty),
+                     mask=m)
+            state = tl.sum(tl.where(s[None, None, :] == LP - 1, h, 0.0), axis=2)
             if STATES:
-                if (i % CHUNK == CHUNK - 1) & (i < L - 1):  # the end of a chunk that another follows
-                    slot = row * ((L - 1) // CHUNK) + i // CHUNK  # (row, chunk) of (batch, chunks - 1)
-                    tl.store(states_ptr + (slot * d_inner + d[:, None]) * N + n[None, :], state,
-                             mask=dmask[:, None] & nmask[None, :])
+                if ((start + LP) % CHUNK == 0) & (start + LP < L):  # the end of a chunk that another follows
+                    slot = row * ((L - 1) // CHUNK) + (start + LP) // CHUNK - 1  # (row, chunk) of (batch, chunks - 1)
+                    tl.store(states_ptr + (slot * d_inner + d[:, None]) * N + n[None, :], state, mask=dnmask)
 
     @triton.jit
     def _scan_bwd_kernel(
@@ -256,18 +263,19 @@ def _bwd_chunk(L):
     return min(triton.next_power_of_2(L), _BWD_CHUNK)
 
 
-def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None, chunk_states=False):
+def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_states=False, steps=_FWD_STEPS,
+                         tile=_FWD_TILE):
     """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
-    block_d: channels per program; by default 64, or 16 when that leaves fewer than four programs per SM (a batch-1
-    block step: 2 rows x 4096 channels; on an H200 64 channels per program took 31 us per sidecar there)."""
+    Tiles of `steps` steps (a power of two; fewer for shorter rows) and about `tile` elements (channels x d_state
+    padded x steps)."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
-    if block_d is None:
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-        block_d = 64 if batch * triton.cdiv(d_inner, 64) >= 4 * sms else 16
-    y = torch.empty_like(u)
     chunk = _bwd_chunk(L)
+    NP, LP = triton.next_power_of_2(d_state), min(steps, chunk)  # both powers of two: LP divides chunk
+    block_d = min(max(1, tile // (NP * LP)), triton.next_power_of_2(d_inner))
+    num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
+    y = torch.empty_like(u)
     states = None
     if chunk_states and L > chunk:
         states = torch.empty(batch, triton.cdiv(L, chunk) - 1, d_inner, d_state,
@@ -278,8 +286,8 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=N
             u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states,
             d_inner,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
-            L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
-            ACC=_accumulate_dtype(u.dtype), CHUNK=chunk, STATES=states is not None,
+            L=L, N=d_state, NP=NP, LP=LP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype),
+            CHUNK=chunk, STATES=states is not None, num_warps=num_warps,
         )
     return y, states
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r2lm.kernels_r2lm import _BWD_CHUNK, scan_implementation, selective_scan_ref, selective_scan_triton, triton
+from r2lm.kernels_r2lm import _BWD_CHUNK, _FWD_STEPS, scan_implementation, selective_scan_ref, selective_scan_triton, triton
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +57,10 @@ def assert_scans_close(inputs, dy, reverse, case, **tolerance):
 
 
 def check_triton_scan(reverse):
-    """In Triton's interpreter: rows of 5 steps (padded to 8) and of 8, d_state 16 and 5 (padded to 8), 20 channels
-    (the forward's tiles hold 16, the backward's 8 or 16: the last tile is part padding)."""
-    for length, d_state in itertools.product((5, 8), (16, 5)):
+    """In Triton's interpreter: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the forward's tiles of
+    _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20 channels (a tile of channels
+    part padding)."""
+    for length, d_state in itertools.product((1, 5, 8, _FWD_STEPS + 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
         assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
