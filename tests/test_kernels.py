@@ -7,6 +7,8 @@ numpy with the tensors' dtypes, so float64 inputs give a float64 scan and the co
 gradients can be tight. On a GPU the compiled kernels are checked too, in float32 and float64.
 """
 
+import contextlib
+import functools
 import itertools
 import os
 import subprocess
@@ -16,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from r2lm.kernels_r2lm import _BWD_CHUNK, _FWD_STEPS, scan_implementation, selective_scan_ref, selective_scan_triton, triton
+from r2lm import kernels_r2lm
+from r2lm.kernels_r2lm import (
+    _BWD_CHUNK, _FWD_STEPS, scan_implementation, selective_scan_ref, selective_scan_triton, triton,
+)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,27 +61,44 @@ def assert_scans_close(inputs, dy, reverse, case, **tolerance):
         torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}, {case}, reverse={reverse}: {m}")
 
 
+@contextlib.contextmanager
+def forward_kernel(tiled):
+    """Every Triton scan's forward through one of its two kernels: the step-by-step one or the tiled one."""
+    choose = kernels_r2lm._scan_triton_forward
+    kernels_r2lm._scan_triton_forward = functools.partial(choose, tiled=tiled)
+    try:
+        yield
+    finally:
+        kernels_r2lm._scan_triton_forward = choose
+
+
 def check_triton_scan(reverse):
-    """In Triton's interpreter: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the forward's tiles of
-    _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20 channels (a tile of channels
-    part padding)."""
-    for length, d_state in itertools.product((1, 5, 8, _FWD_STEPS + 8), (16, 5)):
+    """In Triton's interpreter, through both forward kernels: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the
+    tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
+    channels (a tile of channels part padding)."""
+    for tiled, length, d_state in itertools.product((False, True), (1, 5, 8, _FWD_STEPS + 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
-        assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
+        with forward_kernel(tiled):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, tiled={tiled}", rtol=1e-9,
+                               atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
     inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
-    with torch.no_grad():
-        torch.testing.assert_close(selective_scan_triton(*inputs, reverse=reverse),
-                                   selective_scan_ref(*inputs, reverse=reverse), rtol=1e-9, atol=1e-10)
+    for tiled in (False, True):
+        with torch.no_grad(), forward_kernel(tiled):
+            torch.testing.assert_close(selective_scan_triton(*inputs, reverse=reverse),
+                                       selective_scan_ref(*inputs, reverse=reverse), rtol=1e-9, atol=1e-10)
 
 
 def check_triton_scan_long_rows(reverse):
-    """In Triton's interpreter, rows the backward takes in chunks of _BWD_CHUNK steps: one step past a chunk, exactly
-    two chunks, and 300 steps (three, the last partial); d_state 16 and 5, 2 rows (they add to the same dA, dD, dbias)
-    and 3 channels (a tile part padding)."""
-    for length, d_state in ((_BWD_CHUNK + 1, 16), (_BWD_CHUNK + 1, 5), (2 * _BWD_CHUNK, 5), (300, 16), (300, 5)):
+    """In Triton's interpreter, through both forward kernels, rows the backward takes in chunks of _BWD_CHUNK steps:
+    one step past a chunk, exactly two chunks, and 300 steps (three, the last partial); d_state 16 and 5, 2 rows (they
+    add to the same dA, dD, dbias) and 3 channels (a tile part padding)."""
+    cases = ((_BWD_CHUNK + 1, 16), (_BWD_CHUNK + 1, 5), (2 * _BWD_CHUNK, 5), (300, 16), (300, 5))
+    for tiled, (length, d_state) in itertools.product((False, True), cases):
         inputs, dy = scan_inputs(d_inner=3, length=length, d_state=d_state)
-        assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}", rtol=1e-9, atol=1e-10)
+        with forward_kernel(tiled):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, tiled={tiled}", rtol=1e-9,
+                               atol=1e-10)
 
 
 def run_in_interpreter(check, reverse):
@@ -107,13 +129,15 @@ def test_triton_scan_trains_on_long_rows(reverse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_compiled_triton_scan_matches_reference(reverse, dtype):
-    """The compiled kernels on R2LM's block size (32 steps), on one backward chunk and on rows of three (the last
-    partial, with a padded d_state); float32 against the float32 reference (both sum in float32, in different orders,
-    over up to 300 steps)."""
+    """The compiled kernels (both forwards) on R2LM's block size (32 steps), on one backward chunk and on rows of
+    three (the last partial, with a padded d_state); float32 against the float32 reference (both sum in float32, in
+    different orders, over up to 300 steps)."""
     tolerance = dict(rtol=6e-4, atol=2e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
-    for length, d_state in ((32, 16), (_BWD_CHUNK, 5), (300, 5)):
+    for tiled, (length, d_state) in itertools.product((False, True), ((32, 16), (_BWD_CHUNK, 5), (300, 5))):
         inputs, dy = scan_inputs(batch=3, d_inner=300, length=length, d_state=d_state, dtype=dtype, device="cuda")
-        assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}", **tolerance)
+        with forward_kernel(tiled):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}, tiled={tiled}",
+                               **tolerance)
 
 
 @pytest.mark.skipif(triton is None or torch.cuda.device_count() < 2, reason="needs Triton and two CUDA GPUs")
