@@ -12,10 +12,12 @@
 #   STEPS=N         steps of every run (default: fitted to TRAIN_S seconds, default 300, from the measured step times
 #                   of the four default variants; give STEPS when VARIANTS names others)
 #   SEED=N          the runs' seed (default 0): a second seed of the same comparison
-#   LMEVAL=1        also run the next-line task (evaluate_r2lm.code_task on the held-out files, first 200 questions)
-#                   for every variant: the diffusion bound (mc_num 32) and, for causal ones, the exact likelihood;
-#                   needs lm-eval's wheels carried in .whl (see the device README), and the repository, the wheels
-#                   and the corpus within 64 MiB (a smaller CORPUS)
+#   LMEVAL=1        also run the next-line task (evaluate_r2lm.code_task on the held-out files, first LIMIT
+#                   questions, default 200) for every variant: the diffusion bound (mc_num 32) and, for causal ones,
+#                   the exact likelihood; needs lm-eval and what the device image lacks of its needs as wheels in
+#                   .whl (`WHEELS=1 bash bench/train_default_h200.sh` here downloads them: 13 MB), carried, and the
+#                   repository, the wheels and the corpus within 64 MiB (a smaller CORPUS). On 2026-11-30 a run
+#                   without pytz's wheel evaluated, then failed writing lm-eval's table (typepy imports pytz)
 #   RETURN_MODEL=0  do not return the R2LM's weights
 # Steps: install; unpack and tokenize the corpus (background) while bench/throughput.py --parts train times the
 # training step of each model; train/default_models.sh; bench/decoding_table.py on the held-out functions with every
@@ -23,6 +25,19 @@
 # R2LM's final folder as r2lm_final.tar.part-* (15 MiB each: returned files are at most 16 MiB) and results.tar.xz
 # (throughput.{json,md}, the corpus log, every run's logs, metrics and eval.json, the lm-eval results).
 set -u
+# lm-eval 0.4.13 and what the device image (python 3.12, 2026-11-30) lacks of its needs: one version each (the
+# second list has no wheels on the registry: built here, pure Python).
+WHEEL_PINS="lm_eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 more_itertools==11.2.1
+  pytablewriter==1.2.1 dataproperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7
+  typepy==1.3.5 pytz==2025.2 chardet==6.0.0.post1 nltk==3.10.4 defusedxml==0.7.1"
+SDIST_PINS="rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1"
+if [ "${WHEELS:-0}" = 1 ]; then  # here, with the package registry: fill .whl, then exit
+  # shellcheck disable=SC2086  # the pins are meant to split
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    $WHEEL_PINS && python3 -m pip wheel -q --no-deps -w .whl $SDIST_PINS
+  exit
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
 out=${OUT:-runs/h200}
@@ -30,6 +45,10 @@ work=/tmp/r2lm_work
 variants=${VARIANTS:-r2lm causal bidirectional ar}
 mkdir -p "$out" "$work/corpus" "$work/results"
 elapsed() { echo $(( $(date +%s) - start )); }
+save_results() {  # again after every step that adds some: a call that runs out of time keeps what finished
+  tar -cJf "$out/.results.tar.xz" -C "$work" --exclude='*.safetensors' --exclude='checkpoint-*' results runs \
+    && mv "$out/.results.tar.xz" "$out/results.tar.xz"
+}
 {
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.used --format=csv
   python3 -c "import torch, transformers as tf, triton; print(torch.__version__, tf.__version__, triton.__version__)"
@@ -65,6 +84,7 @@ elapsed() { echo $(( $(date +%s) - start )); }
   timeout $(( ${LMEVAL:-0} == 1 ? 470 - $(elapsed) : 570 - $(elapsed) )) python3 bench/decoding_table.py \
     --model "$work/runs/train-r2lm/final" --judge "$work/runs/train-ar/final" --heldout "$work/corpus/heldout" \
     --out "$out" --baselines "${baselines[@]}"
+  save_results
   if [ "${LMEVAL:-0}" = 1 ]; then
     python3 -m evaluate_r2lm.code_task "$work/task" --files "$work/corpus/heldout"
     device=$(python3 -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")  # cpu: a dry run
@@ -73,14 +93,18 @@ elapsed() { echo $(( $(date +%s) - start )); }
       likelihoods="diffusion"
       case $name in r2lm|causal) likelihoods="diffusion ar" ;; ar) likelihoods="ar" ;; esac
       for likelihood in $likelihoods; do
+        left=$(( 570 - $(elapsed) ))
+        if [ $left -lt 20 ]; then echo "lm-eval $name $likelihood: skipped, $left s left"; continue; fi
         args="pretrained=$folder,dtype=float32,likelihood=$likelihood,mc_num=32,seed=0"
-        timeout $(( 575 - $(elapsed) )) python3 -m evaluate_r2lm --model r2lm --model_args "$args" \
-          --tasks pycode_next_line --include_path "$work/task" --device "$device" --batch_size 128 --limit 200 \
-          --output_path "$work/results/lmeval-$name-$likelihood" > "$work/results/lmeval-$name-$likelihood.log" 2>&1
+        timeout $left python3 -m evaluate_r2lm --model r2lm --model_args "$args" \
+          --tasks pycode_next_line --include_path "$work/task" --device "$device" --batch_size 128 \
+          --limit "${LIMIT:-200}" --output_path "$work/results/lmeval-$name-$likelihood" \
+          > "$work/results/lmeval-$name-$likelihood.log" 2>&1
         echo "lm-eval $name $likelihood: exit $?, $(grep -E '^\|pycode_next_line' "$work/results/lmeval-$name-$likelihood.log")"
+        save_results
       done
     done
   fi
   echo "== done at $(elapsed) s"
 } 2>&1 | tee "$out/train_h200.log"
-tar -cJf "$out/results.tar.xz" -C "$work" --exclude='*.safetensors' --exclude='checkpoint-*' results runs
+save_results
