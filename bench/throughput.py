@@ -300,7 +300,7 @@ def section_train(models, res, args):
     out = dict(batch=batch, length=length, peak_flops=989e12)
     for name, (changes, objective) in runs.items():
         config = R2LMConfig(**{**fields, **changes})
-        seconds, flops = train_step_seconds(config, batch, length, 3 if args.tiny else 5, objective)
+        seconds, flops = train_step_seconds(config, batch, length, 3 if args.tiny else 20, objective)
         out[name] = dict(step_s=seconds, tokens_per_s=batch * length / seconds, sidecar_layers=config.sidecar_layers,
                          mfu=flops / seconds / out["peak_flops"],
                          scan=scan_implementation(config.sidecar_scan, torch.empty(1, 1, 32, device=DEVICE)))
