@@ -32,12 +32,18 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def normalize(x, eps):
+    """Qwen3RMSNorm before its scale: normalise in float32, cast back. F.rms_norm normalises half and single precision
+    in float32 (one kernel on CUDA, against six for the ops written out); Qwen3RMSNorm takes double precision down to
+    float32 too."""
+    if x.dtype == torch.float64:
+        return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return F.rms_norm(x, x.shape[-1:], eps=eps)
+
+
 def rms_norm(x, weight, eps):
     """Qwen3RMSNorm: normalise in float32, cast back, then scale."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    return weight * normalize(x, eps)
 
 
 def rotate_half(x):
@@ -52,12 +58,13 @@ def attention_inputs(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_heads, k_
     there is one (then None is returned for them), else returned."""
     b, s, _ = qkv.shape
     hd = q_weight.shape[0]
-    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
-    q = rms_norm(q.unflatten(-1, (heads, hd)), q_weight, eps)
-    k = rms_norm(k.unflatten(-1, (kv_heads, hd)), k_weight, eps)
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q = q.view(b, s, kv_heads, heads // kv_heads, hd).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, hd)
+    qk, v = qkv.split([(heads + kv_heads) * hd, kv_heads * hd], dim=-1)
+    # q's and k's heads normalised, scaled and rotated together: the same ops on each element, in fewer kernels.
+    weight = torch.cat((q_weight.expand(heads, hd), k_weight.expand(kv_heads, hd)))
+    qk = weight * normalize(qk.unflatten(-1, (heads + kv_heads, hd)), eps)
+    qk = qk * cos[:, :, None] + rotate_half(qk) * sin[:, :, None]
+    q, k = qk[:, :, :heads], qk[:, :, heads:]
+    q = q.reshape(b, s, kv_heads, heads // kv_heads, hd).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, hd)
     k, v = k.transpose(1, 2), v.unflatten(-1, (kv_heads, hd)).transpose(1, 2)
     if k_cache is None:
         return q, k, v

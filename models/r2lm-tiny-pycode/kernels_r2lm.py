@@ -13,7 +13,8 @@ D, delta_bias: (d_inner,). It returns y (batch, d_inner, L) in u's dtype, with
 anything in memory. The Triton scan is built for short rows (R2LM's blocks): one program owns a (row, channels) tile
 and keeps its state in registers, where mamba-ssm's kernel launches one 32-thread block per (row, channel) on rows of
 32 steps (about 8x slower on an H200). Its backward takes a row in chunks of at most _BWD_CHUNK steps, so rows of any
-length train through it (the Mamba mixers' whole sequences too).
+length train through it (the Mamba mixers' whole sequences too); long rows with too few rows and channels to fill the
+GPU (a mixer's sequence at batch 1) go forward through a tiled kernel that scans each tile of steps at once.
 """
 
 import contextlib
@@ -66,6 +67,10 @@ _BWD_CHUNK = 128
 # channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
 # within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
 _BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
+# The tiled forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make
+# about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
+# at batch 1, or within 1%), 16 elements a thread.
+_FWD_STEPS, _FWD_TILE = 32, 2048
 
 
 if triton is not None:
@@ -100,6 +105,15 @@ if triton is not None:
     def _first_order_combine(a1, b1, a2, b2):
         # h -> a1 h + b1, then h -> a2 h + b2: the linear recurrence h_s = a_s h_{s-1} + b_s as an associative scan.
         return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _store_chunk_state(states_ptr, state, row, done, d, n, mask, d_inner, L: tl.constexpr, N: tl.constexpr,
+                           CHUNK: tl.constexpr):
+        """After `done` steps of the row (in scan order): if they end a CHUNK-step chunk that another follows, the
+        state goes to that (row, chunk) of states (batch, chunks - 1, d_inner, N), where the backward starts from."""
+        if (done % CHUNK == 0) & (done < L):
+            slot = row * ((L - 1) // CHUNK) + done // CHUNK - 1
+            tl.store(states_ptr + (slot * d_inner + d[:, None]) * N + n[None, :], state, mask=mask)
 
     @triton.jit
     def _scan_fwd_kernel(
@@ -139,10 +153,54 @@ if triton is not None:
             y = y * z * _sigmoid(z)
             tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
             if STATES:
-                if (i % CHUNK == CHUNK - 1) & (i < L - 1):  # the end of a chunk that another follows
-                    slot = row * ((L - 1) // CHUNK) + i // CHUNK  # (row, chunk) of (batch, chunks - 1)
-                    tl.store(states_ptr + (slot * d_inner + d[:, None]) * N + n[None, :], state,
-                             mask=dmask[:, None] & nmask[None, :])
+                _store_chunk_state(states_ptr, state, row, i + 1, d, n, dmask[:, None] & nmask[None, :], d_inner,
+                                   L, N, CHUNK)
+
+    @triton.jit
+    def _scan_fwd_tiled_kernel(
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
+        d_inner,
+        su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+        sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
+        L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, BLOCK_D: tl.constexpr,
+        REVERSE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, STATES: tl.constexpr,
+    ):
+        """_scan_fwd_kernel for long rows and few programs (a Mamba mixer's whole sequence at batch 1): one program,
+        row `program_id(0)`, BLOCK_D channels, the row in tiles of LP steps in scan order (the last
+        part padding; NP: d_state padded to a power of two, the padding masked), each tile's recurrence at once: an
+        associative scan over its (BLOCK_D, NP, LP) steps from the state the tile before left. STATES: also store, in
+        the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
+        row (in scan order; LP divides CHUNK) but the last: the state each later chunk of the backward starts from."""
+        row = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, NP)
+        dmask, nmask = d < d_inner, n < N
+        dnmask = dmask[:, None] & nmask[None, :]
+        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]  # (BLOCK_D, NP, 1)
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        state = tl.zeros((BLOCK_D, NP), dtype=ACC)
+        for start in range(0, L, LP):
+            s, p, t, _ = _scan_steps(start, L, LP, REVERSE)
+            m = dmask[:, None] & (p < L)[None, :]
+            mB = nmask[:, None] & (p < L)[None, :]
+            u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
+            dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
+            z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
+            B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+            C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
+            # h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s (padding: a = 1, b = 0); from h = 0
+            # the scan gives the tile's own part, the state entering it adds (a_0 ... a_s) state.
+            delta = tl.where(m, _softplus(dt + bias), 0.0)
+            a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), (delta * u)[:, None, :] * B), 2,
+                                            _first_order_combine)
+            h += a_prod * state[:, :, None]
+            y = (tl.sum(C * h, axis=1) + D * u) * z * _sigmoid(z)  # y_s = (C_s . h_s + D u_s) silu(z_s)
+            tl.store(y_ptr + row * sy_b + d[:, None] * sy_d + t[None, :] * sy_l, y.to(y_ptr.dtype.element_ty),
+                     mask=m)
+            state = tl.sum(tl.where(s[None, None, :] == LP - 1, h, 0.0), axis=2)
+            if STATES:
+                _store_chunk_state(states_ptr, state, row, start + LP, d, n, dnmask, d_inner, L, N, CHUNK)
 
     @triton.jit
     def _scan_bwd_kernel(
@@ -256,30 +314,49 @@ def _bwd_chunk(L):
     return min(triton.next_power_of_2(L), _BWD_CHUNK)
 
 
-def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, block_d=None, chunk_states=False):
+def _sms(x):
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+
+
+def _forward_is_tiled(u):
+    """Rows longer than a backward chunk with even 16-channel programs fewer than four per SM go forward through the
+    tiled kernel. On an H200 (DiffuApriel at 1.7B shapes, whole `generate` calls) it decoded 2.4x faster at batch 1
+    with 2048 + 1024 tokens and 1.5x at 128 + 256, but 1.45x slower at batch 32; R2LM's engine steps (rows of 32)
+    were 3-6% slower."""
+    batch, d_inner, L = u.shape
+    return L > _BWD_CHUNK and batch * triton.cdiv(d_inner, 16) < 4 * _sms(u)
+
+
+def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_states=False, tiled=None):
     """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
-    block_d: channels per program; by default 64, or 16 when that leaves fewer than four programs per SM (a batch-1
-    block step: 2 rows x 4096 channels; on an H200 64 channels per program took 31 us per sidecar there)."""
+    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 64 channels, or
+    16 when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels
+    per program took 31 us per sidecar there)."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
-    if block_d is None:
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-        block_d = 64 if batch * triton.cdiv(d_inner, 64) >= 4 * sms else 16
+    NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)
+    if _forward_is_tiled(u) if tiled is None else tiled:
+        LP = min(_FWD_STEPS, chunk)  # both powers of two: LP divides chunk
+        block_d = min(max(1, _FWD_TILE // (NP * LP)), triton.next_power_of_2(d_inner))
+        warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
+        kernel, options = _scan_fwd_tiled_kernel, dict(LP=LP, num_warps=warps)
+    else:
+        block_d = 64 if batch * triton.cdiv(d_inner, 64) >= 4 * _sms(u) else 16
+        kernel, options = _scan_fwd_kernel, {}
     y = torch.empty_like(u)
-    chunk = _bwd_chunk(L)
     states = None
     if chunk_states and L > chunk:
         states = torch.empty(batch, triton.cdiv(L, chunk) - 1, d_inner, d_state,
                              dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
     grid = (batch, triton.cdiv(d_inner, block_d))
     with _launch_device(u):
-        _scan_fwd_kernel[grid](
+        kernel[grid](
             u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states,
             d_inner,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
-            L=L, N=d_state, NP=triton.next_power_of_2(d_state), BLOCK_D=block_d, REVERSE=reverse,
-            ACC=_accumulate_dtype(u.dtype), CHUNK=chunk, STATES=states is not None,
+            L=L, N=d_state, NP=NP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype), CHUNK=chunk,
+            STATES=states is not None, **options,
         )
     return y, states
 
