@@ -107,6 +107,20 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2
 
     @triton.jit
+    def _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ACC: tl.constexpr):
+        """A tile program's channels d (BLOCK_D, of program_id(1)) and states n (NP, N of them real), their masks, and
+        its parameters as ACC: A (BLOCK_D, NP, 1), D and bias (BLOCK_D, 1)."""
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, NP)
+        dmask, nmask = d < d_inner, n < N
+        dnmask = dmask[:, None] & nmask[None, :]
+        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        return d, n, dmask, nmask, dnmask, A, D, bias
+
+    @triton.jit
     def _store_chunk_state(states_ptr, state, row, done, d, n, mask, d_inner, L: tl.constexpr, N: tl.constexpr,
                            CHUNK: tl.constexpr):
         """After `done` steps of the row (in scan order): if they end a CHUNK-step chunk that another follows, the
@@ -172,13 +186,7 @@ if triton is not None:
         the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
         row (in scan order; LP divides CHUNK) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        n = tl.arange(0, NP)
-        dmask, nmask = d < d_inner, n < N
-        dnmask = dmask[:, None] & nmask[None, :]
-        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]  # (BLOCK_D, NP, 1)
-        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N, NP, BLOCK_D, ACC)
         state = tl.zeros((BLOCK_D, NP), dtype=ACC)
         for start in range(0, L, LP):
             s, p, t, _ = _scan_steps(start, L, LP, REVERSE)
@@ -220,13 +228,7 @@ if triton is not None:
         du, ddt, dz are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every
         program of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
         row = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        n = tl.arange(0, NP)
-        dmask, nmask = d < d_inner, n < N
-        dnmask = dmask[:, None] & nmask[None, :]
-        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]  # (BLOCK_D, NP, 1)
-        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N, NP, BLOCK_D, ACC)
         lam_carry = tl.zeros((BLOCK_D, NP), dtype=ACC)  # dL/dh at the first step of the chunk after this one
         dA = tl.zeros((BLOCK_D, NP), dtype=ACC)  # sums over the row's steps, added to the buffers once at the end
         dD = tl.zeros((BLOCK_D,), dtype=ACC)
