@@ -42,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (the Triton kernels are timed there)")
     args.out.mkdir(parents=True, exist_ok=True)
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, shapes={})
     lines = [f"# Triton scan forward, {res['device']} (torch {res['torch']}, Triton {res['triton']})", "",
