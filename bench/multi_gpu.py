@@ -2,6 +2,7 @@
 against one GPU, tensor-parallel generate through transformers, and a device_map split over the two GPUs.
 
     python bench/multi_gpu.py --out DIR [--budget 510] [--parts ddp,tp,device_map,fsdp,fsdp_uninterrupted] [--tiny]
+        [--global-batch fsdp=16,ddp=64]
 
 Parts, each in its own processes under a time limit, its failure recorded without stopping the others (run in the
 order ddp, tp, device_map, fsdp, fsdp_uninterrupted, cheapest first; listed here by the issue's order):
@@ -91,7 +92,10 @@ class Run:
     def __init__(self, args):
         self.args, self.start = args, time.time()
         self.scratch = Path(os.environ.get("SCRATCH", "/tmp/r2lm_multi_gpu"))
-        self.training = TINY_TRAINING if args.tiny else TRAINING
+        self.training = dict(TINY_TRAINING if args.tiny else TRAINING)
+        for kind, batch in args.global_batch.items():
+            seq_len, _, steps = self.training[kind]
+            self.training[kind] = (seq_len, batch, steps)
         self.res = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "env": environment(args),
                     "parts": {}, "errors": {}}
 
@@ -558,12 +562,26 @@ def fmt(losses):
     return " ".join(f"{x:.4f}" for x in losses or [])
 
 
+def global_batches(text):
+    """'fsdp=16,ddp=64' -> {'fsdp': 16, 'ddp': 64}: even, so that two GPUs take half each."""
+    batches = {}
+    for item in text.split(","):
+        kind, _, value = item.partition("=")
+        if kind not in TRAINING or not value.isdigit() or int(value) < 2 or int(value) % 2:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KIND=N with KIND one of {', '.join(TRAINING)} and N "
+                                             "an even number of rows (two GPUs take half each)")
+        batches[kind] = int(value)
+    return batches
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--budget", type=float, default=510, help="seconds for all parts")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run with tiny shapes")
+    parser.add_argument("--global-batch", type=global_batches, default={}, metavar="KIND=N,...",
+                        help="the training parts' global batches (rows), e.g. fsdp=16,ddp=64; even numbers")
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--folder", type=Path)
     parser.add_argument("--json", type=Path)

@@ -5,6 +5,8 @@
 # after every part, so a timeout keeps what finished), logs/ (the tail of each launch) and multi_gpu.log.
 # Checkpoints go to $SCRATCH (default /tmp/r2lm_multi_gpu). From the device tool:
 #   run(command="bash bench/multi_gpu.sh", kind="nvidia-h200-x2", timeout_s=600)
+# Arguments go to bench/multi_gpu.py, e.g. `--parts fsdp,device_map --global-batch fsdp=16` (FSDP2 at 1.44x with 8
+# rows of 512 tokens: more rows per GPU hide more of the gather and reduce).
 # CPU dry run with tiny shapes (two gloo processes stand in for the GPUs): TINY=1 bash bench/multi_gpu.sh
 set -u
 export PYTHONUNBUFFERED=1
