@@ -6,7 +6,10 @@
 #   run(command="bash bench/train_default_h200.sh", carry=[".corpus/corpus.tar.xz"], timeout_s=600)
 # Settings (environment):
 #   CORPUS=PATH     another archive of the same layout (a part of the corpus, when the whole one and the repository
-#                   exceed what a call carries)
+#                   exceed what a call carries). The 2026-11-30 six-way run's, the 4 largest sources (13 MB; put
+#                   .corpus_carry/ in .git/info/exclude and carry it):
+#                     mkdir -p .corpus_carry && tar -C .corpus -cf - LICENSES.md manifest.json heldout train/cpython \
+#                       train/django train/sympy train/pyomo | xz -T2 -6 > .corpus_carry/corpus.tar.xz
 #   VARIANTS="..."  the models of train/default_models.sh (default: r2lm causal bidirectional ar; diffuapriel and
 #                   diffuapriel_h add the seed's Mamba diffusion LMs)
 #   STEPS=N         steps of every run (default: fitted to TRAIN_S seconds, default 300, from the measured step times
