@@ -6,7 +6,7 @@
 #   run(command="bash bench/train_default_h200.sh", carry=[".corpus/corpus.tar.xz"], timeout_s=600)
 # Settings (environment):
 #   CORPUS=PATH     another archive of the same layout (a part of the corpus, when the whole one and the repository
-#                   exceed what a call carries). The 2026-11-30 six-way run's, the 4 largest sources (13 MB; put
+#                   exceed what a call carries). The 2026-11-30 six-way run's, 4 of the sources (13 MB; put
 #                   .corpus_carry/ in .git/info/exclude and carry it):
 #                     mkdir -p .corpus_carry && tar -C .corpus -cf - LICENSES.md manifest.json heldout train/cpython \
 #                       train/django train/sympy train/pyomo | xz -T2 -6 > .corpus_carry/corpus.tar.xz
