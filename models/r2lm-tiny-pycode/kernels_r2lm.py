@@ -146,7 +146,8 @@ if triton is not None:
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
         dmask, nmask = d < d_inner, n < N
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0).to(ACC)
+        dnmask = dmask[:, None] & nmask[None, :]
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=dnmask, other=0.0).to(ACC)
         D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
         bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
         state = tl.zeros((BLOCK_D, NP), dtype=ACC)
@@ -167,8 +168,7 @@ if triton is not None:
             y = y * z * _sigmoid(z)
             tl.store(y_ptr + row * sy_b + d * sy_d + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dmask)
             if STATES:
-                _store_chunk_state(states_ptr, state, row, i + 1, d, n, dmask[:, None] & nmask[None, :], d_inner,
-                                   L, N, CHUNK)
+                _store_chunk_state(states_ptr, state, row, i + 1, d, n, dnmask, d_inner, L, N, CHUNK)
 
     @triton.jit
     def _scan_fwd_tiled_kernel(
@@ -323,8 +323,8 @@ def _sms(x):
 def _forward_is_tiled(u):
     """Rows longer than a backward chunk with even 16-channel programs fewer than four per SM go forward through the
     tiled kernel. On an H200 (DiffuApriel at 1.7B shapes, whole `generate` calls) it decoded 2.4x faster at batch 1
-    with 2048 + 1024 tokens and 1.5x at 128 + 256, but 1.45x slower at batch 32; R2LM's engine steps (rows of 32)
-    were 3-6% slower."""
+    with 2048 + 1024 tokens and 1.5x at 128 + 256, but 1.45x slower at batch 32; R2LM's engine (rows of 32) 1-6%
+    slower."""
     batch, d_inner, L = u.shape
     return L > _BWD_CHUNK and batch * triton.cdiv(d_inner, 16) < 4 * _sms(u)
 
