@@ -16,7 +16,10 @@ the decoding policy of `generation_r2lm` (the same commit function, passed in) a
   half the rows, then move to the front; so a server sees a handful of graph sizes;
 - each Qwen3 layer as two elementwise pieces around its matrix products and attention (q, k, v and gate, up stacked
   into one matrix each: the model's parameters become views of it, so nothing is copied and training updates are
-  seen); with `compile=True` these pieces are compiled (static kernels per shape);
+  seen). `Ops(kernels)` is the one switch for them: by default ("auto") the fused Triton kernels of `kernels_r2lm`
+  on CUDA in half or single precision (a few kernels per layer, nothing to compile; on the CPU and in float64 the
+  PyTorch functions here, which are their reference); with `compile=True` the PyTorch functions compiled instead
+  (static kernels per shape, seconds to compile each);
 - the sidecars are the model's own modules (time order: reverse conv taps, the Triton scan right to left), and so are
   the bidirectional Mamba mixers of DiffuApriel / DiffuApriel-H (`config.mixer_types[i] == "mamba"`), which decode as
   the bidirectional baseline does: the whole canvas each step, no cache.
@@ -27,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
+
+from .kernels_r2lm import add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, silu_mul_triton, triton
 
 
 logger = logging.get_logger(__name__)
@@ -44,6 +49,18 @@ def normalize(x, eps):
 def rms_norm(x, weight, eps):
     """Qwen3RMSNorm: normalise in float32, cast back, then scale."""
     return weight * normalize(x, eps)
+
+
+def add_rms_norm(h, y, weight, eps):
+    """The residual add and the RMSNorm after it: (h + y, rms_norm(h + y))."""
+    h = h + y
+    return h, rms_norm(h, weight, eps)
+
+
+def silu_mul(gate_up):
+    """SwiGLU's SiLU(gate) * up, gate and up stacked in the last dimension (gate first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rotate_half(x):
@@ -73,22 +90,37 @@ def attention_inputs(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_heads, k_
     return q, None, None
 
 
+def grouped_to_tokens(o, s):
+    """Attention's output in the grouped layout (b, kv_heads, rep * s, hd) -> (b, s, heads hd), o_proj's input (one
+    copy)."""
+    b, kv_heads, rows, hd = o.shape
+    return o.view(b, kv_heads, rows // s, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+
+
 def attention_output_and_mlp(o, h, o_weight, post_weight, gate_up_weight, down_weight, eps):
     """The rest of a Qwen3 layer: o (b, kv_heads, rep * s, hd) back to (b, s, heads hd), o_proj and the residual, the
     post-attention RMSNorm, the SwiGLU MLP (gate and up stacked in one matrix) and the residual."""
-    b, kv_heads, rows, hd = o.shape
-    s = h.shape[1]
-    o = o.view(b, kv_heads, rows // s, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
-    h = h + F.linear(o, o_weight)
-    gate, up = F.linear(rms_norm(h, post_weight, eps), gate_up_weight).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, down_weight)
+    h, x = add_rms_norm(h, F.linear(grouped_to_tokens(o, h.shape[1]), o_weight), post_weight, eps)
+    return h + F.linear(silu_mul(F.linear(x, gate_up_weight)), down_weight)
 
 
-def mlp_residual(h, post_weight, gate_up_weight, down_weight, eps):
-    """A Mamba-mixer layer's second half: the post-mixer RMSNorm, the SwiGLU MLP (gate and up stacked) and the
-    residual."""
-    gate, up = F.linear(rms_norm(h, post_weight, eps), gate_up_weight).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, down_weight)
+def attention_output_and_mlp_triton(o, h, o_weight, post_weight, gate_up_weight, down_weight, eps):
+    """attention_output_and_mlp with the residual add and RMSNorm, and SiLU(gate) * up, in one Triton kernel each."""
+    h, x = add_rms_norm_triton(h, F.linear(grouped_to_tokens(o, h.shape[1]), o_weight), post_weight, eps)
+    return h + F.linear(silu_mul_triton(F.linear(x, gate_up_weight)), down_weight)
+
+
+def mlp_residual(h, y, post_weight, gate_up_weight, down_weight, eps):
+    """A Mamba-mixer layer's second half: the mixer's residual (h + y), the post-mixer RMSNorm, the SwiGLU MLP (gate
+    and up stacked) and the residual."""
+    h, x = add_rms_norm(h, y, post_weight, eps)
+    return h + F.linear(silu_mul(F.linear(x, gate_up_weight)), down_weight)
+
+
+def mlp_residual_triton(h, y, post_weight, gate_up_weight, down_weight, eps):
+    """mlp_residual with the residual add and RMSNorm, and SiLU(gate) * up, in one Triton kernel each."""
+    h, x = add_rms_norm_triton(h, y, post_weight, eps)
+    return h + F.linear(silu_mul_triton(F.linear(x, gate_up_weight)), down_weight)
 
 
 def split_key_attention(q, k, v, mask, chunk):
@@ -100,20 +132,46 @@ def split_key_attention(q, k, v, mask, chunk):
     return torch.matmul(p, v.unflatten(2, (-1, chunk))).float().sum(2).to(v.dtype)
 
 
-class Ops:
-    """The elementwise pieces, as they are or compiled. Compiled, every shape gets its own static kernels
-    (shape-generic kernels index through runtime divisions: on an H200 at batch 128 the SwiGLU product took 87 us for
-    a 36 us memory pass), except the cache's length (`mark_cache`). The dynamo settings apply to these functions
-    only."""
+OPS_KERNELS = ("auto", "triton", "torch", "compile")
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-    def __init__(self, compile=False):
-        self.compiled = compile
-        wrap = self._static_compile if compile else (lambda f: f)
-        self.rms_norm = wrap(rms_norm)
-        self.attention_inputs = wrap(attention_inputs)
-        self.attention_output_and_mlp = wrap(attention_output_and_mlp)
-        self.mlp_residual = wrap(mlp_residual)
-        self.split_key_attention = wrap(split_key_attention)
+
+class Ops:
+    """The elementwise pieces, through `kernels` (the one switch):
+    - "auto": the Triton kernels (`*_triton`) on CUDA tensors in half or single precision, else the PyTorch functions;
+    - "triton": the Triton kernels on any device (the CPU's through Triton's interpreter, TRITON_INTERPRET=1: tests),
+      the PyTorch functions in float64;
+    - "torch": the PyTorch functions, the reference (float64 runs through them whatever the switch);
+    - "compile": the PyTorch functions compiled. Every shape gets its own static kernels (shape-generic kernels index
+      through runtime divisions: on an H200 at batch 128 the SwiGLU product took 87 us for a 36 us memory pass),
+      except the cache's length (`mark_cache`). The dynamo settings apply to these functions only.
+    `split_key_attention` (matrix products and a softmax) has no Triton kernel."""
+
+    def __init__(self, kernels="auto"):
+        if kernels not in OPS_KERNELS:
+            raise ValueError(f"`kernels` must be one of {OPS_KERNELS}, got {kernels!r}.")
+        if kernels == "triton" and triton is None:
+            raise ValueError("kernels='triton' needs Triton (it comes with CUDA builds of torch).")
+        self.kernels = kernels
+        self.uncompiled = Ops() if kernels == "compile" else self  # the prefill's pieces (`_prefill_step`)
+        self.rms_norm = self._choose(rms_norm, rms_norm_triton)
+        self.attention_inputs = self._choose(attention_inputs, attention_inputs_triton)
+        self.attention_output_and_mlp = self._choose(attention_output_and_mlp, attention_output_and_mlp_triton)
+        self.mlp_residual = self._choose(mlp_residual, mlp_residual_triton)
+        self.split_key_attention = self._choose(split_key_attention, None)
+
+    def _choose(self, reference, fused):
+        """The piece: `reference` compiled, `reference`, or `fused` where its first argument allows it."""
+        if self.kernels == "compile":
+            return self._static_compile(reference)
+        if self.kernels == "torch" or fused is None or triton is None:
+            return reference
+
+        def run(x, *args):
+            use = x.dtype in _TRITON_DTYPES and (x.is_cuda or self.kernels == "triton")
+            return (fused if use else reference)(x, *args)
+
+        return run
 
     @staticmethod
     def _static_compile(f):
@@ -127,7 +185,7 @@ class Ops:
 
     def mark_cache(self, tensors):
         """The cache's length (dim 2) stays symbolic in compiled code: one compilation serves every cache size."""
-        if self.compiled:
+        if self.kernels == "compile":
             for t in tensors:
                 torch._dynamo.mark_dynamic(t, 2)
         return tensors
@@ -167,7 +225,7 @@ class R2LMEngine:
         if getattr(cfg, "attention_bias", False):
             raise ValueError("the engine stacks q, k, v without biases (attention_bias=True)")
         self.model, self.compiled = model, compile
-        self.ops = Ops(compile)
+        self.ops = Ops("compile" if compile else "auto")
         self.causal = cfg.attention == "causal"
         self.mixer_types = cfg.mixer_types
         self.n_heads, self.n_kv, self.head_dim, self.eps = (cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -370,13 +428,13 @@ class R2LMEngine:
 
     def _prefill_step(self, key_len):
         """One chunk of the prompt, the columns [cache_len, cache_len + C), through the layers: its keys and values
-        go into the cache. A chunk starts on a block boundary, so the sidecars see whole blocks. Its pieces run eager
-        even with `compile=True`: compiled, the chunk would be one more shape to compile per row bucket (seconds each)
-        for a step that runs a few times per call."""
+        go into the cache. A chunk starts on a block boundary, so the sidecars see whole blocks. Its pieces are not
+        compiled even with `compile=True` (`Ops.uncompiled`): compiled, the chunk would be one more shape to compile
+        per row bucket (seconds each) for a step that runs a few times per call."""
         cols = self.cache_len + torch.arange(self.chunk, device=self.tokens.device)
         ids = self.tokens.gather(1, cols.expand(self.n, -1))
         positions = (cols[None] - self.pad[:, None]).clamp(min=0)
-        hidden = self.forward(ids, positions, cols, key_len, self._step_mask(cols, key_len), ops=_EAGER_OPS)
+        hidden = self.forward(ids, positions, cols, key_len, self._step_mask(cols, key_len), ops=self.ops.uncompiled)
         self.first_h.copy_(hidden[:, -1])  # the prompt's last column predicts the first generated token
         self.cache_len += self.chunk
 
@@ -428,7 +486,7 @@ class R2LMEngine:
             w = self.stacked[i]
             x = ops.rms_norm(h, layer.input_layernorm.weight, self.eps)
             if self.mixer_types[i] == "mamba":  # DiffuApriel's layer: the model's own mixer, then the MLP
-                h = ops.mlp_residual(h + layer.mixer(x, valid), layer.post_attention_layernorm.weight, w["gate_up"],
+                h = ops.mlp_residual(h, layer.mixer(x, valid), layer.post_attention_layernorm.weight, w["gate_up"],
                                      layer.mlp.down_proj.weight, self.eps)
                 continue
             attn = layer.self_attn
@@ -514,9 +572,6 @@ class R2LMEngine:
             ) from error
         self._pool = graph.pool()
         return graph, logits
-
-
-_EAGER_OPS = Ops(compile=False)
 
 
 def _no_engine():

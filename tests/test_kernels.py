@@ -1,5 +1,6 @@
-"""The selective scans of kernels_r2lm.py: the PyTorch reference in both directions, the Triton scan's forward and
-backward against it, and the dispatch between them.
+"""The kernels of kernels_r2lm.py. The selective scans: the PyTorch reference in both directions, the Triton scan's
+forward and backward against it, and the dispatch between them. The decoding engine's fused elementwise kernels:
+each against its PyTorch function in engine_r2lm.py, the engine's forward through them, and `Ops`' dispatch.
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on (TRITON_INTERPRET=1)
 before `triton` is imported: those checks run in a fresh process (`check_triton_scan`). The interpreter computes in
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from r2lm import kernels_r2lm
+from r2lm import engine_r2lm, kernels_r2lm
+from r2lm.engine_r2lm import Ops, R2LMEngine
 from r2lm.kernels_r2lm import (
-    _BWD_CHUNK, _FWD_STEPS, scan_implementation, selective_scan_ref, selective_scan_triton, triton,
+    _BWD_CHUNK, _FWD_STEPS, add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, scan_implementation,
+    selective_scan_ref, selective_scan_triton, silu_mul_triton, triton,
 )
 
 
@@ -101,28 +105,28 @@ def check_triton_scan_long_rows(reverse):
                                atol=1e-10)
 
 
-def run_in_interpreter(check, reverse):
-    """`check(reverse)` of this module in a fresh process with the interpreter on."""
+def run_in_interpreter(check, **kwargs):
+    """`check(**kwargs)` of this module in a fresh process with the interpreter on."""
     # The caller's PYTHONPATH stays after ours: where it supplies `r2lm`, the subprocess checks the same package.
     path = [str(REPO), str(REPO / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
-    code = f"from test_kernels import {check}; {check}(reverse={reverse}); print('scan ok')"
+    code = f"from test_kernels import {check}; {check}(**{kwargs!r}); print('check ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0 and "scan ok" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "check ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_scan_matches_reference(reverse):
-    run_in_interpreter("check_triton_scan", reverse)
+    run_in_interpreter("check_triton_scan", reverse=reverse)
 
 
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_scan_trains_on_long_rows(reverse):
     """Gradients through rows of several backward chunks: the chunk states and the adjoint carried between chunks."""
-    run_in_interpreter("check_triton_scan_long_rows", reverse)
+    run_in_interpreter("check_triton_scan_long_rows", reverse=reverse)
 
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
@@ -186,3 +190,191 @@ def test_scan_implementation_sends_rows_of_any_length_to_triton():
         x = torch.zeros(2, 20, length, device="cuda")
         assert scan_implementation("auto", x) == "triton"
         assert scan_implementation("triton", x) == "triton"
+
+
+# -- the decoding engine's elementwise kernels ----------------------------------------------------------------------
+
+def _round_bfloat16_to_nearest():
+    """Triton's interpreter (3.9) converts float32 to bfloat16 by truncation, where the GPU (cvt.rn.bf16.f32) and
+    PyTorch round to nearest even: half the elements would differ by an ulp. The interpreter is made to round as they
+    do, so that the checks see the kernels' own rounding."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncate = interpreter.InterpreterBuilder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(src.data).to(torch.bfloat16).view(torch.uint16).numpy()
+            return interpreter.TensorHandle(data, tl.bfloat16)
+        return truncate(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.create_fp_trunc = create_fp_trunc
+
+
+def assert_kernel_close(got, want, what, float32_atol=1e-6):
+    """A fused kernel's result against its PyTorch function's. float32: the norms' sums run in another order (a
+    difference that matrix products after them spread: `float32_atol`). Half precision: at most an ulp apart in
+    Triton's interpreter (where they come out bitwise equal); on a GPU, where exp, rsqrt and division are float32
+    approximations, an ulp before a rounding can become two after it."""
+    dtype, eps = want.dtype, torch.finfo(want.dtype).eps
+    if dtype == torch.float32:
+        tolerance = dict(rtol=1e-6, atol=float32_atol) if not want.is_cuda else dict(rtol=1e-5, atol=10 * float32_atol)
+    else:
+        tolerance = dict(rtol=eps, atol=0) if not want.is_cuda else dict(rtol=2 * eps, atol=eps)
+    torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{what}, {dtype}: {m}")
+
+
+def rotary(b, s, hd, dtype, g):
+    """cos, sin (b, s, hd) of random positions, as Qwen3's rotary embedding gives them (in the activations' dtype)."""
+    positions = torch.randint(0, 1000, (b, s, 1), generator=g).float()
+    angles = positions * 10000 ** (-torch.arange(0, hd, 2) / hd)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def check_engine_kernels(device="cpu"):
+    """Each fused kernel against its PyTorch function in engine_r2lm, in float32, bfloat16 and float16: rows of 200
+    elements (padded to 256), SiLU * up over 300 and 1100 columns (two tiles), the two pieces built from them, and
+    the attention's inputs for 4 query and 2 key-value heads of 16 (and of 12: halves padded) on 33, 7 and 1 tokens,
+    returned or written into a cache at scattered columns (its other columns left as they were)."""
+    if device == "cpu":
+        _round_bfloat16_to_nearest()
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-6
+
+    def randn(*shape, dtype, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*shape, generator=g)).to(dtype=dtype, device=device)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, y = randn(3, 5, 200, dtype=dtype), randn(3, 5, 200, dtype=dtype)
+        weight = randn(200, dtype=dtype, scale=0.3, shift=1.0)
+        assert_kernel_close(rms_norm_triton(x, weight, eps), engine_r2lm.rms_norm(x, weight, eps), "rms_norm")
+        for got, want, what in zip(add_rms_norm_triton(x, y, weight, eps), engine_r2lm.add_rms_norm(x, y, weight, eps),
+                                   ("add_rms_norm's sum", "add_rms_norm's norm")):
+            assert_kernel_close(got, want, what)
+        for n in (300, 1100):
+            gate_up = randn(7, 2 * n, dtype=dtype, scale=3.0)
+            assert_kernel_close(silu_mul_triton(gate_up), engine_r2lm.silu_mul(gate_up), f"silu_mul of {n}")
+        # The pieces around the matrix products: o (b, kv_heads, rep s, hd) of 2 x 2 heads of 16 on x's 5 tokens.
+        o, o_weight = randn(3, 2, 10, 16, dtype=dtype), randn(200, 64, dtype=dtype, scale=0.1)
+        mlp = (weight, randn(96, 200, dtype=dtype, scale=0.1), randn(200, 48, dtype=dtype, scale=0.1), eps)
+        assert_kernel_close(engine_r2lm.attention_output_and_mlp_triton(o, x, o_weight, *mlp),
+                            engine_r2lm.attention_output_and_mlp(o, x, o_weight, *mlp), "attention_output_and_mlp",
+                            float32_atol=1e-5)
+        assert_kernel_close(engine_r2lm.mlp_residual_triton(x, y, *mlp), engine_r2lm.mlp_residual(x, y, *mlp),
+                            "mlp_residual", float32_atol=1e-5)
+
+        heads, kv_heads = 4, 2
+        for b, s, hd, cached in ((2, 33, 16, False), (2, 7, 16, True), (3, 1, 12, True), (1, 1, 16, False)):
+            qkv = randn(b, s, (heads + 2 * kv_heads) * hd, dtype=dtype)
+            args = (randn(hd, dtype=dtype, scale=0.3, shift=1.0), randn(hd, dtype=dtype, scale=0.3, shift=1.0),
+                    *(t.to(device) for t in rotary(b, s, hd, dtype, g)), eps, heads, kv_heads)
+            if cached:  # both write into the same cache, at columns out of order; the others keep what they held
+                cache = [randn(b, kv_heads, 3 * s + 4, hd, dtype=dtype) for _ in range(2)]
+                cols = torch.randperm(3 * s + 4, generator=g)[:s].to(device)
+                want_cache, got_cache = [t.clone() for t in cache], [t.clone() for t in cache]
+                want = engine_r2lm.attention_inputs(qkv, *args, *want_cache, cols)[:1] + tuple(want_cache)
+                got = attention_inputs_triton(qkv, *args, *got_cache, cols)[:1] + tuple(got_cache)
+            else:
+                want = engine_r2lm.attention_inputs(qkv, *args, None, None, None)
+                got = attention_inputs_triton(qkv, *args, None, None, None)
+            for name, got_t, want_t in zip("qkv", got, want):
+                assert_kernel_close(got_t, want_t, f"attention_inputs' {name}, b={b} s={s} hd={hd} cached={cached}")
+
+
+def check_engine_forward(device="cpu"):
+    """R2LMEngine.forward through the Triton kernels (Ops("triton")) against the PyTorch functions (Ops("torch")), on
+    test_generation's tiny model (4 layers, sidecars after two; float32 and bfloat16): two rows of two 4-column blocks
+    at columns 4 .. 11 over 16 keys, the first 4 columns already in the cache. The same keys and values go into the
+    cache, and the same hidden states and logits come out (in the interpreter, bitwise in bfloat16)."""
+    from test_generation import tiny_r2lm
+
+    if device == "cpu":
+        _round_bfloat16_to_nearest()
+    g = torch.Generator().manual_seed(0)
+    tolerances = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=0.016, atol=0.01)}
+    for dtype, tolerance in tolerances.items():
+        model = tiny_r2lm(peak=4).to(device=device, dtype=dtype)
+        engine = R2LMEngine(model)
+        engine._allocate(2, 16)
+        engine._use_slots(2)
+        engine.B = 4
+        ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=g).to(device)
+        cols = torch.arange(4, 12, device=device)
+        mask = engine._step_mask(cols, 16)
+        cache = [torch.randn(t.shape, generator=g).to(t) for t in engine.k_cache + engine.v_cache]
+        outputs = []
+        for kernels in ("torch", "triton"):
+            for t, start in zip(engine.k_cache + engine.v_cache, cache):
+                t.copy_(start)
+            with torch.no_grad():
+                hidden = engine.forward(ids, cols.expand(2, -1), cols, 16, mask, ops=Ops(kernels))
+                outputs.append([hidden, model.lm_head(hidden), *(t.clone() for t in engine.k_cache + engine.v_cache)])
+        for name, got, want in zip(["hidden", "logits"] + [f"cache {i}" for i in range(len(cache))], *outputs[::-1]):
+            torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}, {dtype}: {m}")
+
+
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+def test_engine_kernels_match_torch():
+    run_in_interpreter("check_engine_kernels")
+
+
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+def test_engine_forward_through_triton_kernels():
+    run_in_interpreter("check_engine_forward")
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
+def test_compiled_engine_kernels_match_torch():
+    check_engine_kernels(device="cuda")
+    check_engine_forward(device="cuda")
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
+def test_engine_kernels_replay_in_a_cuda_graph():
+    """The fused pieces captured in a CUDA graph (as the engine's steps are), then replayed on new inputs and cache
+    columns: the results of running them directly."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device="cuda", dtype=torch.bfloat16)
+
+    ops, eps, hd = Ops(), 1e-6, 64
+    h, weight, head_weight = randn(2, 8, 256), randn(256), randn(hd)
+    qkv_weight, gate_up, down = randn(8 * hd, 256), randn(1024, 256), randn(256, 512)
+    cos, sin = (t.cuda() for t in rotary(2, 8, hd, torch.bfloat16, g))
+    k_cache, v_cache = randn(2, 2, 32, hd), randn(2, 2, 32, hd)
+    cols = torch.arange(8, device="cuda")
+
+    def pieces():
+        x = ops.rms_norm(h, weight, eps)
+        q, _, _ = ops.attention_inputs(F.linear(x, qkv_weight), head_weight, head_weight, cos, sin, eps, 4, 2,
+                                       k_cache, v_cache, cols)
+        return q, ops.mlp_residual(h, x, weight, gate_up, down, eps)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pieces()  # compiles the kernels
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = pieces()
+    h.copy_(randn(*h.shape))
+    cols.copy_(torch.randperm(32, generator=g)[:8])
+    graph.replay()
+    replayed = [t.clone() for t in (*captured, k_cache, v_cache)]
+    for got, want in zip(replayed, (*pieces(), k_cache, v_cache)):
+        torch.testing.assert_close(got, want)
+
+
+def test_ops_run_the_torch_functions_on_the_cpu_and_in_float64():
+    """"auto" sends CPU tensors to the PyTorch functions, and "triton" float64 ones (the engine's exactness checks):
+    without the interpreter, a Triton kernel would fail on CPU tensors. Unknown switches are refused."""
+    cases = [("auto", torch.float32), ("torch", torch.float32)] + [("triton", torch.float64)] * (triton is not None)
+    for kernels, dtype in cases:
+        x, weight = torch.randn(3, 40, dtype=dtype), torch.randn(40, dtype=dtype)
+        assert torch.equal(Ops(kernels).rms_norm(x, weight, 1e-6), engine_r2lm.rms_norm(x, weight, 1e-6)), kernels
+    with pytest.raises(ValueError, match="must be one of"):
+        Ops("cuda")

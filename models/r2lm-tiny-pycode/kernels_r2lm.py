@@ -15,6 +15,12 @@ and keeps its state in registers, where mamba-ssm's kernel launches one 32-threa
 32 steps (about 8x slower on an H200). Its backward takes a row in chunks of at most _BWD_CHUNK steps, so rows of any
 length train through it (the Mamba mixers' whole sequences too); long rows with too few rows and channels to fill the
 GPU (a mixer's sequence at batch 1) go forward through a tiled kernel that scans each tile of steps at once.
+
+It also holds the decoding engine's fused elementwise kernels (`engine_r2lm.Ops`): Qwen3's RMSNorm, the residual add
+and the RMSNorm after it, SiLU(gate) * up, and the attention's inputs (per-head RMSNorm, rotary, the grouped query
+layout, keys and values into the static cache), each one kernel where PyTorch runs several. They compute in float32
+and round to the storage dtype wherever the engine's PyTorch functions round, so that they match them to the order of
+a sum; they have no backward (the engine decodes).
 """
 
 import contextlib
@@ -447,4 +453,179 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False, implement
     return SCANS[scan_implementation(implementation, u)](u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
 
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation"]
+# -- the decoding engine's elementwise pieces ------------------------------------------------------------------------
+# One program per row of the last dimension (a token's hidden state, or one head of it; SiLU * up: a tile of the row),
+# in float32, rounded (`_round`) where the engine's PyTorch functions round in half precision; launched without fused
+# multiply-adds, which would round a product and a sum once where PyTorch rounds twice.
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, DTYPE: tl.constexpr):
+        """x (float32) rounded to DTYPE, back in float32: where a PyTorch op in DTYPE rounds its result."""
+        return x.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _rms_norm_row(x, w_ptr, i, mask, n, eps, DTYPE: tl.constexpr):
+        """Qwen3RMSNorm of a row x (float32, n elements, 0 past them): normalised in float32, cast back to DTYPE, then
+        scaled by w (float32 result)."""
+        x = _round(x * tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps), DTYPE)
+        return tl.load(w_ptr + i, mask=mask, other=0.0).to(tl.float32) * x
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, sx_r, sx_e, eps, BLOCK: tl.constexpr):
+        """out[row] = w * normalize(x[row]) for row `program_id(0)` of n elements (BLOCK: n padded to a power of two);
+        out contiguous."""
+        row = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        x = tl.load(x_ptr + row * sx_r + i * sx_e, mask=mask, other=0.0).to(tl.float32)
+        out = _rms_norm_row(x, w_ptr, i, mask, n, eps, x_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * n + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_kernel(h_ptr, y_ptr, w_ptr, h_out_ptr, out_ptr, n, sh_r, sh_e, sy_r, sy_e, eps,
+                             BLOCK: tl.constexpr):
+        """h_out[row] = h[row] + y[row] (rounded), out[row] = w * normalize(h_out[row]); outputs contiguous."""
+        row = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        DTYPE = h_out_ptr.dtype.element_ty
+        h = tl.load(h_ptr + row * sh_r + i * sh_e, mask=mask, other=0.0).to(tl.float32)
+        h = _round(h + tl.load(y_ptr + row * sy_r + i * sy_e, mask=mask, other=0.0).to(tl.float32), DTYPE)
+        tl.store(h_out_ptr + row * n + i, h.to(DTYPE), mask=mask)
+        out = _rms_norm_row(h, w_ptr, i, mask, n, eps, DTYPE)
+        tl.store(out_ptr + row * n + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, n, sg_r, sg_e, BLOCK: tl.constexpr):
+        """out[row, i] = silu(gate) * up, gate = gate_up[row, i], up = gate_up[row, n + i], for the BLOCK columns i of
+        tile `program_id(1)`; out (rows, n) contiguous."""
+        row = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        DTYPE = out_ptr.dtype.element_ty
+        gate = tl.load(gate_up_ptr + row * sg_r + i * sg_e, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * sg_r + (n + i) * sg_e, mask=mask, other=0.0).to(tl.float32)
+        silu = _round(gate / (1.0 + tl.exp(-gate)), DTYPE)
+        tl.store(out_ptr + row * n + i, (silu * up).to(DTYPE), mask=mask)
+
+    @triton.jit
+    def _attention_inputs_kernel(
+        qkv_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, cols_ptr,
+        s, eps,
+        sx_b, sx_t, sx_e, sc_b, sc_t, sc_e, ss_b, ss_t, ss_e, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, INDEXED: tl.constexpr,
+    ):
+        """One program: head `program_id(1)` of the token `program_id(0)` = (b, t) of qkv (b, s, (heads + 2 kv_heads)
+        hd), taken as its two halves (HALF: hd / 2 padded to a power of two). A query or key head is normalised over
+        its hd elements, scaled by q_w or k_w, and rotated (cos, sin (b, s, hd)); query head kv * rep + r goes to row
+        r s + t of q's kv head (q (b, kv_heads, rep s, hd) contiguous), key head j to column cols[t] (INDEXED, else t)
+        of k's head j, value head j as it is to v's. k, v: (b, kv_heads, L, hd), the last dimension contiguous."""
+        REP: tl.constexpr = HEADS // KV_HEADS
+        token, head = tl.program_id(0), tl.program_id(1)
+        b, t = token // s, token % s
+        i = tl.arange(0, HALF)
+        mask = i < HD // 2
+        x_ptr = qkv_ptr + b * sx_b + t * sx_t + head * HD * sx_e
+        x1 = tl.load(x_ptr + i * sx_e, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + (HD // 2 + i) * sx_e, mask=mask, other=0.0)
+        if INDEXED:
+            col = tl.load(cols_ptr + t)
+        else:
+            col = t
+        b_cache = b.to(tl.int64)  # a cache can hold more than 2^31 elements
+        if head >= HEADS + KV_HEADS:
+            out_ptr = v_ptr + b_cache * sv_b + (head - HEADS - KV_HEADS) * sv_h + col * sv_l
+            tl.store(out_ptr + i, x1, mask=mask)
+            tl.store(out_ptr + HD // 2 + i, x2, mask=mask)
+        else:
+            if head < HEADS:
+                w_ptr = q_w_ptr
+                out_ptr = q_ptr + (((b * KV_HEADS + head // REP) * REP + head % REP) * s + t) * HD
+            else:
+                w_ptr = k_w_ptr
+                out_ptr = k_ptr + b_cache * sk_b + (head - HEADS) * sk_h + col * sk_l
+            DTYPE = q_ptr.dtype.element_ty
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)  # new names: a branch may not retype x1, x2
+            r = tl.math.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HD + eps)
+            f1 = _round(tl.load(w_ptr + i, mask=mask, other=0.0).to(tl.float32) * _round(f1 * r, DTYPE), DTYPE)
+            f2 = _round(tl.load(w_ptr + HD // 2 + i, mask=mask, other=0.0).to(tl.float32) * _round(f2 * r, DTYPE),
+                        DTYPE)
+            # x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1): each product rounded, then the sum
+            c_ptr, s_ptr = cos_ptr + b * sc_b + t * sc_t, sin_ptr + b * ss_b + t * ss_t
+            cos1 = tl.load(c_ptr + i * sc_e, mask=mask, other=0.0).to(tl.float32)
+            cos2 = tl.load(c_ptr + (HD // 2 + i) * sc_e, mask=mask, other=0.0).to(tl.float32)
+            sin1 = tl.load(s_ptr + i * ss_e, mask=mask, other=0.0).to(tl.float32)
+            sin2 = tl.load(s_ptr + (HD // 2 + i) * ss_e, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + i, (_round(f1 * cos1, DTYPE) - _round(f2 * sin1, DTYPE)).to(DTYPE), mask=mask)
+            tl.store(out_ptr + HD // 2 + i, (_round(f2 * cos2, DTYPE) + _round(f1 * sin2, DTYPE)).to(DTYPE),
+                     mask=mask)
+
+
+def _row_warps(block):
+    """Warps for a program over `block` elements: about 8 elements a thread, 1 to 16 warps."""
+    return min(max(block // 256, 1), 16)
+
+
+def rms_norm_triton(x, weight, eps):
+    """engine_r2lm.rms_norm, Qwen3RMSNorm over the last dimension, in one kernel."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(x.shape[-1])
+    with _launch_device(x):
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, x.shape[-1], *rows.stride(), eps, BLOCK=block,
+                                           num_warps=_row_warps(block), enable_fp_fusion=False)
+    return out
+
+
+def add_rms_norm_triton(h, y, weight, eps):
+    """engine_r2lm.add_rms_norm, (h + y, Qwen3RMSNorm(h + y)), in one kernel."""
+    h_rows, y_rows = h.reshape(-1, h.shape[-1]), y.reshape(-1, y.shape[-1])
+    h_out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, y.dtype), device=h.device)
+    out = torch.empty(h.shape, dtype=torch.promote_types(h_out.dtype, weight.dtype), device=h.device)
+    block = triton.next_power_of_2(h.shape[-1])
+    with _launch_device(h):
+        _add_rms_norm_kernel[(h_rows.shape[0],)](h_rows, y_rows, weight, h_out, out, h.shape[-1], *h_rows.stride(),
+                                                 *y_rows.stride(), eps, BLOCK=block, num_warps=_row_warps(block),
+                                                 enable_fp_fusion=False)
+    return h_out, out
+
+
+def silu_mul_triton(gate_up):
+    """engine_r2lm.silu_mul, SiLU(gate) * up with gate and up the two halves of the last dimension, in one kernel."""
+    rows = gate_up.reshape(-1, gate_up.shape[-1])
+    n = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], n)
+    block = min(triton.next_power_of_2(n), 1024)
+    with _launch_device(gate_up):
+        _silu_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](rows, out, n, *rows.stride(), BLOCK=block,
+                                                                 num_warps=_row_warps(block), enable_fp_fusion=False)
+    return out
+
+
+def attention_inputs_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_heads, k_cache, v_cache, write_cols):
+    """engine_r2lm.attention_inputs in one kernel, one program per (token, head): q in the grouped layout, and k, v
+    written into the cache (the last dimension contiguous) at `write_cols` when there is one, else returned."""
+    b, s, _ = qkv.shape
+    hd = q_weight.shape[0]
+    q = qkv.new_empty(b, kv_heads, heads // kv_heads * s, hd)
+    indexed = k_cache is not None
+    if not indexed:
+        k_cache, v_cache = (qkv.new_empty(b, kv_heads, s, hd) for _ in range(2))
+    cos, sin = (t.expand(b, s, hd) for t in (cos, sin))
+    with _launch_device(qkv):
+        _attention_inputs_kernel[(b * s, heads + 2 * kv_heads)](
+            qkv, q_weight, k_weight, cos, sin, q, k_cache, v_cache, write_cols,
+            s, eps,
+            *qkv.stride(), *cos.stride(), *sin.stride(), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            HEADS=heads, KV_HEADS=kv_heads, HD=hd, HALF=triton.next_power_of_2(hd // 2), INDEXED=indexed,
+            num_warps=1, enable_fp_fusion=False,
+        )
+    return (q, None, None) if indexed else (q, k_cache, v_cache)
+
+
+__all__ = [
+    "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation", "rms_norm_triton",
+    "add_rms_norm_triton", "silu_mul_triton", "attention_inputs_triton",
+]
