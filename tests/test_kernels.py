@@ -378,3 +378,33 @@ def test_ops_run_the_torch_functions_on_the_cpu_and_in_float64():
         assert torch.equal(Ops(kernels).rms_norm(x, weight, 1e-6), engine_r2lm.rms_norm(x, weight, 1e-6)), kernels
     with pytest.raises(ValueError, match="must be one of"):
         Ops("cuda")
+
+
+def _compiles_for_hopper():
+    """Triton can build PTX for an H100/H200 (sm_90) here, without a GPU (its NVIDIA backend is installed)."""
+    return triton is not None and "nvidia" in getattr(triton.backends, "backends", {})
+
+
+@pytest.mark.skipif(not _compiles_for_hopper(), reason="needs Triton's NVIDIA backend")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_engine_kernels_compile_for_the_gpu(dtype):
+    """Triton's compiler is stricter than its interpreter (a branch that retypes a variable is an error there only):
+    each engine kernel is compiled to PTX for sm_90, as a launch on an H200 would, with the shapes of Qwen3-1.7B."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_ptx(kernel, constexprs, num_warps, **types):
+        names = kernel.arg_names
+        types = {"eps": "fp32", **types}
+        signature = {n: "constexpr" if n in constexprs else types.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32")
+                     for n in names}
+        source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        options = dict(num_warps=num_warps, enable_fp_fusion=False)
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    for indexed in (True, False):
+        compile_ptx(kernels_r2lm._attention_inputs_kernel,
+                    dict(HEADS=16, KV_HEADS=8, HD=128, HALF=64, INDEXED=indexed), 1, cols_ptr="*i64")
+    compile_ptx(kernels_r2lm._rms_norm_kernel, dict(BLOCK=2048), 8)
+    compile_ptx(kernels_r2lm._add_rms_norm_kernel, dict(BLOCK=2048), 8)
+    compile_ptx(kernels_r2lm._silu_mul_kernel, dict(BLOCK=1024), 4)
