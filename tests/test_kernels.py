@@ -24,7 +24,7 @@ from r2lm import engine_r2lm, kernels_r2lm
 from r2lm.engine_r2lm import Ops, R2LMEngine
 from r2lm.kernels_r2lm import (
     _BWD_CHUNK, _FWD_STEPS, add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, scan_implementation,
-    selective_scan_ref, selective_scan_triton, silu_mul_triton, triton,
+    selective_scan_ref, selective_scan_triton, silu_mul_triton, token_choice_triton, triton,
 )
 
 
@@ -315,6 +315,35 @@ def check_engine_forward(device="cpu"):
             torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}, {dtype}: {m}")
 
 
+def check_token_choice(device="cpu"):
+    """The one-pass greedy token choice against the written-out ops of `generation_r2lm.choose_tokens` (taken on the
+    CPU: they are what runs there): 3000 tokens (three tiles, the last partial), float32, bfloat16 and float16 logits;
+    banned tokens and a sequence bias, tokens banned at the first generated column, EOS banned before column 2, NaN and
+    +inf replaced (`remove_invalid_values`); ties (the first index wins, as in torch.argmax), a row whose maximum is
+    only in its last tile, and one whose tokens are all banned but one."""
+    from r2lm.generation_r2lm import R2LMGenerationConfig, _build_processors, choose_tokens
+
+    g = torch.Generator().manual_seed(0)
+    vocab, b, size = 3000, 2, 5
+    spec = ((7, 2999), (11, 12), ((40, 2.5), (41, -1.25)), 2, (3,), True, None)
+    config = R2LMGenerationConfig(do_sample=False, mask_token_id=7)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits = (3 * torch.randn(b, size, vocab, generator=g)).to(dtype)
+        logits[0, 0, [100, 900, 1124, 2148]] = 20.0  # a tie: across lanes of a tile, and in one lane across tiles
+        logits[0, 1, 2500] = 30.0  # the maximum in the last tile
+        logits[1, 2, 50] = float("nan")
+        logits[1, 3, 60] = float("inf")
+        logits[1, 4] = -float("inf")
+        logits[1, 4, 1234] = 0.0
+        columns = torch.tensor([0, 1, 2, 3, 4])
+        want = choose_tokens(logits, columns, _build_processors(spec, vocab, "cpu"), config)
+        processors = _build_processors(spec, vocab, device)
+        got = token_choice_triton(logits.to(device), columns.to(device), processors)
+        assert torch.equal(got[0].cpu(), want[2]), f"x0, {dtype}"
+        for name, have, expected in zip(("log_z", "p(x0)"), got[1:], want[1::2]):
+            torch.testing.assert_close(have.cpu(), expected, rtol=2e-6, atol=0, msg=lambda m: f"{name}, {dtype}: {m}")
+
+
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
 def test_engine_kernels_match_torch():
     run_in_interpreter("check_engine_kernels")
@@ -325,10 +354,16 @@ def test_engine_forward_through_triton_kernels():
     run_in_interpreter("check_engine_forward")
 
 
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+def test_token_choice_kernel_matches_torch():
+    run_in_interpreter("check_token_choice")
+
+
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
 def test_compiled_engine_kernels_match_torch():
     check_engine_kernels(device="cuda")
     check_engine_forward(device="cuda")
+    check_token_choice(device="cuda")
 
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
@@ -408,3 +443,7 @@ def test_engine_kernels_compile_for_the_gpu(dtype):
     compile_ptx(kernels_r2lm._rms_norm_kernel, dict(BLOCK=2048), 8)
     compile_ptx(kernels_r2lm._add_rms_norm_kernel, dict(BLOCK=2048), 8)
     compile_ptx(kernels_r2lm._silu_mul_kernel, dict(BLOCK=1024), 4)
+    for flags in itertools.product((True, False), repeat=3):
+        constexprs = dict(zip(("HAS_BEGIN", "HAS_EOS_BAN", "REMOVE_INVALID"), flags), BLOCK=1024)
+        compile_ptx(kernels_r2lm._token_choice_kernel, constexprs, 4, bias_ptr="*fp32", begin_ptr="*fp32",
+                    eos_ban_ptr="*fp32", columns_ptr="*i64", x0_ptr="*i64", log_z_ptr="*fp32", prob_ptr="*fp32")

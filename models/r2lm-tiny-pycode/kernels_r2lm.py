@@ -562,6 +562,45 @@ if triton is not None:
             tl.store(out_ptr + HD // 2 + i, (_round(f2 * cos2, DTYPE) + _round(f1 * sin2, DTYPE)).to(DTYPE),
                      mask=mask)
 
+    @triton.jit
+    def _token_choice_kernel(logits_ptr, bias_ptr, begin_ptr, eos_ban_ptr, columns_ptr, x0_ptr, log_z_ptr, prob_ptr,
+                             V, B, min_new, s_row, HAS_BEGIN: tl.constexpr, HAS_EOS_BAN: tl.constexpr,
+                             REMOVE_INVALID: tl.constexpr, BLOCK: tl.constexpr):
+        """Row `program_id(0)` of logits (rows, V), the block column `row % B`: the processed logits (+ bias, + begin
+        at generated column 0, + eos_ban before column min_new, in that order, each sum rounded in float32; NaN -> 0
+        and +inf -> the largest float with REMOVE_INVALID), and from them in one pass over V: x0 = the first argmax,
+        log_z = logsumexp, prob = exp(max - log_z). Each lane keeps a running max, the index of its first occurrence
+        and a sum of exponentials relative to that max."""
+        row = tl.program_id(0)
+        column = tl.load(columns_ptr + row % B)
+        base = logits_ptr + row.to(tl.int64) * s_row
+        lanes = tl.arange(0, BLOCK)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        where = tl.zeros([BLOCK], tl.int32)
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            i = start + lanes
+            mask = i < V
+            x = tl.load(base + i, mask=mask, other=0.0).to(tl.float32) + tl.load(bias_ptr + i, mask=mask, other=0.0)
+            if HAS_BEGIN:
+                x = x + tl.where(column == 0, tl.load(begin_ptr + i, mask=mask, other=0.0), 0.0)
+            if HAS_EOS_BAN:
+                x = x + tl.where(column < min_new, tl.load(eos_ban_ptr + i, mask=mask, other=0.0), 0.0)
+            if REMOVE_INVALID:
+                x = tl.where(x != x, 0.0, tl.where(x == float("inf"), 3.4028234663852886e38, x))
+            x = tl.where(mask, x, float("-inf"))
+            new = tl.maximum(best, x)
+            # exp(-inf - -inf) is NaN: a lane that has seen only -inf keeps a zero sum
+            total = tl.where(new == float("-inf"), 0.0, total * tl.exp(best - new) + tl.exp(x - new))
+            where = tl.where(x > best, i, where)
+            best = new
+        top = tl.max(best, axis=0)
+        x0 = tl.min(tl.where(best == top, where, V), axis=0)
+        log_z = top + tl.log(tl.sum(tl.where(best == float("-inf"), 0.0, total * tl.exp(best - top)), axis=0))
+        tl.store(x0_ptr + row, tl.where(top == float("-inf"), 0, x0).to(tl.int64))
+        tl.store(log_z_ptr + row, log_z)
+        tl.store(prob_ptr + row, tl.exp(top - log_z))
+
 
 def _row_warps(block):
     """Warps for a program over `block` elements: about 8 elements a thread, 1 to 16 warps."""
@@ -625,7 +664,27 @@ def attention_inputs_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_he
     return (q, None, None) if indexed else (q, k_cache, v_cache)
 
 
+def token_choice_triton(logits, columns, processors):
+    """The greedy token choice of `generation_r2lm.choose_tokens` in one pass over the vocabulary: logits (b, B, V)
+    with the processors' additions (`generation_r2lm.process_logits`, never written out), columns (B,) -> x0 (b, B)
+    the first argmax, log_z (b, B) the logsumexp, x0's probability (b, B), the last two float32."""
+    b, size, vocab = logits.shape
+    rows = logits.reshape(-1, vocab)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    x0 = torch.empty(b, size, dtype=torch.long, device=logits.device)
+    log_z, prob = (torch.empty(b, size, dtype=torch.float32, device=logits.device) for _ in range(2))
+    begin, eos_ban = processors["begin"], processors["eos_ban"]
+    with _launch_device(logits):
+        _token_choice_kernel[(rows.shape[0],)](
+            rows, processors["bias"], begin, eos_ban, columns, x0, log_z, prob, vocab, size, processors["min_new"],
+            rows.stride(0), HAS_BEGIN=begin is not None, HAS_EOS_BAN=processors["min_new"] > 0,
+            REMOVE_INVALID=bool(processors["remove_invalid"]), BLOCK=1024, num_warps=4,
+        )
+    return x0, log_z, prob
+
+
 __all__ = [
     "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation", "rms_norm_triton",
-    "add_rms_norm_triton", "silu_mul_triton", "attention_inputs_triton",
+    "add_rms_norm_triton", "silu_mul_triton", "attention_inputs_triton", "token_choice_triton",
 ]
