@@ -1,0 +1,96 @@
+"""`python -m train.distill`: the model's own greedy continuations as a training stream."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from train.distill import main
+
+
+def write_tokens(folder, vocab, eos, seed=0):
+    """A `python -m train.data` folder of random tokens, EOS every 50 tokens (file ends)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    streams = {}
+    for side, n in (("train", 4000), ("heldout", 500)):
+        stream = rng.integers(1, vocab, n).astype(np.uint16)
+        stream[stream == eos] = 1
+        stream[49::50] = eos
+        np.save(folder / f"{side}.npy", stream)
+        streams[side] = stream
+    meta = {"eos_token_id": eos, "vocab_size": vocab}
+    for side, n in (("train", 4000), ("heldout", 500)):
+        meta[side] = {"files": [f"{side}_{i}.py" for i in range(n // 50)], "tokens": n, "files_not_utf8": 0}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return streams
+
+
+@pytest.fixture
+def source(tiny_r2lm, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r2lm.folder)
+    eos = tokenizer.eos_token_id
+    return tmp_path / "tokens", write_tokens(tmp_path / "tokens", len(tokenizer), eos), eos
+
+
+def test_samples_are_prompts_and_the_models_own_greedy_continuations(tiny_r2lm, source, tmp_path):
+    """With no real code mixed in, the stream splits at EOS into samples; each is a window of the training stream
+    that holds no EOS, then what `generate` at block size 1 writes for it alone, uncached (the oracle): the batched
+    continuations are the model's own."""
+    tokens, streams, eos = source
+    assert main([str(tiny_r2lm.folder), "--tokens", str(tokens), "--out", str(tmp_path / "out"), "--samples", "6",
+                 "--prompt-len", "12", "--new-tokens", "10", "--batch-size", "4", "--mix", "0", "--device", "cpu"]) == 0
+    stream = np.load(tmp_path / "out" / "train.npy")
+    assert np.array_equal(np.load(tmp_path / "out" / "heldout.npy"), streams["heldout"])
+    samples = np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]
+    assert len(samples) == 6
+    model = AutoModelForCausalLM.from_pretrained(tiny_r2lm.folder, trust_remote_code=True, dtype=torch.float32)
+    train = streams["train"].tobytes()
+    for sample in samples:
+        prompt = sample[:12]
+        assert eos not in prompt and prompt.tobytes() in train
+        want = model.generate(torch.from_numpy(prompt.astype(np.int64))[None], max_new_tokens=10, block_size=1,
+                              do_sample=False, use_cache=False, eos_token_id=eos, pad_token_id=eos)[0, 12:].numpy()
+        ends = np.flatnonzero(want == eos)
+        want = want[: ends[0] + 1] if len(ends) else np.append(want, eos)
+        assert np.array_equal(sample[12:], want)
+
+
+def test_mix_shuffles_real_windows_in(tiny_r2lm, source, tmp_path):
+    """--mix 0.5: about half the tokens are windows of the training stream, counted in meta.json."""
+    tokens, streams, _ = source
+    assert main([str(tiny_r2lm.folder), "--tokens", str(tokens), "--out", str(tmp_path / "out"), "--samples", "8",
+                 "--prompt-len", "8", "--new-tokens", "8", "--batch-size", "8", "--mix", "0.5", "--device", "cpu"]) == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["real_tokens"] % 16 == 0 and abs(meta["real_tokens"] - meta["distilled_tokens"]) <= 16
+    assert meta["train"]["tokens"] == meta["real_tokens"] + meta["distilled_tokens"]
+    assert len(np.load(tmp_path / "out" / "train.npy")) == meta["train"]["tokens"]
+    # what `python -m train --tokens` reads: the folder fine-tunes the model
+    from train.__main__ import main as train_main
+
+    assert train_main(["--model", str(tiny_r2lm.folder), "--tokens", str(tmp_path / "out"), "--max-steps", "2",
+                       "--seq-len", "16", "--batch-size", "2", "--eval-every", "1000", "--eval-rows", "2",
+                       "--output-dir", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--mix", "1", "--mix 1.0 is not a fraction in [0, 1)"),
+    ("--samples", "0", "--samples must be positive"),
+    ("--prompt-len", "60", "random windows of --prompt-len 60 tokens lie inside one file"),
+])
+def test_bad_input_is_one_line(tiny_r2lm, source, tmp_path, capsys, option, value, message):
+    tokens, _, _ = source
+    status = main([str(tiny_r2lm.folder), "--tokens", str(tokens), "--out", str(tmp_path / "out"), "--device", "cpu",
+                   "--samples", "4", option, value])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_a_model_is_refused(source, tmp_path, capsys):
+    tokens, _, _ = source
+    assert main([str(tmp_path), "--tokens", str(tokens), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "is not a model folder" in capsys.readouterr().err
