@@ -12,8 +12,9 @@ computed in time order: nothing is flipped in memory. The blocks are a reshape o
 conv takes its taps in reverse (`reverse_conv_silu`) and the selective scan runs from each block's last step to its
 first. The scan goes through `kernels_r2lm.selective_scan`, the one dispatch point, as `config.sidecar_scan` asks:
 "auto" is the Triton short-row scan on CUDA (when Triton imports) and the plain-PyTorch reference otherwise; "triton"
-asks for the Triton scan, "mamba" for mamba-ssm's `selective_scan_fn`, "torch" for the reference. Logits are shifted
-as in an AR model: position p predicts p + 1.
+asks for the Triton scan, "mamba" for mamba-ssm's `selective_scan_fn`, "torch" for the reference. For inference on
+CUDA the conv with its SiLU and the gated residual run as one Triton kernel each (`_fused_inference` decides). Logits
+are shifted as in an AR model: position p predicts p + 1.
 
 The same code holds the baselines: the causal dLLM (no sidecar), the bidirectional dLLM (`attention="bidirectional"`),
 and the seeds' Mamba dLLMs, selected by `config.mixer`: DiffuApriel ("mamba": every layer a bidirectional Mamba mixer,
@@ -39,11 +40,41 @@ from transformers.utils.import_utils import is_tracing
 
 from .configuration_r2lm import R2LMConfig
 from .generation_r2lm import R2LMGenerationConfig, R2LMGenerationMixin
-from .kernels_r2lm import selective_scan
+from .kernels_r2lm import conv_silu_triton, gated_residual_triton, selective_scan, triton
 
 
 # transformers renamed the decoder layer's cache argument from `past_key_values` to `cache` in 5.2x.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3DecoderLayer.forward).parameters else "past_key_values"
+
+
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _fused_inference(*tensors):
+    """Whether the sidecar's elementwise chains run as one Triton kernel each (`kernels_r2lm`): for inference (no
+    gradient recorded) on CUDA tensors in half or single precision, Triton importable, and neither compiling (the
+    compiler fuses the PyTorch ops itself) nor under autocast (where F.layer_norm computes in float32). Otherwise
+    (training, the CPU, float64) the PyTorch ops run: the reference."""
+    tensors = [t for t in tensors if t is not None]
+    return (
+        triton is not None and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and all(t.is_cuda and t.dtype in _FUSED_DTYPES for t in tensors)
+    )
+
+
+def _conv_silu_ref(x, weight, bias, reverse):
+    """`reverse_conv_silu` (reverse) or `causal_conv_silu` in PyTorch ops, each rounding to x's dtype."""
+    K, L = weight.shape[1], x.shape[1]
+    weight = weight.to(x.dtype)
+    out = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
+    for shift in range(1, min(K, L)):
+        # Tap K - 1 - shift reads x_{t + shift} (reverse: the last `shift` steps read zeros) or x_{t - shift} (the
+        # first `shift` steps read zeros).
+        early, late = slice(None, L - shift), slice(shift, None)
+        out_steps, x_steps = (early, late) if reverse else (late, early)
+        out[:, out_steps].addcmul_(x[:, x_steps], weight[:, K - 1 - shift])
+    return F.silu(out)
 
 
 def reverse_conv_silu(x, weight, bias=None):
@@ -55,12 +86,9 @@ def reverse_conv_silu(x, weight, bias=None):
     x: (N, L, d_inner), token-major, any strides; weight: (d_inner, K) (`conv1d.weight[:, 0]`); bias: (d_inner,) or
     None. Returns (N, L, d_inner) in x's dtype (under autocast: in_proj's bf16, as mamba-ssm's conv kernel).
     """
-    K, L = weight.shape[1], x.shape[1]
-    weight = weight.to(x.dtype)
-    out = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
-    for shift in range(1, min(K, L)):  # tap K - 1 - shift reads x_{t + shift}; the last `shift` steps read zeros
-        out[:, : L - shift].addcmul_(x[:, shift:], weight[:, K - 1 - shift])
-    return F.silu(out)
+    if _fused_inference(x, weight, bias):
+        return conv_silu_triton(x, weight, bias, reverse=True)
+    return _conv_silu_ref(x, weight, bias, reverse=True)
 
 
 def causal_conv_silu(x, weight, bias=None):
@@ -70,18 +98,22 @@ def causal_conv_silu(x, weight, bias=None):
 
     x: (N, L, d_inner), token-major, any strides; weight: (d_inner, K); bias: (d_inner,) or None. Returns (N, L,
     d_inner) in x's dtype."""
-    K, L = weight.shape[1], x.shape[1]
-    weight = weight.to(x.dtype)
-    out = x * weight[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, weight[:, K - 1])
-    for shift in range(1, min(K, L)):  # tap K - 1 - shift reads x_{t - shift}; the first `shift` steps read zeros
-        out[:, shift:].addcmul_(x[:, : L - shift], weight[:, K - 1 - shift])
-    return F.silu(out)
+    if _fused_inference(x, weight, bias):
+        return conv_silu_triton(x, weight, bias, reverse=False)
+    return _conv_silu_ref(x, weight, bias, reverse=False)
+
+
+def _gated_residual_ref(h, r, norm_weight, norm_bias, norm_eps, gate):
+    """`gated_residual` in PyTorch ops."""
+    r = F.layer_norm(r, r.shape[-1:], norm_weight, norm_bias, norm_eps)
+    return h + torch.tanh(gate).to(r.dtype) * r
 
 
 def gated_residual(h, r, norm_weight, norm_bias, norm_eps, gate):
     """The sidecar's output: h + tanh(gate) * LayerNorm(r). h, r: (..., d_model); gate: a scalar tensor."""
-    r = F.layer_norm(r, r.shape[-1:], norm_weight, norm_bias, norm_eps)
-    return h + torch.tanh(gate).to(r.dtype) * r
+    if _fused_inference(h, r, norm_weight, norm_bias, gate):
+        return gated_residual_triton(h, r, norm_weight, norm_bias, norm_eps, gate)
+    return _gated_residual_ref(h, r, norm_weight, norm_bias, norm_eps, gate)
 
 
 @contextmanager

@@ -20,11 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r2lm import engine_r2lm, kernels_r2lm
+from r2lm import engine_r2lm, kernels_r2lm, modeling_r2lm
 from r2lm.engine_r2lm import Ops, R2LMEngine
 from r2lm.kernels_r2lm import (
-    _BWD_CHUNK, _FWD_STEPS, add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, scan_implementation,
-    selective_scan_ref, selective_scan_triton, silu_mul_triton, token_choice_triton, triton,
+    _BWD_CHUNK, _FWD_STEPS, add_rms_norm_triton, attention_inputs_triton, conv_silu_triton, gated_residual_triton,
+    rms_norm_triton, scan_implementation, selective_scan_ref, selective_scan_triton, silu_mul_triton,
+    token_choice_triton, triton,
 )
 
 
@@ -344,6 +345,35 @@ def check_token_choice(device="cpu"):
             torch.testing.assert_close(have.cpu(), expected, rtol=2e-6, atol=0, msg=lambda m: f"{name}, {dtype}: {m}")
 
 
+def check_sidecar_kernels(device="cpu"):
+    """The sidecar's fused kernels against modeling_r2lm's PyTorch functions, in float32, bfloat16 and float16, with
+    float32 parameters (each kernel rounds them as the PyTorch ops do). The conv and its SiLU in both directions, with
+    and without a bias, on rows of 1, 3 (fewer steps than the 4 taps), 32 and 33 steps (tiles of 8 steps: taps read
+    across tiles, and a last tile of one step) of 20 channels, x the first half of a wider tensor (as in_proj's output
+    gives it). The gated residual over rows of 200 (padded to 256) and 384 elements, r a slice of a longer row (as the
+    sidecar's blocks give it), gates on both sides of the kernel's two ways to tanh; the second with parameters in the
+    activations' dtype (a model cast to it)."""
+    if device == "cpu":
+        _round_bfloat16_to_nearest()
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*shape, generator=g)).to(dtype=dtype, device=device)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for length, reverse, bias in itertools.product((1, 3, 32, 33), (True, False), (True, False)):
+            x = randn(3, length, 40, dtype=dtype, scale=2.0)[..., :20]
+            args = (x, randn(20, 4, scale=0.5), randn(20) if bias else None)
+            assert_kernel_close(conv_silu_triton(*args, reverse), modeling_r2lm._conv_silu_ref(*args, reverse),
+                                f"conv_silu, L={length} reverse={reverse} bias={bias}")
+        for d, gate, params in ((200, 0.3, torch.float32), (384, -1.7, dtype)):
+            h, r = randn(2, 5, d, dtype=dtype), randn(2, 8, d, dtype=dtype, scale=3.0, shift=0.5)[:, 2:7]
+            args = (h, r, randn(d, dtype=params, scale=0.3, shift=1.0), randn(d, dtype=params, scale=0.1), 1e-5,
+                    torch.tensor(gate, dtype=params, device=device))
+            assert_kernel_close(gated_residual_triton(*args), modeling_r2lm._gated_residual_ref(*args),
+                                f"gated_residual of {d}")
+
+
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
 def test_engine_kernels_match_torch():
     run_in_interpreter("check_engine_kernels")
@@ -359,11 +389,17 @@ def test_token_choice_kernel_matches_torch():
     run_in_interpreter("check_token_choice")
 
 
+@pytest.mark.skipif(triton is None, reason=NO_TRITON)
+def test_sidecar_kernels_match_torch():
+    run_in_interpreter("check_sidecar_kernels")
+
+
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
 def test_compiled_engine_kernels_match_torch():
     check_engine_kernels(device="cuda")
     check_engine_forward(device="cuda")
     check_token_choice(device="cuda")
+    check_sidecar_kernels(device="cuda")
 
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
@@ -415,6 +451,41 @@ def test_ops_run_the_torch_functions_on_the_cpu_and_in_float64():
         Ops("cuda")
 
 
+def test_sidecar_pieces_run_pytorch_on_the_cpu_and_for_training():
+    """The sidecar's conv (both directions) and gated residual on CPU tensors, with gradients recorded or not: their
+    PyTorch functions, bitwise, and gradients flow through them to every parameter."""
+    g = torch.Generator().manual_seed(0)
+    x, h, r = (torch.randn(2, 5, 16, generator=g) for _ in range(3))
+    conv = [t.requires_grad_() for t in (torch.randn(16, 4, generator=g), torch.randn(16, generator=g))]
+    norm = [t.requires_grad_() for t in (torch.randn(16, generator=g), torch.randn(16, generator=g))]
+    gate = torch.tensor(0.3, requires_grad=True)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            outputs = [modeling_r2lm.reverse_conv_silu(x, *conv), modeling_r2lm.causal_conv_silu(x, *conv),
+                       modeling_r2lm.gated_residual(h, r, *norm, 1e-5, gate)]
+            references = [modeling_r2lm._conv_silu_ref(x, *conv, True), modeling_r2lm._conv_silu_ref(x, *conv, False),
+                          modeling_r2lm._gated_residual_ref(h, r, *norm, 1e-5, gate)]
+        for got, want in zip(outputs, references):
+            assert torch.equal(got, want), grad
+    sum(t.sum() for t in outputs).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (*conv, *norm, gate))
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
+def test_sidecar_pieces_fuse_only_for_inference_on_cuda():
+    """The fused kernels run on CUDA tensors in half or single precision when no gradient is recorded: not where one
+    is, nor in float64, nor under autocast."""
+    x = torch.randn(2, 5, 16, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(16, 4, device="cuda", requires_grad=True)
+    with torch.no_grad():
+        assert modeling_r2lm._fused_inference(x, weight, None)
+        assert not modeling_r2lm._fused_inference(x.double(), weight)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert not modeling_r2lm._fused_inference(x, weight)
+    assert modeling_r2lm._fused_inference(x, weight.detach())
+    assert not modeling_r2lm._fused_inference(x, weight)
+
+
 def _compiles_for_hopper():
     """Triton can build PTX for an H100/H200 (sm_90) here, without a GPU (its NVIDIA backend is installed)."""
     return triton is not None and "nvidia" in getattr(triton.backends, "backends", {})
@@ -424,7 +495,8 @@ def _compiles_for_hopper():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_engine_kernels_compile_for_the_gpu(dtype):
     """Triton's compiler is stricter than its interpreter (a branch that retypes a variable is an error there only):
-    each engine kernel is compiled to PTX for sm_90, as a launch on an H200 would, with the shapes of Qwen3-1.7B."""
+    each engine and sidecar kernel is compiled to PTX for sm_90, as a launch on an H200 would, with the shapes of
+    Qwen3-1.7B."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -443,6 +515,10 @@ def test_engine_kernels_compile_for_the_gpu(dtype):
     compile_ptx(kernels_r2lm._rms_norm_kernel, dict(BLOCK=2048), 8)
     compile_ptx(kernels_r2lm._add_rms_norm_kernel, dict(BLOCK=2048), 8)
     compile_ptx(kernels_r2lm._silu_mul_kernel, dict(BLOCK=1024), 4)
+    for reverse, bias in itertools.product((True, False), repeat=2):
+        compile_ptx(kernels_r2lm._conv_silu_kernel, dict(K=4, HAS_BIAS=bias, REVERSE=reverse, BLOCK_L=8, BLOCK_D=128),
+                    4)
+    compile_ptx(kernels_r2lm._gated_residual_kernel, dict(BLOCK=2048), 8)
     for flags in itertools.product((True, False), repeat=3):
         constexprs = dict(zip(("HAS_BEGIN", "HAS_EOS_BAN", "REMOVE_INVALID"), flags), BLOCK=1024)
         compile_ptx(kernels_r2lm._token_choice_kernel, constexprs, 4, bias_ptr="*fp32", begin_ptr="*fp32",

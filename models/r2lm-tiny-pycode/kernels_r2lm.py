@@ -20,7 +20,8 @@ It also holds the decoding engine's fused elementwise kernels (`engine_r2lm.Ops`
 and the RMSNorm after it, SiLU(gate) * up, and the attention's inputs (per-head RMSNorm, rotary, the grouped query
 layout, keys and values into the static cache), each one kernel where PyTorch runs several. They compute in float32
 and round to the storage dtype wherever the engine's PyTorch functions round, so that they match them to the order of
-a sum; they have no backward (the engine decodes).
+a sum; they have no backward (the engine decodes). The sidecar's two elementwise chains have such kernels too, one
+each, which `modeling_r2lm` runs for inference on CUDA: the depthwise conv with its SiLU, and the gated residual.
 """
 
 import contextlib
@@ -684,7 +685,106 @@ def token_choice_triton(logits, columns, processors):
     return x0, log_z, prob
 
 
+# -- the sidecar's elementwise pieces (inference) -------------------------------------------------------------------
+# `modeling_r2lm` runs them for inference on CUDA, in place of its PyTorch functions (their reference); as above, in
+# float32, rounded where those round, without fused multiply-adds.
+
+# The conv's tiles: up to _CONV_STEPS steps x as many channels as make _CONV_TILE elements (not tuned on a GPU).
+_CONV_STEPS, _CONV_TILE = 8, 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, d_inner, sx_n, sx_l, sx_d, sw_d, sw_k, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[n, t] = silu(bias + sum_k w_k x[n, t + K - 1 - k]) (REVERSE; else x[n, t - (K - 1) + k]), x read as
+        zeros past the row; program_id(0): the row n and its tile of BLOCK_L steps t, program_id(1): the tile of
+        BLOCK_D channels; out (N, L, d_inner) contiguous. Rounded as the PyTorch ops round: the bias and the first tap
+        (x_t) in one addcmul, each tap after it (x_{t +- shift}) added in one more, then silu."""
+        tiles = tl.cdiv(L, BLOCK_L)
+        n = (tl.program_id(0) // tiles).to(tl.int64)  # N * L * 2 d_inner can pass 2^31
+        t = tl.program_id(0) % tiles * BLOCK_L + tl.arange(0, BLOCK_L)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < d_inner
+        DTYPE = out_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += _round(tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32), DTYPE)[None, :]
+        for shift in tl.static_range(K):
+            if REVERSE:
+                steps = t + shift
+            else:
+                steps = t - shift
+            mask = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
+            x = tl.load(x_ptr + n * sx_n + steps[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
+            w = _round(tl.load(w_ptr + d * sw_d + (K - 1 - shift) * sw_k, mask=dmask, other=0.0).to(tl.float32),
+                       DTYPE)
+            acc = _round(acc + x.to(tl.float32) * w[None, :], DTYPE)
+        out = acc / (1.0 + tl.exp(-acc))
+        tl.store(out_ptr + (n * L + t[:, None]) * d_inner + d[None, :], out.to(DTYPE),
+                 mask=(t < L)[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _tanh(x):
+        """tanh in float32 to 2 ulps, from exp (Triton's interpreter has no libdevice): Lambert's continued fraction
+        near 0, where 1 - 2 / (exp(2|x|) + 1) would cancel."""
+        x2 = x * x
+        near_zero = x / (1.0 + x2 / (3.0 + x2 / (5.0 + x2 / (7.0 + x2 / 9.0))))
+        far = 1.0 - 2.0 / (tl.exp(2.0 * tl.abs(x)) + 1.0)
+        return tl.where(tl.abs(x) < 0.55, near_zero, tl.where(x < 0, -far, far))
+
+    @triton.jit
+    def _gated_residual_kernel(h_ptr, r_ptr, w_ptr, b_ptr, gate_ptr, out_ptr, n, s, sh_b, sh_t, sh_e, sr_b, sr_t,
+                               sr_e, eps, BLOCK: tl.constexpr):
+        """out[token] = h + tanh(gate) * LayerNorm(r) for the token `program_id(0)` = (b, t) of h, r (., s, n) (BLOCK:
+        n padded to a power of two); out contiguous. Rounded as the PyTorch ops round: LayerNorm's output, tanh(gate)
+        in gate's dtype then in r's, their product, the sum."""
+        token = tl.program_id(0).to(tl.int64)
+        b, t = token // s, token % s
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        DTYPE = r_ptr.dtype.element_ty
+        r = tl.load(r_ptr + b * sr_b + t * sr_t + i * sr_e, mask=mask, other=0.0).to(tl.float32)
+        centred = tl.where(mask, r - tl.sum(r, axis=0) / n, 0.0)
+        rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=0) / n + eps)
+        w = tl.load(w_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        y = _round(centred * rstd * w + tl.load(b_ptr + i, mask=mask, other=0.0).to(tl.float32), DTYPE)
+        gate = _round(_round(_tanh(tl.load(gate_ptr).to(tl.float32)), gate_ptr.dtype.element_ty), DTYPE)
+        h = tl.load(h_ptr + b * sh_b + t * sh_t + i * sh_e, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * n + i, (h + _round(gate * y, DTYPE)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def conv_silu_triton(x, weight, bias, reverse):
+    """modeling_r2lm's `reverse_conv_silu` (reverse) or `causal_conv_silu` in one kernel: x (N, L, d_inner) any
+    strides, weight (d_inner, K), bias (d_inner,) or None -> (N, L, d_inner) contiguous, in x's dtype."""
+    rows, L, d_inner = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_l = min(triton.next_power_of_2(L), _CONV_STEPS)
+    block_d = min(triton.next_power_of_2(d_inner), _CONV_TILE // block_l)
+    grid = (rows * triton.cdiv(L, block_l), triton.cdiv(d_inner, block_d))
+    with _launch_device(x):
+        _conv_silu_kernel[grid](x, weight, bias, out, L, d_inner, *x.stride(), *weight.stride(), K=weight.shape[1],
+                                HAS_BIAS=bias is not None, REVERSE=reverse, BLOCK_L=block_l, BLOCK_D=block_d,
+                                num_warps=_row_warps(block_l * block_d), enable_fp_fusion=False)
+    return out
+
+
+def gated_residual_triton(h, r, norm_weight, norm_bias, norm_eps, gate):
+    """modeling_r2lm's `gated_residual`, h + tanh(gate) * LayerNorm(r), in one kernel: h, r (..., s, d) any strides
+    (r a slice of the sidecar's blocks), gate a scalar tensor -> contiguous, in h's and r's dtypes promoted."""
+    h3, r3 = (t.reshape(-1, *t.shape[-2:]) for t in (h, r))
+    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, r.dtype), device=h.device)
+    block = triton.next_power_of_2(h.shape[-1])
+    with _launch_device(h):
+        _gated_residual_kernel[(h3.shape[0] * h3.shape[1],)](
+            h3, r3, norm_weight, norm_bias, gate, out, h.shape[-1], h3.shape[1], *h3.stride(), *r3.stride(), norm_eps,
+            BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=False,
+        )
+    return out
+
+
 __all__ = [
     "selective_scan", "selective_scan_ref", "selective_scan_triton", "scan_implementation", "rms_norm_triton",
-    "add_rms_norm_triton", "silu_mul_triton", "attention_inputs_triton", "token_choice_triton",
+    "add_rms_norm_triton", "silu_mul_triton", "attention_inputs_triton", "token_choice_triton", "conv_silu_triton",
+    "gated_residual_triton",
 ]
