@@ -14,9 +14,10 @@ the decoding policy of `generation_r2lm` (the same commit function, passed in) a
   tokens (attention skips it, the sidecars scan right to left);
 - rows bucketed to powers of two: a batch of 5 runs as 8 (3 idle rows), finished rows idle until the live ones fit
   half the rows, then move to the front; so a server sees a handful of graph sizes;
-- each Qwen3 layer as two elementwise pieces around its matrix products and attention (q, k, v and gate, up stacked
-  into one matrix each: the model's parameters become views of it, so nothing is copied and training updates are
-  seen). `Ops(kernels)` is the one switch for them: by default ("auto") the fused Triton kernels of `kernels_r2lm`
+- each Qwen3 layer as elementwise pieces around its matrix products and attention: its input norm (with the
+  previous layer's MLP residual added in the same kernel), the attention's inputs, and the MLP block (q, k, v and
+  gate, up stacked into one matrix each: the model's parameters become views of it, so nothing is copied and
+  training updates are seen). `Ops(kernels)` is the one switch for them: by default ("auto") the fused Triton kernels of `kernels_r2lm`
   on CUDA in half or single precision (a few kernels per layer, nothing to compile; on the CPU and in float64 the
   PyTorch functions here, which are their reference); with `compile=True` the PyTorch functions compiled instead
   (static kernels per shape, seconds to compile each);
@@ -97,30 +98,18 @@ def grouped_to_tokens(o, s):
     return o.view(b, kv_heads, rows // s, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
 
 
-def attention_output_and_mlp(o, h, o_weight, post_weight, gate_up_weight, down_weight, eps):
-    """The rest of a Qwen3 layer: o (b, kv_heads, rep * s, hd) back to (b, s, heads hd), o_proj and the residual, the
-    post-attention RMSNorm, the SwiGLU MLP (gate and up stacked in one matrix) and the residual."""
-    h, x = add_rms_norm(h, F.linear(grouped_to_tokens(o, h.shape[1]), o_weight), post_weight, eps)
-    return h + F.linear(silu_mul(F.linear(x, gate_up_weight)), down_weight)
-
-
-def attention_output_and_mlp_triton(o, h, o_weight, post_weight, gate_up_weight, down_weight, eps):
-    """attention_output_and_mlp with the residual add and RMSNorm, and SiLU(gate) * up, in one Triton kernel each."""
-    h, x = add_rms_norm_triton(h, F.linear(grouped_to_tokens(o, h.shape[1]), o_weight), post_weight, eps)
-    return h + F.linear(silu_mul_triton(F.linear(x, gate_up_weight)), down_weight)
-
-
-def mlp_residual(h, y, post_weight, gate_up_weight, down_weight, eps):
-    """A Mamba-mixer layer's second half: the mixer's residual (h + y), the post-mixer RMSNorm, the SwiGLU MLP (gate
-    and up stacked) and the residual."""
+def mlp_block(h, y, post_weight, gate_up_weight, down_weight, eps):
+    """A layer's second half: its mixer's output y (attention after o_proj, or a Mamba mixer's) joins the residual
+    stream h, then the post-mixer RMSNorm and the SwiGLU MLP (gate and up stacked in one matrix). Returns (h + y, the
+    MLP's output): the caller adds the second in the next layer's `add_rms_norm` (one kernel for both)."""
     h, x = add_rms_norm(h, y, post_weight, eps)
-    return h + F.linear(silu_mul(F.linear(x, gate_up_weight)), down_weight)
+    return h, F.linear(silu_mul(F.linear(x, gate_up_weight)), down_weight)
 
 
-def mlp_residual_triton(h, y, post_weight, gate_up_weight, down_weight, eps):
-    """mlp_residual with the residual add and RMSNorm, and SiLU(gate) * up, in one Triton kernel each."""
+def mlp_block_triton(h, y, post_weight, gate_up_weight, down_weight, eps):
+    """mlp_block with the residual add and RMSNorm, and SiLU(gate) * up, in one Triton kernel each."""
     h, x = add_rms_norm_triton(h, y, post_weight, eps)
-    return h + F.linear(silu_mul_triton(F.linear(x, gate_up_weight)), down_weight)
+    return h, F.linear(silu_mul_triton(F.linear(x, gate_up_weight)), down_weight)
 
 
 def split_key_attention(q, k, v, mask, chunk):
@@ -155,10 +144,14 @@ class Ops:
         self.kernels = kernels
         self.uncompiled = Ops() if kernels == "compile" else self  # the prefill's pieces (`_prefill_step`)
         self.rms_norm = self._choose(rms_norm, rms_norm_triton)
+        self._add_rms_norm = self._choose(add_rms_norm, add_rms_norm_triton)
         self.attention_inputs = self._choose(attention_inputs, attention_inputs_triton)
-        self.attention_output_and_mlp = self._choose(attention_output_and_mlp, attention_output_and_mlp_triton)
-        self.mlp_residual = self._choose(mlp_residual, mlp_residual_triton)
+        self.mlp_block = self._choose(mlp_block, mlp_block_triton)
         self.split_key_attention = self._choose(split_key_attention, None)
+
+    def add_rms_norm(self, h, y, weight, eps):
+        """(h + y, rms_norm(h + y)) in one kernel; (h, rms_norm(h)) when y is None."""
+        return (h, self.rms_norm(h, weight, eps)) if y is None else self._add_rms_norm(h, y, weight, eps)
 
     def _choose(self, reference, fused):
         """The piece: `reference` compiled, `reference`, or `fused` where its first argument allows it."""
@@ -480,13 +473,13 @@ class R2LMEngine:
         it."""
         ops = ops or self.ops
         decoder = self.model.model
-        h = decoder.embed_tokens(ids)
+        h, y = decoder.embed_tokens(ids), None  # y: a layer's MLP output, added to h by the next norm's kernel
         cos, sin = decoder.rotary_emb(h, positions)
         for i, layer in enumerate(decoder.layers):
             w = self.stacked[i]
-            x = ops.rms_norm(h, layer.input_layernorm.weight, self.eps)
+            h, x = ops.add_rms_norm(h, y, layer.input_layernorm.weight, self.eps)
             if self.mixer_types[i] == "mamba":  # DiffuApriel's layer: the model's own mixer, then the MLP
-                h = ops.mlp_residual(h, layer.mixer(x, valid), layer.post_attention_layernorm.weight, w["gate_up"],
+                h, y = ops.mlp_block(h, layer.mixer(x, valid), layer.post_attention_layernorm.weight, w["gate_up"],
                                      layer.mlp.down_proj.weight, self.eps)
                 continue
             attn = layer.self_attn
@@ -495,12 +488,12 @@ class R2LMEngine:
                                            self.eps, self.n_heads, self.n_kv, *cache)
             if write_cols is not None:
                 k, v = self.k_cache[i][:, :, :key_len], self.v_cache[i][:, :, :key_len]
-            o = self._attention(q, k, v, mask, ops)
-            h = ops.attention_output_and_mlp(o, h, attn.o_proj.weight, layer.post_attention_layernorm.weight,
-                                             w["gate_up"], layer.mlp.down_proj.weight, self.eps)
+            o = F.linear(grouped_to_tokens(self._attention(q, k, v, mask, ops), ids.shape[1]), attn.o_proj.weight)
+            h, y = ops.mlp_block(h, o, layer.post_attention_layernorm.weight, w["gate_up"], layer.mlp.down_proj.weight,
+                                 self.eps)
             if layer.sidecar is not None:
-                h = layer.sidecar(h, None, self.B, block_offset)
-        return ops.rms_norm(h, decoder.norm.weight, self.eps)
+                h, y = layer.sidecar(h + y, None, self.B, block_offset), None
+        return ops.add_rms_norm(h, y, decoder.norm.weight, self.eps)[1]
 
     def _attention(self, q, k, v, mask, ops):
         """q in the grouped layout (rows, kv_heads, rep * s, hd); returns the output in the same layout."""
