@@ -1,0 +1,71 @@
+#!/bin/bash
+# One device call (nvidia-h200, under 10 minutes), issue 12: self-distillation of the default model for parallel
+# decoding (train/distill.py), then the decoding table that chooses its settings. Needs a corpus archive carried
+# (CORPUS, default .corpus_carry/corpus.tar.xz: see bench/train_default_h200.sh for the command that makes it):
+#   run(command="bash bench/distill_default_h200.sh", carry=[".corpus_carry"], timeout_s=600)
+# A CPU dry run: OUT=/tmp/dry JUDGE_STEPS=3 SAMPLES=16 STEPS=3 PROMPTS=4 BATCH=4 EVAL_ROWS=4 bash bench/distill_default_h200.sh
+# Steps: unpack and tokenize the corpus; in the background, the AR judge (the AR baseline of
+# train/default_models.sh, JUDGE_STEPS steps, default 1250); `python -m train.distill` of models/r2lm-tiny-pycode
+# (SAMPLES prompts of 64 tokens, default 16384, 192 new tokens each, MIX real code, default 0.5); `python -m train
+# --model models/r2lm-tiny-pycode --tokens` the distilled stream (STEPS, default 1500, LR, default 5e-4, block sizes
+# 4 8 16 32); bench/decoding_table.py on the fine-tuned model, then, when time is left, on the model before (the same
+# judge and prompts: a same-run comparison). $OUT gets distill_h200.log, decoding_table{,_before}.{json,md},
+# results.tar.xz (every run's log, metrics and eval.json) and, with RETURN_MODEL=1, the fine-tuned model's folder as
+# model.tar.part-* (15 MiB each).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+start=$(date +%s)
+out=${OUT:-runs/distill_h200}
+work=/tmp/r2lm_distill
+base=models/r2lm-tiny-pycode
+mkdir -p "$out" "$work/corpus" "$work/results"
+elapsed() { echo $(( $(date +%s) - start )); }
+save_results() {
+  tar -cJf "$out/.results.tar.xz" -C "$work" --exclude='*.safetensors' --exclude='checkpoint-*' --exclude='*.npy' \
+    results runs && mv "$out/.results.tar.xz" "$out/results.tar.xz"
+}
+{
+  nvidia-smi --query-gpu=name,memory.used --format=csv
+  python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
+  tar xJf "${CORPUS:-.corpus_carry/corpus.tar.xz}" -C "$work/corpus" \
+    && python3 -m train.corpus "$work/corpus" --tokens-only --tokenizer "$base" > "$work/results/corpus.log" 2>&1 \
+    || { echo "corpus failed:"; tail -5 "$work/results/corpus.log"; exit 1; }
+  echo "== corpus ready at $(elapsed) s"
+  common=(--tokenizer "$base" --seq-len 256 --batch-size "${BATCH:-64}" --eval-block-size 32
+          --eval-rows "${EVAL_ROWS:-256}" --final-dtype bfloat16 --max-shard-size 15MB --keep-checkpoints 1 --log-every 50)
+  python3 -m train --tokens "$work/corpus/tokens" "${common[@]}" --sidecar-layers --block-size 1 --objective ar --lr 2e-3 \
+    --max-steps "${JUDGE_STEPS:-1250}" --eval-every 100000 --output-dir "$work/runs/judge" \
+    > "$work/results/judge.log" 2>&1 &
+  judge=$!
+  python3 -m train.distill "$base" --tokens "$work/corpus/tokens" --out "$work/distilled" \
+    --samples "${SAMPLES:-16384}" --prompt-len 64 --new-tokens 192 --batch-size 512 --mix "${MIX:-0.5}" \
+    2>&1 | tail -3
+  echo "== distilled at $(elapsed) s"
+  python3 -m train --model "$base" --tokens "$work/distilled" "${common[@]}" \
+    --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "${STEPS:-1500}" \
+    --eval-every 500 --output-dir "$work/runs/distilled" > "$work/results/finetune.log" 2>&1 \
+    || { echo "fine-tuning failed:"; tail -5 "$work/results/finetune.log"; }
+  grep -E '"step"' "$work/runs/distilled/metrics.jsonl" 2>/dev/null | grep nll | tail -2
+  echo "== fine-tuned at $(elapsed) s"
+  wait $judge || { echo "judge failed:"; tail -5 "$work/results/judge.log"; }
+  echo "== judge ready at $(elapsed) s"
+  save_results
+  table=(--judge "$work/runs/judge/final" --heldout "$work/corpus/heldout" --prompts "${PROMPTS:-160}")
+  timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled/final" "${table[@]}" \
+    --out "$work/results/after" && cp "$work/results/after/decoding_table.md" "$out/decoding_table.md" \
+    && cp "$work/results/after/decoding_table.json" "$out/decoding_table.json"
+  echo "== table (distilled) at $(elapsed) s"
+  save_results
+  if [ "${RETURN_MODEL:-0}" = 1 ]; then
+    tar -cf "$work/model.tar" -C "$work/runs/distilled" final && split -b 15M -d "$work/model.tar" "$out/model.tar.part-"
+  fi
+  left=$(( 570 - $(elapsed) ))
+  if [ $left -gt 60 ]; then
+    timeout $(( left - 5 )) python3 bench/decoding_table.py --model "$base" "${table[@]}" --out "$work/results/before" \
+      && cp "$work/results/before/decoding_table.md" "$out/decoding_table_before.md"
+  else
+    echo "decoding table of the model before: skipped, $left s left"
+  fi
+  echo "== done at $(elapsed) s"
+} 2>&1 | tee "$out/distill_h200.log"
+save_results
