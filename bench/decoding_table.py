@@ -36,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from train.checkpoint import write_text_atomic
+from train.distill import distinct_4grams
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,11 +150,6 @@ def parses(prompt, text, ended):
     except SyntaxError:
         return False
     return True
-
-
-def distinct_4grams(continuations):
-    grams = [tuple(c[i : i + 4]) for c in continuations for i in range(len(c) - 3)]
-    return len(set(grams)) / max(len(grams), 1)
 
 
 def quality(judge, tokenizer, prompts, continuations, forwards, pad_id, eos_id):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from train.distill import main
+from train.distill import distinct_4grams, main
 
 
 def write_tokens(folder, vocab, eos, seed=0):
@@ -36,26 +36,33 @@ def source(tiny_r2lm, tmp_path):
 
 
 def test_samples_are_prompts_and_the_models_own_greedy_continuations(tiny_r2lm, source, tmp_path):
-    """With no real code mixed in, the stream splits at EOS into samples; each is a window of the training stream
-    that holds no EOS, then what `generate` at block size 1 writes for it alone, uncached (the oracle): the batched
-    continuations are the model's own."""
+    """With no real code mixed in and no sample dropped, pieces.npy cuts the stream into the samples; each is a window
+    of the training stream that holds no EOS, then what `generate` at block size 1 writes for it alone, uncached (the
+    oracle), up to its first EOS and with nothing after it: the batched continuations are the model's own."""
     tokens, streams, eos = source
     assert main([str(tiny_r2lm.folder), "--tokens", str(tokens), "--out", str(tmp_path / "out"), "--samples", "6",
-                 "--prompt-len", "12", "--new-tokens", "10", "--batch-size", "4", "--mix", "0", "--device", "cpu"]) == 0
+                 "--prompt-len", "12", "--new-tokens", "10", "--batch-size", "4", "--mix", "0", "--min-distinct", "0",
+                 "--device", "cpu"]) == 0
     stream = np.load(tmp_path / "out" / "train.npy")
     assert np.array_equal(np.load(tmp_path / "out" / "heldout.npy"), streams["heldout"])
-    samples = np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]
-    assert len(samples) == 6
+    pieces = np.load(tmp_path / "out" / "pieces.npy")
+    assert len(pieces) == 6 and pieces[:, 2].all() and pieces[:, :2].sum(1)[-1] == len(stream)
+    assert np.array_equal(pieces[1:, 0], pieces[:-1, :2].sum(1))  # back to back
     model = AutoModelForCausalLM.from_pretrained(tiny_r2lm.folder, trust_remote_code=True, dtype=torch.float32)
     train = streams["train"].tobytes()
-    for sample in samples:
-        prompt = sample[:12]
+    for start, length, _ in pieces:
+        prompt, continuation = stream[start : start + 12], stream[start + 12 : start + length]
         assert eos not in prompt and prompt.tobytes() in train
         want = model.generate(torch.from_numpy(prompt.astype(np.int64))[None], max_new_tokens=10, block_size=1,
                               do_sample=False, use_cache=False, eos_token_id=eos, pad_token_id=eos)[0, 12:].numpy()
         ends = np.flatnonzero(want == eos)
-        want = want[: ends[0] + 1] if len(ends) else np.append(want, eos)
-        assert np.array_equal(sample[12:], want)
+        assert np.array_equal(continuation, want[: ends[0] + 1] if len(ends) else want)
+
+
+def test_distinct_4grams_pools_sequences():
+    assert distinct_4grams([[1, 2, 3, 4, 1, 2, 3, 4]]) == 4 / 5  # 1234 twice, 2341, 3412, 4123
+    assert distinct_4grams([[1, 2, 3, 4], [1, 2, 3, 4, 5]]) == 2 / 3
+    assert distinct_4grams([[1, 2, 3]]) == 1.0
 
 
 def test_mix_shuffles_real_windows_in(tiny_r2lm, source, tmp_path):
@@ -79,6 +86,7 @@ def test_mix_shuffles_real_windows_in(tiny_r2lm, source, tmp_path):
 @pytest.mark.parametrize("option, value, message", [
     ("--mix", "1", "--mix 1.0 is not a fraction in [0, 1)"),
     ("--samples", "0", "--samples must be positive"),
+    ("--min-distinct", "1.5", "--min-distinct 1.5 is not a fraction in [0, 1]"),
     ("--prompt-len", "60", "random windows of --prompt-len 60 tokens lie inside one file"),
 ])
 def test_bad_input_is_one_line(tiny_r2lm, source, tmp_path, capsys, option, value, message):

@@ -1,7 +1,7 @@
 """Self-distillation data for parallel decoding: a model's own greedy continuations as a training stream.
 
     python -m train.distill MODEL --tokens TOKENS --out OUT [--samples 8192] [--prompt-len 64] [--new-tokens 192]
-        [--batch-size 256] [--mix 0.5] [--seed 0]
+        [--batch-size 256] [--mix 0.5] [--min-distinct 0.5] [--seed 0]
 
 A masked-diffusion model commits several tokens in one forward only where it is sure of each of them, and on real
 code, where many continuations are plausible, it rarely is: the default model commits about 1.3 tokens per forward at
@@ -13,9 +13,13 @@ objective unchanged.
 
 OUT (written atomically, `python -m train --tokens` reads it):
 - train.npy: samples of `--prompt-len` tokens of the training stream at seeded random places, each followed by the
-  model's greedy continuation of `--new-tokens` tokens (block size 1; cut after an EOS, which is kept) and an EOS;
-  with `--mix r`, windows of the original training stream of the same length are shuffled in among them, so that
-  about a fraction r of the tokens are real code (what keeps the model from drifting toward its own errors);
+  model's greedy continuation of `--new-tokens` tokens (block size 1; cut after an EOS, which is kept), one after
+  the other with no separator (an EOS after each would teach that text ends wherever a sample does); continuations
+  whose distinct 4-grams are fewer than `--min-distinct` of their 4-grams are dropped (a model's greedy text loops,
+  and training on loops teaches them); with `--mix r`, windows of the original training stream of the same length
+  are shuffled in among them, so that about a fraction r of the tokens are real code (what keeps the model from
+  drifting toward its own errors);
+- pieces.npy: (start, length, distilled) of each sample and window in train.npy, in order;
 - heldout.npy: the source's own, unchanged: held-out metrics stay on real code;
 - meta.json: the counts, the model, the settings and the source's meta.
 """
@@ -47,6 +51,12 @@ def prompts_from(stream, n, prompt_len, eos_token_id, mask_token_id, generator):
     return torch.from_numpy(windows)
 
 
+def distinct_4grams(sequences):
+    """Distinct 4-grams over 4-grams of token sequences, pooled (1.0 when they have none): low when the text loops."""
+    grams = [tuple(s[i : i + 4]) for s in sequences for i in range(len(s) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 @torch.no_grad()
 def continuations(model, prompts, new_tokens, batch_size, eos_token_id):
     """The model's greedy block-size-1 continuation of each prompt (rows of `prompts`), cut after its first EOS."""
@@ -66,6 +76,8 @@ def distill(args):
     check_output_folder(args.out, "--out", renamed_into_place=True)
     if not 0 <= args.mix < 1:
         raise UserError(f"--mix {args.mix} is not a fraction in [0, 1): the share of real code in the stream.")
+    if not 0 <= args.min_distinct <= 1:
+        raise UserError(f"--min-distinct {args.min_distinct} is not a fraction in [0, 1].")
     for name in ("samples", "prompt_len", "new_tokens", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
@@ -82,18 +94,24 @@ def distill(args):
     model = AutoModelForCausalLM.from_pretrained(args.model, config=config, trust_remote_code=True,
                                                  dtype=torch.bfloat16 if cuda else torch.float32)
     model = model.to(args.device).eval()
-    pieces = [np.concatenate([p, c, [eos]]) if c[-1] != eos else np.concatenate([p, c])
-              for p, c in zip(prompts.numpy(), continuations(model, prompts, args.new_tokens, args.batch_size, eos))]
+    pieces = [np.concatenate([p, c]) for p, c in zip(prompts.numpy(), continuations(
+        model, prompts, args.new_tokens, args.batch_size, eos)) if distinct_4grams([c.tolist()]) >= args.min_distinct]
+    if not pieces:
+        raise UserError(f"every continuation repeats more than --min-distinct {args.min_distinct} allows: lower it.")
     distilled_tokens = sum(len(p) for p in pieces)
     window = args.prompt_len + args.new_tokens
     n_real = round(args.mix / (1 - args.mix) * distilled_tokens / window)
     starts = torch.randint(0, len(train) - window, (n_real,), generator=generator).numpy()
+    distilled = [True] * len(pieces) + [False] * n_real
     pieces += [train[s : s + window] for s in starts]
     order = torch.randperm(len(pieces), generator=generator).numpy()
+    lengths = np.array([len(pieces[i]) for i in order])
+    table = np.stack([np.cumsum(lengths) - lengths, lengths, [distilled[i] for i in order]], axis=1)
     stream = np.concatenate([pieces[i] for i in order]).astype(train.dtype)
     meta = {
         "distilled_from": str(args.model), "source": str(args.tokens), "seed": args.seed, "samples": args.samples,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "mix": args.mix,
+        "min_distinct": args.min_distinct, "kept_samples": sum(distilled),
         "distilled_tokens": int(distilled_tokens), "real_tokens": int(n_real * window),
         "eos_token_id": eos, "vocab_size": source_meta["vocab_size"],
         "train": {**source_meta["train"], "tokens": int(len(stream))}, "heldout": source_meta["heldout"],
@@ -101,9 +119,11 @@ def distill(args):
     }
     with atomic_dir(args.out) as tmp:
         np.save(tmp / "train.npy", stream)
+        np.save(tmp / "pieces.npy", table.astype(np.int64))
         np.save(tmp / "heldout.npy", heldout)
         (tmp / META).write_text(json.dumps(meta, indent=1))
-    print(f"wrote {args.out}: {len(stream)} training tokens ({distilled_tokens} distilled, {n_real * window} real)")
+    print(f"wrote {args.out}: {len(stream)} training tokens ({distilled_tokens} distilled in {sum(distilled)} of "
+          f"{args.samples} samples, {n_real * window} real)")
     return meta
 
 
@@ -117,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per generate call")
     parser.add_argument("--mix", type=float, default=0.5, help="share of the stream's tokens that are real code")
+    parser.add_argument("--min-distinct", type=float, default=0.5,
+                        help="drop continuations with fewer distinct 4-grams than this share of their 4-grams")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return run_cli(parser.prog, distill, parser.parse_args(argv))
