@@ -375,23 +375,11 @@ def check_sidecar_kernels(device="cpu"):
 
 
 @pytest.mark.skipif(triton is None, reason=NO_TRITON)
-def test_engine_kernels_match_torch():
-    run_in_interpreter("check_engine_kernels")
-
-
-@pytest.mark.skipif(triton is None, reason=NO_TRITON)
-def test_engine_forward_through_triton_kernels():
-    run_in_interpreter("check_engine_forward")
-
-
-@pytest.mark.skipif(triton is None, reason=NO_TRITON)
-def test_token_choice_kernel_matches_torch():
-    run_in_interpreter("check_token_choice")
-
-
-@pytest.mark.skipif(triton is None, reason=NO_TRITON)
-def test_sidecar_kernels_match_torch():
-    run_in_interpreter("check_sidecar_kernels")
+@pytest.mark.parametrize("check", ["check_engine_kernels", "check_engine_forward", "check_token_choice",
+                                   "check_sidecar_kernels"])
+def test_fused_kernels_match_torch_in_the_interpreter(check):
+    """Each fused kernel (and the engine's forward through them) against the PyTorch functions it replaces."""
+    run_in_interpreter(check)
 
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
