@@ -87,9 +87,12 @@ def test_mix_shuffles_real_windows_in(tiny_r2lm, source, tmp_path):
     ("--mix", "1", "--mix 1.0 is not a fraction in [0, 1)"),
     ("--samples", "0", "--samples must be positive"),
     ("--min-distinct", "1.5", "--min-distinct 1.5 is not a fraction in [0, 1]"),
+    ("--device", "cuda:0", "--device cuda:0, but this machine has no CUDA GPU"),
     ("--prompt-len", "60", "random windows of --prompt-len 60 tokens lie inside one file"),
 ])
 def test_bad_input_is_one_line(tiny_r2lm, source, tmp_path, capsys, option, value, message):
+    if option == "--device" and torch.cuda.is_available():
+        pytest.skip("the machine has a CUDA GPU")
     tokens, _, _ = source
     status = main([str(tiny_r2lm.folder), "--tokens", str(tokens), "--out", str(tmp_path / "out"), "--device", "cpu",
                    "--samples", "4", option, value])

@@ -81,6 +81,8 @@ def distill(args):
     for name in ("samples", "prompt_len", "new_tokens", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}, but this machine has no CUDA GPU: pass --device cpu.")
     if not Path(args.model, "config.json").is_file():
         raise UserError(f"{args.model} is not a model folder (no config.json): pass a folder such as runs/NAME/final.")
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
