@@ -40,12 +40,13 @@ save_results() {
   judge=$!
   python3 -m train.distill "$base" --tokens "$work/corpus/tokens" --out "$work/distilled" \
     --samples "${SAMPLES:-32768}" --prompt-len 64 --new-tokens 192 --batch-size 512 --mix "${MIX:-0.5}" \
-    2>&1 | tail -3
+    > "$work/results/distill.log" 2>&1 || { echo "distillation failed:"; tail -5 "$work/results/distill.log"; exit 1; }
+  tail -3 "$work/results/distill.log"
   echo "== distilled at $(elapsed) s"
   python3 -m train --model "$base" --tokens "$work/distilled" "${common[@]}" \
     --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "${STEPS:-1500}" \
     --eval-every 500 --output-dir "$work/runs/distilled" > "$work/results/finetune.log" 2>&1 \
-    || { echo "fine-tuning failed:"; tail -5 "$work/results/finetune.log"; }
+    || { echo "fine-tuning failed:"; tail -5 "$work/results/finetune.log"; exit 1; }
   grep -E '"step"' "$work/runs/distilled/metrics.jsonl" 2>/dev/null | grep nll | tail -2
   echo "== fine-tuned at $(elapsed) s"
   wait $judge || { echo "judge failed:"; tail -5 "$work/results/judge.log"; }

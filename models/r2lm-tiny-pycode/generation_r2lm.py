@@ -270,7 +270,8 @@ def choose_tokens(logits, columns, processors, config):
     batch, size, vocab = logits.shape
     if (not config.do_sample and config.unmasking not in _RULES_READING_LOGITS and logits.is_cuda
             and triton is not None and logits.dtype in (torch.bfloat16, torch.float16, torch.float32)):
-        return (None, *token_choice_triton(logits, columns, processors))
+        x0, log_z, x0_prob = token_choice_triton(logits, columns, processors)
+        return None, log_z, x0, x0_prob
     logits = process_logits(logits, columns, processors)
     log_z = logits.logsumexp(-1)
     if config.do_sample:
