@@ -22,6 +22,7 @@
 #                   repository, the wheels and the corpus within 64 MiB (a smaller CORPUS). On 2026-11-30 a run
 #                   without pytz's wheel evaluated, then failed writing lm-eval's table (typepy imports pytz)
 #   RETURN_MODEL=0  do not return the R2LM's weights
+#   TABLE=0         skip bench/decoding_table.py (the time goes to the lm-eval task)
 # Steps: install; unpack and tokenize the corpus (background) while bench/throughput.py --parts train times the
 # training step of each model; train/default_models.sh; bench/decoding_table.py on the held-out functions with every
 # diffusion baseline at the chosen setting; the lm-eval task. $OUT gets train_h200.log, decoding_table.{json,md}, the
@@ -84,9 +85,11 @@ save_results() {  # again after every step that adds some: a call that runs out 
   for name in $variants; do
     case $name in r2lm|ar) ;; *) baselines+=("$name=$work/runs/train-$name/final") ;; esac
   done
-  timeout $(( ${LMEVAL:-0} == 1 ? 470 - $(elapsed) : 570 - $(elapsed) )) python3 bench/decoding_table.py \
-    --model "$work/runs/train-r2lm/final" --judge "$work/runs/train-ar/final" --heldout "$work/corpus/heldout" \
-    --out "$out" --baselines "${baselines[@]}"
+  if [ "${TABLE:-1}" = 1 ]; then
+    timeout $(( ${LMEVAL:-0} == 1 ? 470 - $(elapsed) : 570 - $(elapsed) )) python3 bench/decoding_table.py \
+      --model "$work/runs/train-r2lm/final" --judge "$work/runs/train-ar/final" --heldout "$work/corpus/heldout" \
+      --out "$out" --baselines "${baselines[@]}"
+  fi
   save_results
   if [ "${LMEVAL:-0}" = 1 ]; then
     python3 -m evaluate_r2lm.code_task "$work/task" --files "$work/corpus/heldout"
