@@ -6,11 +6,11 @@
 # A CPU dry run: OUT=/tmp/dry JUDGE_STEPS=3 SAMPLES=16 STEPS=3 PROMPTS=4 BATCH=4 EVAL_ROWS=4 bash bench/distill_default_h200.sh
 # Steps: unpack and tokenize the corpus; in the background, the AR judge (the AR baseline of
 # train/default_models.sh, JUDGE_STEPS steps, default 1250); `python -m train.distill` of models/r2lm-tiny-pycode
-# (SAMPLES prompts of 64 tokens, default 32768, 192 new tokens each; about 4 in 5 loop and are dropped on the CPU
-# probe; MIX real code, default 0.5); `python -m train
-# --model models/r2lm-tiny-pycode --tokens` the distilled stream (STEPS, default 1500, LR, default 5e-4, block sizes
-# 4 8 16 32); bench/decoding_table.py on the fine-tuned model, then, when time is left, on the model before (the same
-# judge and prompts: a same-run comparison). $OUT gets distill_h200.log, decoding_table{,_before}.{json,md},
+# (SAMPLES prompts of 64 tokens, default 32768, 192 new tokens each, cut where they start to loop; MIX real code,
+# default 0.5); `python -m train --model models/r2lm-tiny-pycode --tokens` the distilled stream (STEPS, default 1500,
+# at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32); bench/decoding_table.py
+# on the fine-tuned model, then, when time is left, on the model before (the same judge and prompts: a same-run
+# comparison). $OUT gets distill_h200.log, decoding_table{,_before}.{json,md},
 # results.tar.xz (every run's log, metrics and eval.json) and, with RETURN_MODEL=1, the fine-tuned model's folder as
 # model.tar.part-* (15 MiB each).
 set -u
@@ -43,8 +43,13 @@ save_results() {
     > "$work/results/distill.log" 2>&1 || { echo "distillation failed:"; tail -5 "$work/results/distill.log"; exit 1; }
   tail -3 "$work/results/distill.log"
   echo "== distilled at $(elapsed) s"
+  # at most PASSES (default 4) readings of the distilled stream: the 2026-11-30 run read 138k tokens 178 times
+  steps=$(python3 -c "import json, sys; t = json.load(open(sys.argv[1]))['train']['tokens']
+print(min(int(sys.argv[2]), max(50, int(sys.argv[3]) * t // (int(sys.argv[4]) * 256))))" \
+    "$work/distilled/meta.json" "${STEPS:-1500}" "${PASSES:-4}" "${BATCH:-64}")
+  echo "== fine-tuning for $steps steps"
   python3 -m train --model "$base" --tokens "$work/distilled" "${common[@]}" \
-    --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "${STEPS:-1500}" \
+    --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "$steps" \
     --eval-every 500 --output-dir "$work/runs/distilled" > "$work/results/finetune.log" 2>&1 \
     || { echo "fine-tuning failed:"; tail -5 "$work/results/finetune.log"; exit 1; }
   grep -E '"step"' "$work/runs/distilled/metrics.jsonl" 2>/dev/null | grep nll | tail -2

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from train.distill import distinct_4grams, main
+from train.distill import distinct_4grams, loop_free_prefix, main
 
 
 def write_tokens(folder, vocab, eos, seed=0):
@@ -63,6 +63,17 @@ def test_distinct_4grams_pools_sequences():
     assert distinct_4grams([[1, 2, 3, 4, 1, 2, 3, 4]]) == 4 / 5  # 1234 twice, 2341, 3412, 4123
     assert distinct_4grams([[1, 2, 3, 4], [1, 2, 3, 4, 5]]) == 2 / 3
     assert distinct_4grams([[1, 2, 3]]) == 1.0
+
+
+def test_loop_free_prefix_cuts_before_the_first_looping_window():
+    """48 distinct tokens, then a loop of period 3: the window at 32 (16 distinct tokens, 16 of the loop) keeps 19 of
+    29 4-grams distinct, the one at 40 (8 and 24) 11 of 29, under 0.5: the cut is at 40."""
+    tokens = np.array(list(range(100, 148)) + [1, 2, 3] * 16)
+    assert np.array_equal(loop_free_prefix(tokens, 0.5), tokens[:40])
+    assert np.array_equal(loop_free_prefix(tokens, 0.3), tokens[:48])  # 0.38 at 40 passes; 3 of 29 at 48 does not
+    assert np.array_equal(loop_free_prefix(tokens, 0.0), tokens)
+    assert len(loop_free_prefix(np.array([5, 6] * 10), 0.5)) == 0  # shorter than a window: judged whole
+    assert np.array_equal(loop_free_prefix(np.arange(20), 0.5), np.arange(20))
 
 
 def test_mix_shuffles_real_windows_in(tiny_r2lm, source, tmp_path):
