@@ -414,6 +414,8 @@ def test_pipeline_text_generation(text_model, tmp_path):
         config = pipe.model.generation_config
         assert type(config).__name__ == "R2LMGenerationConfig", type(config)
         assert (config.block_size, config.threshold, config.max_new_tokens) == (4, 0.5, 16), config
+        sampled = pipe({prompt!r}, num_return_sequences=3, max_length={ids.shape[1] + 4})
+        assert len(sampled) == 3 and all(s["generated_text"].startswith({prompt!r}) for s in sampled), sampled
         print(json.dumps(pipe({prompt!r}, do_sample=False)))  # the pipeline samples unless told not to
         """,
         cwd=tmp_path,
@@ -568,7 +570,8 @@ IMPLEMENTED = {
     "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "remove_invalid_values", "return_dict_in_generate",
     "use_cache", "cache_implementation", "compile_config", "disable_compile",
     "renormalize_logits",  # every probability the policy uses is a softmax of the processed logits: already normalised
-    "max_length",  # refused as an argument (pass max_new_tokens); generation_config.json's is overridden by it
+    "max_length",  # as an argument it sets max_new_tokens (it counts the prompt); generation_config.json's is not read
+    "num_return_sequences",
 }
 INERT = {  # bookkeeping, ids of encoder-decoder models, cache sizing, settings of strategies R2LM does not run
     "_from_model_config", "transformers_version", "bos_token_id", "decoder_start_token_id", "cache_config",
@@ -580,7 +583,7 @@ UNSUPPORTED_VALUES = {  # a value that asks for each refused option
     "num_beams": 2, "num_beam_groups": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6, "dola_layers": "low",
     "constraints": ["c"], "force_words_ids": [[5]], "guidance_scale": 1.5, "prompt_lookup_num_tokens": 3,
     "assistant_early_exit": 2, "use_mtp": True, "speculation_type": "dflash", "token_healing": True,
-    "watermarking_config": {"bias": 2.0}, "num_return_sequences": 2, "repetition_penalty": 1.3,
+    "watermarking_config": {"bias": 2.0}, "repetition_penalty": 1.3,
     "encoder_repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 2,
     "exponential_decay_length_penalty": (4, 1.5), "forced_bos_token_id": 1, "forced_eos_token_id": 2, "top_h": 0.5,
     "eta_cutoff": 0.001, "output_scores": True, "output_logits": True, "output_attentions": True,
@@ -599,14 +602,40 @@ def test_every_generation_config_field_is_handled():
     assert not unsorted, f"GenerationConfig fields neither implemented, inert nor refused: {sorted(unsorted)}"
 
 
-@pytest.mark.parametrize("option", [*UNSUPPORTED_VALUES, "max_length"])
+@pytest.mark.parametrize("option", UNSUPPORTED_VALUES)
 def test_unsupported_standard_options_raise(option):
     """Standard GenerationConfig options that diffusion decoding does not implement raise a ValueError naming them
     instead of being silently ignored (the output would not be what was asked for)."""
     model = tiny_r2lm()
     ids, mask = left_padded()
     with pytest.raises(ValueError, match=option):
-        model.generate(ids, attention_mask=mask, max_new_tokens=8, **{option: UNSUPPORTED_VALUES.get(option, 12)})
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, **{option: UNSUPPORTED_VALUES[option]})
+
+
+def test_max_length_counts_the_prompt():
+    """transformers' convention: `max_length` is prompt + new tokens (the padded prompt's width); with
+    `max_new_tokens` as well, `max_new_tokens` wins; a `max_length` that leaves nothing to generate is refused."""
+    model = tiny_r2lm()
+    ids, mask = left_padded()
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_length=ids.shape[1] + 6), want)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, max_length=ids.shape[1] + 2), want)
+    with pytest.raises(ValueError, match=f"max_length={ids.shape[1]}` leaves nothing to generate"):
+        model.generate(ids, attention_mask=mask, max_length=ids.shape[1])
+
+
+def test_num_return_sequences_samples_each_prompt_that_many_times():
+    """n sampled sequences a prompt, next to each other: what the prompts repeated n times in the batch give with the
+    same seed; the copies differ (sampling); greedy with n > 1 is refused."""
+    model = tiny_r2lm()
+    ids, mask = left_padded()
+    got = generate(model, ids, mask, seed=3, max_new_tokens=8, do_sample=True, num_return_sequences=2).sequences
+    want = generate(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), seed=3, max_new_tokens=8,
+                    do_sample=True).sequences
+    assert got.shape == (2 * len(ids), ids.shape[1] + 8) and torch.equal(got, want)
+    assert not torch.equal(got[0::2, ids.shape[1]:], got[1::2, ids.shape[1]:])
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, num_return_sequences=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -735,7 +764,7 @@ def test_processor_settings_are_in_the_policy_key(free_run):
                 dict(remove_invalid_values=True), dict(do_sample=True), dict(do_sample=True, min_p=0.1)]
     keys = []
     for variant in variants:
-        config, _ = model._r2lm_generation_config(None, dict(variant))
+        config, _ = model._r2lm_generation_config(None, dict(variant), prompt_len=0)
         spec, processors = model._logits_processors(config, 7)
         assert model._logits_processors(config, 7)[1]["bias"] is processors["bias"]
         keys.append(_policy_key(config, spec))

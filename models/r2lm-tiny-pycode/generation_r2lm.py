@@ -80,7 +80,6 @@ UNSUPPORTED_OPTIONS = {
     "force_words_ids": (None, _SEARCH), "guidance_scale": (1.0, _SEARCH), "prompt_lookup_num_tokens": (None, _SEARCH),
     "assistant_early_exit": (None, _SEARCH), "use_mtp": (False, _SEARCH), "speculation_type": (None, _SEARCH),
     "token_healing": (False, _SEARCH), "watermarking_config": (None, "R2LM does not watermark"),
-    "num_return_sequences": (1, "repeat the prompts in the batch instead"),
     "repetition_penalty": (1.0, _LEFT_CONTEXT), "encoder_repetition_penalty": (1.0, _LEFT_CONTEXT),
     "no_repeat_ngram_size": (0, _LEFT_CONTEXT), "encoder_no_repeat_ngram_size": (0, _LEFT_CONTEXT),
     "exponential_decay_length_penalty": (None, "R2LM does not implement it"),
@@ -330,13 +329,22 @@ class R2LMGenerationMixin(GenerationMixin):
                 eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id
             )
 
-    def _r2lm_generation_config(self, generation_config, kwargs):
-        """The effective settings: `generation_config` (or the model's), updated by `kwargs`; returns the rest."""
-        if "max_length" in kwargs:
-            raise ValueError("`max_length` is not supported by R2LM's `generate`: pass `max_new_tokens` instead.")
+    def _r2lm_generation_config(self, generation_config, kwargs, prompt_len):
+        """The effective settings: `generation_config` (or the model's), updated by `kwargs`; returns the rest.
+        `max_length` as an argument counts the prompt (transformers' convention): it sets max_new_tokens, unless
+        max_new_tokens is given too (which then wins, as in transformers)."""
+        max_length = kwargs.pop("max_length", None)
         base = generation_config if generation_config is not None else self.generation_config
         config = R2LMGenerationConfig.from_dict(base.to_dict())
         model_kwargs = config.update(**kwargs)
+        if max_length is not None and "max_new_tokens" in kwargs:
+            logger.warning_once(f"Both `max_new_tokens` ({kwargs['max_new_tokens']}) and `max_length` ({max_length}) "
+                                "are set: `max_new_tokens` takes precedence.")
+        elif max_length is not None:
+            if max_length <= prompt_len:
+                raise ValueError(f"`max_length={max_length}` leaves nothing to generate after the prompt's "
+                                 f"{prompt_len} columns (it counts the prompt): raise it or pass `max_new_tokens`.")
+            config.max_new_tokens = max_length - prompt_len
         config.block_size = config.block_size or self.config.block_size
         config.use_cache = config.use_cache is not False  # None (transformers 5's default) means the cache
         config.max_steps_per_block = config.max_steps_per_block or config.block_size
@@ -453,11 +461,20 @@ class R2LMGenerationMixin(GenerationMixin):
                                  f"{type(value).__name__}.")
         tokenizer = kwargs.pop("tokenizer", None)
         self._check_tied_placement()
-        config, unused = self._r2lm_generation_config(generation_config, kwargs)
+        prompt_len = input_ids.shape[-1] if torch.is_tensor(input_ids) and input_ids.dim() else 0
+        config, unused = self._r2lm_generation_config(generation_config, kwargs, prompt_len)
         if unused:
             raise ValueError(f"`generate` got arguments it does not use: {sorted(unused)}.")
         input_ids = input_ids.to(self.device) if input_ids is not None else None
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
+        if config.num_return_sequences and config.num_return_sequences > 1 and input_ids is not None:
+            if not config.do_sample:
+                raise ValueError(f"`num_return_sequences={config.num_return_sequences}` needs `do_sample=True`: greedy "
+                                 "decoding returns the same sequence each time.")
+            # The sampled sequences of each prompt, next to each other, as transformers returns them.
+            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         valid_prompt, n_blocks = self._check_prompt(input_ids, attention_mask, config)
         eos, criteria = self._stopping_criteria(config, stopping_criteria, tokenizer)
 
