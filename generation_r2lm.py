@@ -452,6 +452,9 @@ class R2LMGenerationMixin(GenerationMixin):
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("`generate` does not take `inputs_embeds`: diffusion decoding writes token ids into its "
+                             "canvas; pass `input_ids`.")
         if isinstance(input_ids, Mapping):
             raise ValueError("`generate` got a mapping (a tokenizer's output?) as `input_ids`: unpack it, "
                              "`model.generate(**inputs)`.")

@@ -504,6 +504,7 @@ ERRORS = {  # name: (keyword arguments for generate, a change to the prompt, wha
     "mask-in-prompt": ({}, "mask", "mask token"),
     "right-padding": ({}, "right-pad", "[Rr]ight padding"),
     "unknown-kwarg": (dict(temprature=0.5), None, "temprature"),
+    "inputs-embeds": (dict(inputs_embeds=torch.zeros(2, 9, 8)), None, "inputs_embeds.*pass `input_ids`"),
     "id-past-vocab": ({}, "id-128", "token id 128.*128"),
     "negative-id": ({}, "id--1", "token id -1.*128"),
     "float-ids": ({}, "float", "integer"),
