@@ -76,6 +76,30 @@ def test_loop_free_prefix_cuts_before_the_first_looping_window():
     assert np.array_equal(loop_free_prefix(np.arange(20), 0.5), np.arange(20))
 
 
+def test_looping_continuations_are_cut_or_dropped(tiny_r2lm, source, tmp_path, monkeypatch, capsys):
+    """The continuations as `loop_free_prefix` cuts them: one loop-free (kept whole), one that loops after 48 tokens
+    (cut at 40), one that loops from its start (dropped), one short that ends with an EOS (kept). When every
+    continuation loops from its start: one line, and nothing written."""
+    import train.distill as distill
+
+    tokens, _, eos = source
+    loop_free = np.arange(100, 164)
+    late_loop = np.concatenate([np.arange(100, 148), np.tile([1, 2, 3], 16)])
+    early_loop, ends = np.tile([4, 5], 32), np.array([7, 8, 9, eos])
+    made = [loop_free, late_loop, early_loop, ends]
+    monkeypatch.setattr(distill, "continuations", lambda model, prompts, *args: made[: len(prompts)])
+    args = [str(tiny_r2lm.folder), "--tokens", str(tokens), "--samples", "4", "--prompt-len", "6", "--new-tokens",
+            "64", "--mix", "0", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    stream, pieces = np.load(tmp_path / "out" / "train.npy"), np.load(tmp_path / "out" / "pieces.npy")
+    kept = sorted((stream[start + 6 : start + length].tolist() for start, length, _ in pieces), key=len)
+    assert kept == [ends.tolist(), late_loop[:40].tolist(), loop_free.tolist()]
+    made[:] = [early_loop] * 4
+    assert main([*args, "--out", str(tmp_path / "none")]) == 2
+    assert "every continuation loops within its first 32 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_mix_shuffles_real_windows_in(tiny_r2lm, source, tmp_path):
     """--mix 0.5: about half the tokens are windows of the training stream, counted in meta.json."""
     tokens, streams, _ = source
