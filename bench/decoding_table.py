@@ -20,7 +20,7 @@ Quality, against the R2LM's own block-size-1 greedy continuation (the reference)
 - distinct 4-grams: distinct token 4-grams / 4-grams over all continuations (lower = more repetition).
 A setting is acceptable when its judge NLL is within --nll-tolerance (10%) of the reference and its distinct
 4-grams are no fewer than the reference's; the default is the acceptable setting of most tokens per forward (the
-smaller block on a tie). Speed: tokens/s of whole generate calls (second call of its shape, CUDA events) on the
+smaller block on a tie). Speed: tokens/s of whole generate calls (median of calls 2-4 of its shape, CUDA events) on the
 first --speed-rows prompts at batch 1 and --speed-rows, for each block size at the chosen threshold and the AR judge
 at block size 1. Results: DIR/decoding_table.json and .md (written atomically), and samples.
 """
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import timed  # bench/throughput.py: this script's folder is on sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from train.checkpoint import write_text_atomic
@@ -165,19 +166,19 @@ def quality(judge, tokenizer, prompts, continuations, forwards, pad_id, eos_id):
 
 
 def timed_generate(model, prompts, settings, max_new, pad_id, eos_id):
-    """Useful tokens (up to each row's EOS) per second of a whole generate call: the second call of its shape."""
+    """Useful tokens (up to each row's EOS) per second of a whole generate call: after a first call of its shape, the
+    median of three more (`throughput.timed`: CUDA events, then synchronize)."""
     ids, mask = left_padded(prompts, pad_id)
-    for _ in range(2):
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, **settings)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-    new = out[:, ids.shape[1]:].tolist()
+
+    def call():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, **settings)
+
+    call()
+    runs = [timed(call) for _ in range(3)]
+    seconds = sorted(s for s, _ in runs)[1]
+    new = runs[-1][1][:, ids.shape[1]:].tolist()
     tokens = sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in new)
-    return dict(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds)
+    return dict(seconds=seconds, calls_s=[s for s, _ in runs], tokens=tokens, tokens_per_s=tokens / seconds)
 
 
 def write(out, result):
@@ -206,7 +207,7 @@ def report(res):
                   "4-grams |", "|---|---:|---:|---:|---:|"]
         lines += [row_md(name, r) for name, r in res["baselines"].items()]
     if res.get("speed"):
-        lines += ["", "Speed of whole `generate` calls (useful tokens / s, second call):", "",
+        lines += ["", "Speed of whole `generate` calls (useful tokens / s, median of calls 2-4):", "",
                   "| system | " + " | ".join(f"batch {b}" for b in res["speed_batches"]) + " |",
                   "|---|" + "---:|" * len(res["speed_batches"])]
         for name, by_batch in res["speed"].items():
