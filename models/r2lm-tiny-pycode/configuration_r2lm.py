@@ -280,16 +280,7 @@ class R2LMConfig(PretrainedConfig):
             raise ValueError(f"`sidecar_scan` must be one of {SCAN_IMPLEMENTATIONS}, got {self.sidecar_scan!r}.")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {self.attention!r}.")
-        for i in self.sidecar_layers:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise ValueError(f"`sidecar_layers` must hold layer indices (integers), got {i!r}.")
-            if not 0 <= i < self.num_hidden_layers:
-                raise ValueError(
-                    f"`sidecar_layers` holds layer {i}, outside [0, {self.num_hidden_layers - 1}] "
-                    f"(num_hidden_layers={self.num_hidden_layers})."
-                )
-        if len(set(self.sidecar_layers)) != len(self.sidecar_layers):
-            raise ValueError(f"`sidecar_layers` repeats a layer: {self.sidecar_layers}.")
+        self._check_layer_indices("sidecar_layers")
         self._validate_mixer()
         if self.attention == "bidirectional" and self.sidecar_layers:
             raise ValueError(
@@ -305,6 +296,20 @@ class R2LMConfig(PretrainedConfig):
             )
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"`mask_token_id` ({self.mask_token_id}) must be a token id below vocab_size ({self.vocab_size}).")
+
+    def _check_layer_indices(self, name):
+        """`name` (sidecar_layers, attention_layers) holds distinct integer indices of layers of this depth."""
+        layers = getattr(self, name)
+        for i in layers:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"`{name}` must hold layer indices (integers), got {i!r}.")
+            if not 0 <= i < self.num_hidden_layers:
+                raise ValueError(
+                    f"`{name}` holds layer {i}, outside [0, {self.num_hidden_layers - 1}] "
+                    f"(num_hidden_layers={self.num_hidden_layers})."
+                )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"`{name}` repeats a layer: {layers}.")
 
     def _validate_mixer(self):
         if self.mixer not in MIXERS:
@@ -330,16 +335,7 @@ class R2LMConfig(PretrainedConfig):
                 raise ValueError("`attention_layers` is for mixer='hybrid' (DiffuApriel-H); mixer='mamba' "
                                  "(DiffuApriel) has no attention layer: leave it unset.")
             return
-        for i in self.attention_layers:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise ValueError(f"`attention_layers` must hold layer indices (integers), got {i!r}.")
-            if not 0 <= i < self.num_hidden_layers:
-                raise ValueError(
-                    f"`attention_layers` holds layer {i}, outside [0, {self.num_hidden_layers - 1}] "
-                    f"(num_hidden_layers={self.num_hidden_layers})."
-                )
-        if len(set(self.attention_layers)) != len(self.attention_layers):
-            raise ValueError(f"`attention_layers` repeats a layer: {self.attention_layers}.")
+        self._check_layer_indices("attention_layers")
         if not self.attention_layers:
             raise ValueError(
                 f"`attention_layers` leaves no attention layer (num_hidden_layers={self.num_hidden_layers}): a hybrid "
