@@ -26,13 +26,16 @@ the decoding policy of `generation_r2lm` (the same commit function, passed in) a
   the bidirectional baseline does: the whole canvas each step, no cache.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from .kernels_r2lm import add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, silu_mul_triton, triton
+from .kernels_r2lm import (
+    FUSED_DTYPES, add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, silu_mul_triton, triton,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -98,7 +101,7 @@ def grouped_to_tokens(o, s):
     return o.view(b, kv_heads, rows // s, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
 
 
-def mlp_block(h, y, post_weight, gate_up_weight, down_weight, eps):
+def mlp_block(h, y, post_weight, gate_up_weight, down_weight, eps, add_rms_norm=add_rms_norm, silu_mul=silu_mul):
     """A layer's second half: its mixer's output y (attention after o_proj, or a Mamba mixer's) joins the residual
     stream h, then the post-mixer RMSNorm and the SwiGLU MLP (gate and up stacked in one matrix). Returns (h + y, the
     MLP's output): the caller adds the second in the next layer's `add_rms_norm` (one kernel for both)."""
@@ -106,10 +109,8 @@ def mlp_block(h, y, post_weight, gate_up_weight, down_weight, eps):
     return h, F.linear(silu_mul(F.linear(x, gate_up_weight)), down_weight)
 
 
-def mlp_block_triton(h, y, post_weight, gate_up_weight, down_weight, eps):
-    """mlp_block with the residual add and RMSNorm, and SiLU(gate) * up, in one Triton kernel each."""
-    h, x = add_rms_norm_triton(h, y, post_weight, eps)
-    return h, F.linear(silu_mul_triton(F.linear(x, gate_up_weight)), down_weight)
+# mlp_block with the residual add and RMSNorm, and SiLU(gate) * up, as one Triton kernel each
+mlp_block_triton = functools.partial(mlp_block, add_rms_norm=add_rms_norm_triton, silu_mul=silu_mul_triton)
 
 
 def split_key_attention(q, k, v, mask, chunk):
@@ -122,7 +123,6 @@ def split_key_attention(q, k, v, mask, chunk):
 
 
 OPS_KERNELS = ("auto", "triton", "torch", "compile")
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class Ops:
@@ -161,7 +161,7 @@ class Ops:
             return reference
 
         def run(x, *args):
-            use = x.dtype in _TRITON_DTYPES and (x.is_cuda or self.kernels == "triton")
+            use = x.dtype in FUSED_DTYPES and (x.is_cuda or self.kernels == "triton")
             return (fused if use else reference)(x, *args)
 
         return run

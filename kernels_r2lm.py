@@ -46,6 +46,7 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 SCAN_IMPLEMENTATIONS = ("auto", "triton", "mamba", "torch")
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused elementwise kernels take
 
 
 def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):

@@ -40,14 +40,11 @@ from transformers.utils.import_utils import is_tracing
 
 from .configuration_r2lm import R2LMConfig
 from .generation_r2lm import R2LMGenerationConfig, R2LMGenerationMixin
-from .kernels_r2lm import conv_silu_triton, gated_residual_triton, selective_scan, triton
+from .kernels_r2lm import FUSED_DTYPES, conv_silu_triton, gated_residual_triton, selective_scan, triton
 
 
 # transformers renamed the decoder layer's cache argument from `past_key_values` to `cache` in 5.2x.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3DecoderLayer.forward).parameters else "past_key_values"
-
-
-_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _fused_inference(*tensors):
@@ -59,7 +56,7 @@ def _fused_inference(*tensors):
     return (
         triton is not None and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and all(t.is_cuda and t.dtype in _FUSED_DTYPES for t in tensors)
+        and all(t.is_cuda and t.dtype in FUSED_DTYPES for t in tensors)
     )
 
 
