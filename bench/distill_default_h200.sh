@@ -8,11 +8,12 @@
 # train/default_models.sh, JUDGE_STEPS steps, default 1250); `python -m train.distill` of models/r2lm-tiny-pycode
 # (SAMPLES prompts of 64 tokens, default 32768, 192 new tokens each, cut where they start to loop; MIX real code,
 # default 0.5); `python -m train --model models/r2lm-tiny-pycode --tokens` the distilled stream (STEPS, default 1500,
-# at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32); bench/decoding_table.py
-# on the fine-tuned model, then, when time is left, on the model before (the same judge and prompts: a same-run
-# comparison). $OUT gets distill_h200.log, decoding_table{,_before}.{json,md},
-# results.tar.xz (every run's log, metrics and eval.json) and, with RETURN_MODEL=1, the fine-tuned model's folder as
-# model.tar.part-* (15 MiB each).
+# at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32), once for each
+# certainty weight in CERTAINTY (default "0"; --certainty-weight, side by side on the one GPU); bench/decoding_table.py
+# on each fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left, on the model before
+# (the same judge and prompts: a same-run comparison). $OUT gets distill_h200.log, decoding_table_w{W}.{json,md} and
+# decoding_table_before.md, results.tar.xz (every run's log, metrics and eval.json) and, with RETURN_MODEL=1, the
+# folder of the fine-tuned model whose table chose the most tokens per forward, as model.tar.part-* (15 MiB each).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
@@ -47,24 +48,45 @@ save_results() {
   steps=$(python3 -c "import json, sys; t = json.load(open(sys.argv[1]))['train']['tokens']
 print(min(int(sys.argv[2]), max(50, int(sys.argv[3]) * t // (int(sys.argv[4]) * 256))))" \
     "$work/distilled/meta.json" "${STEPS:-1500}" "${PASSES:-4}" "${BATCH:-64}")
-  echo "== fine-tuning for $steps steps"
-  python3 -m train --model "$base" --tokens "$work/distilled" "${common[@]}" \
-    --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "$steps" \
-    --eval-every 500 --output-dir "$work/runs/distilled" > "$work/results/finetune.log" 2>&1 \
-    || { echo "fine-tuning failed:"; tail -5 "$work/results/finetune.log"; exit 1; }
-  grep -E '"step"' "$work/runs/distilled/metrics.jsonl" 2>/dev/null | grep nll | tail -2
+  echo "== fine-tuning for $steps steps at certainty weights ${CERTAINTY:-0} (side by side)"
+  tuned=()
+  for w in ${CERTAINTY:-0}; do
+    python3 -m train --model "$base" --tokens "$work/distilled" "${common[@]}" --certainty-weight "$w" \
+      --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "$steps" \
+      --eval-every 500 --output-dir "$work/runs/distilled-w$w" > "$work/results/finetune-w$w.log" 2>&1 &
+    tuned+=($!)
+  done
+  for i in "${!tuned[@]}"; do wait "${tuned[$i]}" || { echo "fine-tuning failed:"; tail -5 "$work"/results/finetune-w*.log; exit 1; }; done
+  for w in ${CERTAINTY:-0}; do
+    echo "certainty weight $w:"; grep -E '"step"' "$work/runs/distilled-w$w/metrics.jsonl" | grep nll | tail -1
+  done
   echo "== fine-tuned at $(elapsed) s"
   wait $judge || { echo "judge failed:"; tail -5 "$work/results/judge.log"; }
   echo "== judge ready at $(elapsed) s"
   save_results
-  table=(--judge "$work/runs/judge/final" --heldout "$work/corpus/heldout" --prompts "${PROMPTS:-160}")
-  timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled/final" "${table[@]}" \
-    --out "$work/results/after" && cp "$work/results/after/decoding_table.md" "$out/decoding_table.md" \
-    && cp "$work/results/after/decoding_table.json" "$out/decoding_table.json"
-  echo "== table (distilled) at $(elapsed) s"
-  save_results
-  if [ "${RETURN_MODEL:-0}" = 1 ]; then
-    tar -cf "$work/model.tar" -C "$work/runs/distilled" final && split -b 15M -d "$work/model.tar" "$out/model.tar.part-"
+  table=(--judge "$work/runs/judge/final" --heldout "$work/corpus/heldout" --prompts "${PROMPTS:-160}"
+         --thresholds ${THRESHOLDS:-0.9 0.8 0.7 0.6 0.5})
+  for w in ${CERTAINTY:-0}; do
+    timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled-w$w/final" \
+      "${table[@]}" --out "$work/results/after-w$w" \
+      && cp "$work/results/after-w$w/decoding_table.md" "$out/decoding_table_w$w.md" \
+      && cp "$work/results/after-w$w/decoding_table.json" "$out/decoding_table_w$w.json"
+    echo "== table (certainty weight $w) at $(elapsed) s"
+    save_results
+  done
+  if [ "${RETURN_MODEL:-0}" = 1 ]; then  # the variant whose table chose the most tokens per forward
+    best=$(python3 - "$work"/results/after-w*/decoding_table.json <<'EOF'
+import json, sys
+def score(table):  # the chosen setting's tokens per forward, then the most within 20% of the reference's judge NLL
+    bound = 1.2 * table["references"]["reference"]["judge_nll"]
+    chosen = table["settings"].get(table.get("chosen"))
+    return (chosen["tokens_per_forward"] if chosen else 0.0,
+            max([r["tokens_per_forward"] for r in table["settings"].values() if r["judge_nll"] <= bound], default=0.0))
+print(max((json.load(open(path)) for path in sys.argv[1:]), key=score)["model"])
+EOF
+)
+    echo "== returning $best"
+    tar -cf "$work/model.tar" -C "$best" . && split -b 15M -d "$work/model.tar" "$out/model.tar.part-"
   fi
   left=$(( 570 - $(elapsed) ))
   if [ $left -gt 60 ]; then

@@ -7,6 +7,7 @@ are faster that way).
 """
 
 import json
+import math
 import shutil
 
 import pytest
@@ -20,7 +21,9 @@ from convert.cli import UserError
 from r2lm import R2LMConfig, R2LMForDiffusionLM
 from train.__main__ import main
 from train.data import find_files, pack, prepare_tokens, split_by_file, tokenize_files
+from train import trainer
 from train.tokenizer import train_tokenizer
+from train.trainer import certainty_loss
 
 
 N_FILES = 12
@@ -214,6 +217,35 @@ def test_train_block_sizes_draw_each_step_from_the_list(corpus, tokenizer_dir, t
     assert R2LMConfig.from_pretrained(tmp_path / "final").block_size == 8
 
 
+def test_certainty_loss_is_the_entropy_of_the_right_masked_predictions():
+    """Against a hand computation: only masked positions whose argmax is the target count, at temperature 0.5."""
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [3.0, 0.0, 0.0], [0.0, 0.0, 4.0]]])
+    targets = torch.tensor([[0, 2, 0, 2]])  # right, wrong, right but not masked, right
+    masked = torch.tensor([[True, True, False, True]])
+
+    def entropy(row):
+        p = [math.exp(2 * x) for x in row]
+        return -sum(q / sum(p) * math.log(q / sum(p)) for q in p)
+
+    expected = (entropy([2.0, 0.0, -1.0]) + entropy([0.0, 0.0, 4.0])) / 2
+    assert certainty_loss(logits, targets, masked).item() == pytest.approx(expected, rel=1e-6)
+    assert certainty_loss(logits, torch.tensor([[1, 0, 1, 0]]), masked).item() == 0.0
+
+
+def test_certainty_weight_adds_its_term_to_the_training_loss(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """The same seed draws the same masks: with --certainty-weight 2 and the term fixed at 0.25, the first step's
+    logged loss is the plain run's plus 0.5; with the AR objective the option is refused."""
+    plain = train(corpus, tokenizer_dir, tmp_path / "plain", "--max-steps", "1", "--eval-every", "1000")
+    monkeypatch.setattr(trainer, "certainty_loss", lambda logits, targets, masked: logits.sum() * 0 + 0.25)
+    forced = train(corpus, tokenizer_dir, tmp_path / "forced", "--max-steps", "1", "--eval-every", "1000",
+                   "--certainty-weight", "2")
+    first = [[r["loss"] for r in records if "loss" in r][0] for records in (plain, forced)]
+    assert first[1] == pytest.approx(first[0] + 0.5, abs=1e-5)
+    line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "ar", *TINY,
+                   "--objective", "ar", "--certainty-weight", "2")
+    assert "--certainty-weight is for the diffusion objective on raw text" in line
+
+
 def test_train_block_sizes_must_divide_the_rows(corpus, tokenizer_dir, tmp_path, capsys):
     line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path, *TINY,
                    "--train-block-sizes", "8", "12")
@@ -248,6 +280,7 @@ def test_resume_refuses_changed_options(tmp_path, capsys):
         ("--max-grad-norm", "0", "--max-grad-norm must be positive, got 0.0"),
         ("--heldout-fraction", "1", "--heldout-fraction must be between 0 and 1 (both excluded), got 1.0"),
         ("--block-size", "0", "--block-size must be at least 1, got 0"),
+        ("--certainty-weight", "-1", "--certainty-weight must be 0 or more, got -1.0"),
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(option, value, expected, corpus, tokenizer_dir, tmp_path, capsys):

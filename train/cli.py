@@ -26,7 +26,7 @@ RANGES = {
     **dict.fromkeys(("warmup_steps", "freeze_backbone_steps", "seed"), (lambda x: x >= 0, "0 or more")),
     **dict.fromkeys(("lr", "max_grad_norm", "rope_theta", "time_limit_minutes", "lora_alpha"),
                     (lambda x: x > 0, "positive")),
-    "weight_decay": (lambda x: x >= 0, "0 or more"),
+    **dict.fromkeys(("weight_decay", "certainty_weight"), (lambda x: x >= 0, "0 or more")),
     "min_lr_ratio": (lambda x: 0 <= x <= 1, "from 0 to 1"),
     "heldout_fraction": (lambda x: 0 < x < 1, "between 0 and 1 (both excluded)"),
 }
@@ -76,6 +76,10 @@ def build_parser():
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
                      help="diffusion: DESIGN section 4; ar: next-token loss with block_size 1 (the AR baseline)")
+    opt.add_argument("--certainty-weight", type=float, default=0.0,
+                     help="adds dParallel's certainty forcing to the diffusion loss: this weight times the mean "
+                     "entropy (softmax at temperature 0.5) over the masked tokens the model already predicts right; "
+                     "for fine-tuning on a model's own continuations (train.distill), e.g. 2")
     opt.add_argument("--max-steps", type=int, default=1000)
     opt.add_argument("--batch-size", type=int, default=16, help="rows per process per micro-batch")
     opt.add_argument("--grad-accum", type=int, default=1)
@@ -157,6 +161,8 @@ def parse_args(argv):
     if args.train_block_sizes and (args.sft or args.objective == "ar"):
         parser.error("--train-block-sizes is for the diffusion objective on raw text; --sft lays conversations out "
                      "in the model's blocks and --objective ar has blocks of 1.")
+    if args.certainty_weight and (args.sft or args.objective == "ar"):
+        parser.error("--certainty-weight is for the diffusion objective on raw text (e.g. train.distill's stream).")
     if args.lora and not args.model:
         parser.error("--lora adapts an existing model: pass --model (an R2LM folder).")
     if args.lora and (args.freeze_backbone or args.freeze_backbone_steps):

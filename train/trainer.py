@@ -335,8 +335,11 @@ class Trainer:
         rates = eps + (1 - eps) * (1 - torch.rand(rows * acc.num_processes, n_blocks, generator=generator))
         first = acc.process_index * rows
         torch.rand(first, length, generator=generator)  # the token draws of the rows of the processes before
-        return self.objective(input_ids, generator=generator, block_size=block_size,
-                              mask_rates=rates[first : first + rows], **kwargs).loss
+        out = self.objective(input_ids, generator=generator, block_size=block_size,
+                             mask_rates=rates[first : first + rows], **kwargs)
+        if self.args.certainty_weight:
+            return out.loss + self.args.certainty_weight * certainty_loss(out.logits, input_ids, out.masked)
+        return out.loss
 
     def train_step(self):
         """One optimizer step over --grad-accum micro-batches; returns (mean loss tensor, grad norm)."""
@@ -513,6 +516,19 @@ class Trainer:
         bar.close()
         self.export(results)
         return results
+
+
+CERTAINTY_TEMPERATURE = 0.5
+
+
+def certainty_loss(logits, targets, masked):
+    """dParallel's certainty forcing: the mean entropy of softmax(logits / 0.5) over the masked positions whose argmax
+    is already the target (0 when there are none). Minimised beside the diffusion loss, it sharpens the predictions
+    the model gets right and leaves the wrong ones to the cross-entropy, so that more of the right ones pass a
+    decoding threshold."""
+    right = masked & (logits.argmax(-1) == targets)
+    logp = torch.log_softmax(logits[right].float() / CERTAINTY_TEMPERATURE, dim=-1)
+    return -(logp.exp() * logp).sum() / right.sum().clamp(min=1)
 
 
 class Meter:
