@@ -1,9 +1,11 @@
 """Chooses the default model's decoding settings by measurement: tokens per forward, quality and speed of the public
-`generate` on held-out Python functions, for each block size and confidence threshold; writes the choice into the
+`generate` on held-out Python functions, for each block size, confidence threshold and unmasking rule; writes the
+choice into the
 model folder's generation_config.json (and config.json's block_size).
 
     python bench/decoding_table.py --model R2LM_DIR --judge AR_DIR --heldout CORPUS/heldout --out DIR
         [--baselines NAME=DIR ...] [--prompts 160] [--block-sizes 4 8 16 32] [--thresholds 0.9 0.8 0.7 0.6 0.5]
+        [--unmasking confidence left_to_right]
 
 Prompts: in each held-out file (sorted, one function per file), the first function or method whose body has at least
 three statements; the prompt is the file's text up to the end of its signature (and docstring), the last
@@ -21,7 +23,7 @@ Quality, against the R2LM's own block-size-1 greedy continuation (the reference)
 A setting is acceptable when its judge NLL is within --nll-tolerance (10%) of the reference and its distinct
 4-grams are no fewer than the reference's; the default is the acceptable setting of most tokens per forward (the
 smaller block on a tie). Speed: tokens/s of whole generate calls (median of calls 2-4 of its shape, CUDA events) on the
-first --speed-rows prompts at batch 1 and --speed-rows, for each block size at the chosen threshold and the AR judge
+first --speed-rows prompts at batch 1 and --speed-rows, for each block size at the chosen threshold and rule and the AR judge
 at block size 1. Results: DIR/decoding_table.json and .md (written atomically), and samples.
 """
 
@@ -181,6 +183,12 @@ def timed_generate(model, prompts, settings, max_new, pad_id, eos_id):
     return dict(seconds=seconds, calls_s=[s for s, _ in runs], tokens=tokens, tokens_per_s=tokens / seconds)
 
 
+def setting_key(settings):
+    """"B16 t0.8" (the confidence rule), "B16 t0.8 left_to_right" (another)."""
+    rule = "" if settings["unmasking"] == "confidence" else " " + settings["unmasking"]
+    return f"B{settings['block_size']} t{settings['threshold']}{rule}"
+
+
 def write(out, result):
     for name, text in (("decoding_table.json", json.dumps(result, indent=1)), ("decoding_table.md", report(result))):
         write_text_atomic(out / name, text)
@@ -228,6 +236,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    ap.add_argument("--unmasking", nargs="+", default=["confidence", "left_to_right"],
+                    help="rules that choose what a step commits when nothing passes the threshold")
     ap.add_argument("--nll-tolerance", type=float, default=0.10)
     ap.add_argument("--speed-rows", type=int, default=64)
     ap.add_argument("--write-choice", action="store_true", help="write the choice into --model's configs")
@@ -250,27 +260,28 @@ def main():
     res["references"]["reference"], _ = run(model, dict(block_size=1, threshold=1.0))
     ref = res["references"]["reference"]
     samples = {}
-    for block in args.block_sizes:
-        for threshold in args.thresholds:
-            key = f"B{block} t{threshold}"
-            r, continuations = run(model, dict(block_size=block, threshold=threshold))
-            r.update(block_size=block, threshold=threshold,
-                     acceptable=r["judge_nll"] <= (1 + args.nll_tolerance) * ref["judge_nll"]
-                     and r["distinct_4grams"] >= ref["distinct_4grams"])
-            res["settings"][key] = r
-            samples[key] = continuations[:4]
-            print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
-            write(args.out, res)
+    for rule in args.unmasking:
+        for block in args.block_sizes:
+            for threshold in args.thresholds:
+                settings = dict(block_size=block, threshold=threshold, unmasking=rule)
+                r, continuations = run(model, settings)
+                r.update(settings, acceptable=r["judge_nll"] <= (1 + args.nll_tolerance) * ref["judge_nll"]
+                         and r["distinct_4grams"] >= ref["distinct_4grams"])
+                res["settings"][setting_key(settings)] = r
+                samples[setting_key(settings)] = continuations[:4]
+                print(setting_key(settings), {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+                      flush=True)
+                write(args.out, res)
     ok = [(r["tokens_per_forward"], -r["block_size"], key) for key, r in res["settings"].items() if r["acceptable"]]
     if ok:
         res["chosen"] = max(ok)[2]
     chosen = res["settings"].get(res.get("chosen"), None)
-    settings = dict(block_size=chosen["block_size"], threshold=chosen["threshold"]) if chosen else \
-        dict(block_size=model.generation_config.block_size, threshold=model.generation_config.threshold)
+    settings = {name: (chosen or {}).get(name, getattr(model.generation_config, name))
+                for name in ("block_size", "threshold", "unmasking")}
     res["chosen_settings"] = settings
     res["samples"] = [dict(file=p["file"], prompt=tokenizer.decode(p["ids"][-60:]),
                            continuation=tokenizer.decode(c))
-                      for p, c in zip(prompts[:4], samples[f"B{settings['block_size']} t{settings['threshold']}"]
+                      for p, c in zip(prompts[:4], samples[setting_key(settings)]
                                       if chosen else [[]] * 4)]
     res["baselines"] = {"r2lm": chosen} if chosen else {}
     for spec in args.baselines:
@@ -281,8 +292,8 @@ def main():
     res["speed"] = {}
     rows = prompts[: args.speed_rows]
     for block in args.block_sizes:
-        res["speed"][f"r2lm B{block} t{settings['threshold']}"] = {
-            str(b): timed_generate(model, rows[:b], dict(block_size=block, threshold=settings["threshold"]),
+        res["speed"]["r2lm " + setting_key({**settings, "block_size": block})] = {
+            str(b): timed_generate(model, rows[:b], {**settings, "block_size": block},
                                    args.max_new_tokens, pad_id, eos_id) for b in res["speed_batches"]}
     res["speed"]["ar (judge, block 1)"] = {
         str(b): timed_generate(judge, rows[:b], dict(block_size=1, threshold=1.0), args.max_new_tokens, pad_id,

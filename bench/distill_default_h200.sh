@@ -11,9 +11,10 @@
 # at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32), once for each
 # certainty weight in CERTAINTY (default "0"; --certainty-weight, side by side on the one GPU); bench/decoding_table.py
 # on each fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left, on the model before
-# (the same judge and prompts: a same-run comparison). $OUT gets distill_h200.log, decoding_table_w{W}.{json,md} and
-# decoding_table_before.md, results.tar.xz (every run's log, metrics and eval.json) and, with RETURN_MODEL=1, the
-# folder of the fine-tuned model whose table chose the most tokens per forward, as model.tar.part-* (15 MiB each).
+# (the same judge and prompts: a same-run comparison). $OUT gets distill_h200.log (every table too), results.tar.xz
+# (every run's log, metrics and eval.json; results/after-w{W}/ and results/before/ the tables as .md and .json) and,
+# with RETURN_MODEL=1, the folder of the fine-tuned model whose table chose the most tokens per forward, as
+# model.tar.part-* (15 MiB each): at most 8 files come back from a device call.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
@@ -68,9 +69,7 @@ print(min(int(sys.argv[2]), max(50, int(sys.argv[3]) * t // (int(sys.argv[4]) * 
          --thresholds ${THRESHOLDS:-0.9 0.8 0.7 0.6 0.5})
   for w in ${CERTAINTY:-0}; do
     timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled-w$w/final" \
-      "${table[@]}" --out "$work/results/after-w$w" \
-      && cp "$work/results/after-w$w/decoding_table.md" "$out/decoding_table_w$w.md" \
-      && cp "$work/results/after-w$w/decoding_table.json" "$out/decoding_table_w$w.json"
+      "${table[@]}" --out "$work/results/after-w$w"
     echo "== table (certainty weight $w) at $(elapsed) s"
     save_results
   done
@@ -90,8 +89,7 @@ EOF
   fi
   left=$(( 570 - $(elapsed) ))
   if [ $left -gt 60 ]; then
-    timeout $(( left - 5 )) python3 bench/decoding_table.py --model "$base" "${table[@]}" --out "$work/results/before" \
-      && cp "$work/results/before/decoding_table.md" "$out/decoding_table_before.md"
+    timeout $(( left - 5 )) python3 bench/decoding_table.py --model "$base" "${table[@]}" --out "$work/results/before"
   else
     echo "decoding table of the model before: skipped, $left s left"
   fi
