@@ -48,11 +48,12 @@ FRAME_S = 0.05  # at most ~20 canvas updates a second go to the page; the model 
 
 EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, temperature
     # Prompts end inside a line: byte-level BPE rarely saw a token boundary at a line's trailing whitespace.
-    ["import os\n\n\ndef list_python_files(root):\n    result = []\n    for", 64, 16, 0.3, "confidence", 0.0],
-    ['class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n        self', 64, 8, 0.6,
-     "margin", 0.0],
-    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 8, 0.6, "confidence", 0.0],
-    ["def is_prime(n):\n    if", 48, 4, 0.6, "entropy", 0.7],
+    # The first is the default model's own setting (generation_config.json); the others trade along the table.
+    ["import os\n\n\ndef list_python_files(root):\n    result = []\n    for", 64, 8, 0.9, "left_to_right", 0.0],
+    ["def fib(n):\n    if", 48, 16, 0.9, "left_to_right", 0.0],
+    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 4, 0.8, "left_to_right",
+     0.0],
+    ["def is_prime(n):\n    if", 48, 8, 0.9, "confidence", 0.7],
 ]
 
 
@@ -356,12 +357,14 @@ def build_inputs(model):
     block_size = getattr(model.generation_config, "block_size", None) or model.config.block_size
     block_size = block_size if block_size in BLOCK_SIZES else 16
     threshold = getattr(model.generation_config, "threshold", None) or 0.9
+    unmasking = getattr(model.generation_config, "unmasking", None)
+    unmasking = unmasking if unmasking in UNMASKING_RULES else "confidence"
     return [
         gr.Textbox(label="Prompt (Python code)", lines=6, value=EXAMPLES[0][0], elem_id="prompt"),
         gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens"),
         gr.Dropdown(list(BLOCK_SIZES), value=block_size, label="Block size", elem_id="block-size"),
         gr.Slider(0.05, 1.0, value=threshold, step=0.05, label="Threshold (commit every token surer than this)"),
-        gr.Dropdown(list(UNMASKING_RULES), value="confidence", label="Unmasking rule"),
+        gr.Dropdown(list(UNMASKING_RULES), value=unmasking, label="Unmasking rule"),
         gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
     ]
 

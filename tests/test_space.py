@@ -152,6 +152,18 @@ def test_closing_the_stream_stops_the_decoding(app):
     assert model.finished.wait(timeout=10) and model.steps < 10_000
 
 
+def test_settings_default_to_the_models_generation_config_and_examples_pass_the_checks(app, tiny_r2lm):
+    """The page opens on the model's own decoding settings (the default model's are chosen by measurement), and
+    every example is a request the page accepts."""
+    model = R2LMForDiffusionLM.from_pretrained(tiny_r2lm.folder)
+    model.generation_config.update(block_size=4, threshold=0.7, unmasking="left_to_right")
+    assert [box.value for box in app.build_inputs(model)[2:5]] == [4, 0.7, "left_to_right"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r2lm.folder, config=model.config)
+    decoder = app.Decoder(model, tokenizer)
+    for example in app.EXAMPLES:
+        assert decoder.check(*example).shape[0] == 1
+
+
 def test_caps_are_checked_before_any_decoding(app):
     """The listener checks its inputs itself, whatever the components let through (the model is never called)."""
     decoder = app.Decoder.__new__(app.Decoder)  # no model: a check that reached it would fail differently
