@@ -53,7 +53,7 @@ EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, t
     ["def fib(n):\n    if", 48, 16, 0.9, "left_to_right", 0.0],
     ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 4, 0.8, "left_to_right",
      0.0],
-    ["def is_prime(n):\n    if", 48, 8, 0.9, "confidence", 0.7],
+    ["def is_prime(n):\n    if", 48, 8, 0.9, "left_to_right", 0.7],
 ]
 
 
