@@ -237,10 +237,10 @@ def section_latency(models, res, args):
     release(models)
 
 
-def train_step_seconds(config, batch, length, steps, objective="diffusion"):
-    """Median seconds of one training step (the diffusion loss, or the AR loss for the AR baseline) -> backward ->
-    gradient clipping -> fused AdamW step, fp32 weights under bf16 autocast (train/trainer.py, through accelerate's
-    mixed_precision="bf16"); two untimed steps first."""
+def train_step(config, batch, length, objective="diffusion"):
+    """(model, step): a fresh model of `config` and one training step on a random batch (the diffusion loss, or the
+    AR loss for the AR baseline) -> backward -> gradient clipping -> fused AdamW step, fp32 weights under bf16 autocast
+    (train/trainer.py, through accelerate's mixed_precision="bf16")."""
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = R2LMForDiffusionLM(config).train()
@@ -259,6 +259,12 @@ def train_step_seconds(config, batch, length, steps, objective="diffusion"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def train_step_seconds(config, batch, length, steps, objective="diffusion"):
+    """Median seconds of one `train_step` and its model FLOPs; two untimed steps first."""
+    model, step = train_step(config, batch, length, objective)
     with torch.enable_grad():
         for _ in range(2):
             step()
@@ -279,15 +285,21 @@ def model_flops(model, batch, length, objective):
     return 6 * decoder * columns + 6 * head * batch * length + attention
 
 
+def default_model_shape():
+    """The R2LMConfig fields of the default model (models/r2lm-tiny-pycode/config.json)."""
+    fields = json.loads((REPO / "models" / "r2lm-tiny-pycode" / "config.json").read_text())
+    for name in ("architectures", "auto_map", "dtype", "transformers_version", "model_type"):
+        fields.pop(name)
+    return fields
+
+
 def section_train(models, res, args):
     """Training steps at the default model's shape (models/r2lm-tiny-pycode/config.json) for the four models of its
     comparison (R2LM, the causal dLLM, the bidirectional dLLM, the AR baseline), and at a 4x larger shape (hidden
     768, ffn 2048, 12 heads, 4 KV heads: four times the decoder's parameters) with and without sidecars. MFU: the
     step's model FLOPs (model_flops) over the H200's dense bf16 peak, 989 TFLOP/s."""
     batch, length = (4, 64) if args.tiny else (64, 256)
-    fields = json.loads((REPO / "models" / "r2lm-tiny-pycode" / "config.json").read_text())
-    for name in ("architectures", "auto_map", "dtype", "transformers_version", "model_type"):
-        fields.pop(name)
+    fields = default_model_shape()
     larger = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
     runs = {
         "with_sidecars": ({}, "diffusion"),
