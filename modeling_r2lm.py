@@ -22,6 +22,7 @@ and the seeds' Mamba dLLMs, selected by `config.mixer`: DiffuApriel ("mamba": ev
 the Mamba mixer elsewhere). Each layer reads its kind from `config.mixer_types[layer_idx]`.
 """
 
+import functools
 import inspect
 import math
 import numbers
@@ -350,27 +351,46 @@ class R2LMDiffusionOutput(ModelOutput):
     mask_rates: torch.Tensor | None = None
 
 
-def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(b, q, k) bool -> (b, 1, q, k) additive mask, as both the eager and the sdpa attention take it."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )[:, None]
+def attention_mask_from_rule(rule, rows, query_len, key_len, config, device, dtype):
+    """The attention mask that `rule(b, h, q, k)` (flex attention's mask_mod: may query q of row b see key k; index
+    tensors in, broadcasting) makes for `rows` rows (1: the same for every row) under `config._attn_implementation`:
+    flex attention's BlockMask (`block_mask_from_rule`), else the (rows, 1, q, k) additive mask that the eager and
+    sdpa attention take."""
+    if config._attn_implementation == "flex_attention":
+        if device.type != "cuda":
+            raise ValueError(
+                f"attn_implementation='flex_attention' runs on CUDA (on the {device.type}, torch's flex attention has "
+                "no backward and compiles few shapes): load the model with attn_implementation='sdpa' there."
+            )
+        return block_mask_from_rule(rule, rows, query_len, key_len, device)
+    b = torch.arange(rows, device=device)[:, None, None]
+    q = torch.arange(query_len, device=device)[None, :, None]
+    k = torch.arange(key_len, device=device)[None, None, :]
+    allowed = rule(b, None, q, k).expand(rows, query_len, key_len)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def inference_attention_mask(key_valid, query_len, causal, dtype):
-    """Mask for queries at the last `query_len` of the columns that `key_valid` (b, k) covers.
+def block_mask_from_rule(rule, rows, query_len, key_len, device, tile=128):
+    """`rule` as flex attention's BlockMask: no dense (q, k) tensor, and the tiles of `tile` x `tile` that no query of
+    a tile may see are skipped (about half of the training layout's)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    Causal: a query sees valid keys at or before its column. Bidirectional: every valid key. A padded query sees
-    itself, so that no row of the softmax is empty.
-    """
-    k_len = key_valid.shape[1]
-    k_col = torch.arange(k_len, device=key_valid.device)
-    q_col = k_col[k_len - query_len :, None]
-    allowed = key_valid[:, None, :].expand(-1, query_len, -1)
-    if causal:
-        allowed = allowed & (k_col[None, :] <= q_col)
-    query_valid = key_valid[:, k_len - query_len :, None]
-    return _additive_mask(allowed | (~query_valid & (k_col == q_col)), dtype)
+    return create_block_mask(rule, None if rows == 1 else rows, None, query_len, key_len, device=device,
+                             BLOCK_SIZE=tile)
+
+
+def inference_rule(key_valid, query_len, causal):
+    """Queries at the last `query_len` of the columns that `key_valid` (b, k) covers. Causal: a query sees valid keys
+    at or before its column. Bidirectional: every valid key. A padded query sees itself, so that no row of the softmax
+    is empty."""
+    offset = key_valid.shape[1] - query_len
+
+    def rule(b, h, q, k):
+        column = q + offset
+        allowed = key_valid[b, k] & (k <= column) if causal else key_valid[b, k]
+        return allowed | (~key_valid[b, column] & (k == column))
+
+    return rule
 
 
 def position_ids_from_validity(valid):
@@ -400,27 +420,39 @@ def column_blocks(length, block_size, block_offset, device):
     return block - block[0]
 
 
-def training_attention_mask(valid, block, dtype, document=None):
-    """Mask of the causal block-diffusion training layout `[x_noisy ; x_clean]` (2L columns, DESIGN section 4);
-    `block` (L,) is each column's block index; `document` (b, L), for packed rows, each column's document.
+def training_rule(block, valid=None, document=None):
+    """The causal block-diffusion training layout `[x_noisy ; x_clean]` (2L columns, DESIGN section 4) as a mask rule
+    (`attention_mask_from_rule`); `block` (L,) is each column's block index, `valid` (b, L) (None: nothing padded, one
+    mask for every row) and `document` (b, L), for packed rows, each column's document.
 
     A noisy query at p in block b sees the clean tokens of blocks < b and the noisy tokens of block b at positions
-    <= p; a clean query at p sees the clean tokens at positions <= p; with `document`, only those of its own document.
+    <= p; a clean query at p sees the clean tokens at positions <= p; with `document`, only those of its own document;
+    a padded query sees itself.
     """
-    length = valid.shape[1]
-    pos = torch.arange(length, device=valid.device)
-    before = pos[None, :] <= pos[:, None]  # (q, k): key at or before the query
-    same_block = block[None, :] == block[:, None]
-    earlier_block = block[None, :] < block[:, None]
-    noisy_rows = torch.cat([before & same_block, earlier_block], dim=1)
-    clean_rows = torch.cat([torch.zeros_like(before), before], dim=1)
-    both = torch.cat([valid, valid], dim=1)
-    allowed = torch.cat([noisy_rows, clean_rows], dim=0)[None] & both[:, None, :]
-    if document is not None:
-        doc = torch.cat([document, document], dim=1)
-        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
-    eye = torch.eye(2 * length, dtype=torch.bool, device=valid.device)
-    return _additive_mask(allowed | (~both[:, :, None] & eye), dtype)
+    length = block.shape[0]
+    blocks = torch.cat([block, block])
+    both = None if valid is None else torch.cat([valid, valid], dim=1)
+    docs = None if document is None else torch.cat([document, document], dim=1)
+
+    def rule(b, h, q, k):
+        q_clean, k_clean = q >= length, k >= length
+        noisy_query = torch.where(k_clean, blocks[k] < blocks[q], (k <= q) & (blocks[k] == blocks[q]))
+        allowed = torch.where(q_clean, k_clean & (k <= q), noisy_query)
+        if docs is not None:
+            allowed = allowed & (docs[b, q] == docs[b, k])
+        return allowed if both is None else (allowed & both[b, k]) | (~both[b, q] & (q == k))
+
+    return rule
+
+
+def document_rule(valid, document):
+    """Packed documents read bidirectionally (the bidirectional baseline): a query sees the valid keys of its own
+    document; a padded query sees itself."""
+
+    def rule(b, h, q, k):
+        return (valid[b, k] & (document[b, q] == document[b, k])) | (~valid[b, q] & (q == k))
+
+    return rule
 
 
 def document_ids(valid, position_ids):
@@ -466,7 +498,7 @@ class R2LMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["R2LMDecoderLayer", "R2LMMambaDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -633,7 +665,8 @@ class R2LMModel(R2LMPreTrainedModel):
             attention_mask is None or (not is_tracing(attention_mask) and bool(key_valid.all()))
         ):
             return None
-        return inference_attention_mask(key_valid, query_len, causal, dtype)
+        return attention_mask_from_rule(inference_rule(key_valid, query_len, causal), key_valid.shape[0], query_len,
+                                        key_valid.shape[1], self.config, key_valid.device, dtype)
 
     def _check_block_size(self, block_size):
         block_size = self.config.block_size if block_size is None else block_size
@@ -880,13 +913,14 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         halves = 2 if causal else 1  # the bidirectional baseline reads the noisy sequence only
         tokens = torch.cat([noisy, clean], dim=1) if causal else noisy
         embeds = self.model.embed_tokens(tokens)
-        if causal:  # without padding or packing, one (2L, 2L) mask serves every row
+        make_mask = functools.partial(attention_mask_from_rule, config=self.config, device=valid.device,
+                                      dtype=embeds.dtype)
+        if causal:  # without padding or packing, one mask serves every row
             shared = not padded and document is None
-            mask = training_attention_mask(valid[:1] if shared else valid, block, embeds.dtype, document)
+            rule = training_rule(block, None if shared else valid, document)
+            mask = make_mask(rule, 1 if shared else batch, 2 * length, 2 * length)
         elif document is not None and "attention" in self.config.mixer_types:
-            same = document[:, :, None] == document[:, None, :]
-            eye = torch.eye(length, dtype=torch.bool, device=valid.device)
-            mask = _additive_mask((valid[:, None, :] & same) | (~valid[:, :, None] & eye), embeds.dtype)
+            mask = make_mask(document_rule(valid, document), batch, length, length)
         else:
             mask = self.model._attention_mask(valid if padded else None, valid, length, False, embeds.dtype)
         hidden, _, _ = self.model._decode(

@@ -17,7 +17,9 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import ModelOutput
 
 from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM
-from r2lm.modeling_r2lm import reverse_conv_silu
+from r2lm.modeling_r2lm import (
+    attention_mask_from_rule, block_mask_from_rule, column_blocks, reverse_conv_silu, training_rule,
+)
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -580,6 +582,55 @@ def test_diffusion_loss_predictions_equal_inference_forward(pads):
                 has_context = mask[:, p].bool() & mask[:, p - 1].bool()
                 torch.testing.assert_close(out.logits[has_context, p], logits[has_context, p - 1], rtol=0, atol=1e-5)
             start = end
+
+
+@pytest.mark.parametrize("case", ["one mask for all rows", "padded rows", "packed documents"])
+def test_flex_block_mask_of_the_training_layout_attends_as_the_dense_mask(case):
+    """attn_implementation="flex_attention": the training layout's rule as a BlockMask (tiles of keys skipped, no dense
+    tensor) attends exactly as the additive mask built from the same rule, on random queries, keys and values of the
+    layout's 2L columns (flex attention runs eagerly: its compiled CPU kernels are not usable, and the model refuses
+    flex attention off CUDA in one line)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    length, rows = 40, 2
+    valid, document, block_offset = torch.ones(rows, length, dtype=torch.bool), None, 3
+    if case == "padded rows":
+        valid[1, :5] = False
+    if case == "packed documents":
+        document, block_offset = torch.tensor([0] * 16 + [1] * 24).expand(rows, length), 0
+    shared = case == "one mask for all rows"
+    rule = training_rule(column_blocks(length, 8, block_offset, "cpu"), None if shared else valid, document)
+    mask_rows, cpu = (1 if shared else rows), torch.device("cpu")
+    dense = attention_mask_from_rule(rule, mask_rows, 2 * length, 2 * length, R2LMConfig(), cpu, torch.float32)
+    block_mask = block_mask_from_rule(rule, mask_rows, 2 * length, 2 * length, cpu, tile=16)
+    assert block_mask.sparsity() > 25
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(rows, 2, 2 * length, 16) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, rtol=0, atol=1e-5)
+    flex = R2LMConfig(attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="runs on CUDA .* load the model with attn_implementation='sdpa' there"):
+        attention_mask_from_rule(rule, mask_rows, 2 * length, 2 * length, flex, cpu, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flex attention runs on CUDA)")
+def test_flex_attention_trains_as_sdpa_on_cuda(monkeypatch):
+    """On CUDA, attn_implementation="flex_attention" gives the diffusion loss and gradients of sdpa's dense mask
+    (float32, TF32 off), padded rows included."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ids, mask = random_ids(2, 32).cuda(), left_padded_mask(2, 32, [0, 5]).cuda()
+    results = []
+    for implementation in ("sdpa", "flex_attention"):
+        model = random_r2lm().cuda().train()
+        model.config._attn_implementation = implementation
+        out = model.diffusion_loss(ids, attention_mask=mask, mask_rates=0.5, block_size=8, block_offset=3,
+                                   generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (dense_loss, dense_grads), (flex_loss, flex_grads) = results
+    torch.testing.assert_close(flex_loss, dense_loss, rtol=0, atol=1e-5)
+    for flex_grad, dense_grad in zip(flex_grads, dense_grads, strict=True):
+        torch.testing.assert_close(flex_grad, dense_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_a_block_at_mask_rate_zero_masks_nothing_and_adds_nothing():

@@ -246,6 +246,12 @@ def test_certainty_weight_adds_its_term_to_the_training_loss(corpus, tokenizer_d
     assert "--certainty-weight is for the diffusion objective on raw text" in line
 
 
+def test_flex_attention_is_refused_off_cuda(corpus, tokenizer_dir, tmp_path, capsys):
+    line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path, *TINY,
+                   "--attn-implementation", "flex_attention")
+    assert "--attn-implementation flex_attention trains on CUDA only" in line
+
+
 def test_train_block_sizes_must_divide_the_rows(corpus, tokenizer_dir, tmp_path, capsys):
     line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path, *TINY,
                    "--train-block-sizes", "8", "12")

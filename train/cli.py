@@ -58,6 +58,9 @@ def build_parser():
     model.add_argument("--train-block-sizes", type=int, nargs="+",
                        help="each micro-batch draws its block size from these (default: the model's block size), "
                        "so that the model decodes well at any of them; the config's block_size stays the default")
+    model.add_argument("--attn-implementation", choices=("sdpa", "flex_attention"), default="sdpa",
+                       help="flex_attention (CUDA): the training layout's attention mask as flex attention's BlockMask, "
+                       "no dense (2L, 2L) tensor and the tiles no query sees skipped")
     model.add_argument("--rope-theta", type=float, default=10000.0)
     model.add_argument("--max-position-embeddings", type=int, default=4096)
 
