@@ -295,9 +295,10 @@ def default_model_shape():
 
 def section_train(models, res, args):
     """Training steps at the default model's shape (models/r2lm-tiny-pycode/config.json) for the four models of its
-    comparison (R2LM, the causal dLLM, the bidirectional dLLM, the AR baseline), and at a 4x larger shape (hidden
-    768, ffn 2048, 12 heads, 4 KV heads: four times the decoder's parameters) with and without sidecars. MFU: the
-    step's model FLOPs (model_flops) over the H200's dense bf16 peak, 989 TFLOP/s."""
+    comparison (R2LM, the causal dLLM, the bidirectional dLLM, the AR baseline), at a 4x larger shape (hidden
+    768, ffn 2048, 12 heads, 4 KV heads: four times the decoder's parameters) with and without sidecars, and on CUDA
+    the default shape with and without sidecars under flex attention. MFU: the step's model FLOPs (model_flops) over
+    the H200's dense bf16 peak, 989 TFLOP/s."""
     batch, length = (4, 64) if args.tiny else (64, 256)
     fields = default_model_shape()
     larger = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
@@ -309,6 +310,10 @@ def section_train(models, res, args):
         "4x_with_sidecars": (larger, "diffusion"),
         "4x_without_sidecars": ({**larger, "sidecar_layers": []}, "diffusion"),
     }
+    if CUDA:  # the layout's mask as flex attention's BlockMask (CUDA only)
+        flex = dict(attn_implementation="flex_attention")
+        runs.update(with_sidecars_flex=(flex, "diffusion"), without_sidecars_flex=({**flex, "sidecar_layers": []},
+                                                                                   "diffusion"))
     out = dict(batch=batch, length=length, peak_flops=989e12)
     for name, (changes, objective) in runs.items():
         config = R2LMConfig(**{**fields, **changes})
@@ -320,6 +325,8 @@ def section_train(models, res, args):
         save(res, args)
     out["sidecar_cost"] = out["with_sidecars"]["step_s"] / out["without_sidecars"]["step_s"] - 1
     out["sidecar_cost_4x"] = out["4x_with_sidecars"]["step_s"] / out["4x_without_sidecars"]["step_s"] - 1
+    if "with_sidecars_flex" in out:
+        out["sidecar_cost_flex"] = out["with_sidecars_flex"]["step_s"] / out["without_sidecars_flex"]["step_s"] - 1
     res["train"] = out
 
 
@@ -386,7 +393,8 @@ def summary_lines(res):
         lines += [f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {100 * r['mfu']:.1f}% | "
                   f"{r['scan'] if r['sidecar_layers'] else '-'} |" for name, r in t.items() if isinstance(r, dict)]
         lines += ["", f"Sidecar cost (with / without - 1): {100 * t['sidecar_cost']:.1f}% at the default shape, "
-                  f"{100 * t['sidecar_cost_4x']:.1f}% at the 4x shape."]
+                  f"{100 * t['sidecar_cost_4x']:.1f}% at the 4x shape"
+                  + (f", {100 * t['sidecar_cost_flex']:.1f}% under flex attention." if "sidecar_cost_flex" in t else ".")]
     skipped = [f"{k} ({v['skipped']})" for k, v in res["points"].items() if "skipped" in v]
     errors = [f"{k}: {v['error']}" for k, v in res["points"].items() if "error" in v]
     errors += [f"{k}: {v}" for k, v in res.get("errors", {}).items()]
