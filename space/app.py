@@ -357,8 +357,7 @@ def build_inputs(model):
     block_size = getattr(model.generation_config, "block_size", None) or model.config.block_size
     block_size = block_size if block_size in BLOCK_SIZES else 16
     threshold = getattr(model.generation_config, "threshold", None) or 0.9
-    unmasking = getattr(model.generation_config, "unmasking", None)
-    unmasking = unmasking if unmasking in UNMASKING_RULES else "confidence"
+    unmasking = getattr(model.generation_config, "unmasking", None) or "confidence"
     return [
         gr.Textbox(label="Prompt (Python code)", lines=6, value=EXAMPLES[0][0], elem_id="prompt"),
         gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens"),

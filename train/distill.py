@@ -18,9 +18,9 @@ OUT (written atomically, `python -m train --tokens` reads it):
   the other with no separator (an EOS after each would teach that text ends wherever a sample does); a continuation
   is cut where it starts to loop (a model's greedy text loops, and training on loops teaches them): before the first
   window of 32 tokens, taken every 8, whose distinct 4-grams are fewer than `--min-distinct` of its 4-grams; a
-  sample with less than one window left is dropped, unless it ended with an EOS; with `--mix r`, windows of the original training stream of the same length
-  are shuffled in among them, so that about a fraction r of the tokens are real code (what keeps the model from
-  drifting toward its own errors);
+  sample with less than one window left is dropped, unless it ended with an EOS; with `--mix r`, windows of the
+  original training stream of the same length are shuffled in among them, so that about a fraction r of the tokens
+  are real code (what keeps the model from drifting toward its own errors);
 - pieces.npy: (start, length, distilled) of each sample and window in train.npy, in order;
 - heldout.npy: the source's own, unchanged: held-out metrics stay on real code;
 - meta.json: the counts, the model, the settings and the source's meta.

@@ -150,7 +150,7 @@ def build_model(args, folder=None):
     else:
         tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
         model = R2LMForDiffusionLM(new_config(args, tokenizer))
-    model.set_attn_implementation(getattr(args, "attn_implementation", "sdpa"))
+    model.set_attn_implementation(args.attn_implementation)
     config = model.config
     if config.mask_token_id is None:
         raise UserError(f"{folder}: config.mask_token_id is not set; the diffusion objective needs `<|mask|>`.")
@@ -260,7 +260,7 @@ class Trainer:
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
         acc = self.accelerator = Accelerator(mixed_precision=mixed)
-        if getattr(args, "attn_implementation", "sdpa") == "flex_attention" and acc.device.type != "cuda":
+        if args.attn_implementation == "flex_attention" and acc.device.type != "cuda":
             raise UserError("--attn-implementation flex_attention trains on CUDA only (torch's flex attention has no "
                             f"backward on the {acc.device.type}): leave it out here.")
         self.output_dir = Path(args.output_dir)
