@@ -1,5 +1,6 @@
-"""The Triton scan's two forward kernels on one GPU, on the shapes the models scan: the step-by-step kernel and the
-tiled one (each tile of steps at once), and which one `_scan_triton_forward` picks. Times are medians of
+"""The Triton scan's kernels on one GPU, on the shapes the models scan: the forward's two kernels (step by step, and
+tiled: each tile of steps at once) and which one `_scan_triton_forward` picks; the backward's tiles (channels x rows
+per program) on the shapes models train on, and which one `_bwd_tiles` picks. Times are medians of
 `triton.testing.do_bench` (CUDA events); bf16 inputs laid out as the models pass them (token-major, transposed).
 
     python bench/scan_tiles.py --out DIR
@@ -7,7 +8,9 @@ tiled one (each tile of steps at once), and which one `_scan_triton_forward` pic
 Shapes (rows, channels, steps; d_state 16): R2LM's engine block step at batch 1, 32 and 128 (two rows per sequence,
 Qwen3-1.7B's sidecar width, blocks of 32); DiffuApriel's whole-sequence scans at 1.7B width (prompt 128 + 256 new at
 batch 1 and 8, 2048 + 1024 at batch 1); the default model's training rows (64 x 512 channels x 256 steps, forward with
-the backward's chunk states). Writes scan_tiles.{json,md} (temporary file, then rename).
+the backward's chunk states). Backward shapes (BACKWARD): a training batch of 64 x 256 tokens in both halves of the
+layout, blocks of 8 (the default model: 4096 rows of 8 steps, 768 channels; its 4x shape: 1536 channels), blocks of 32,
+and DiffuApriel's whole rows (128 x 768 x 256). Writes scan_tiles.{json,md} (temporary file, then rename).
 """
 
 import argparse
@@ -24,6 +27,9 @@ from train.checkpoint import write_text_atomic
 SHAPES = {"engine b1": (2, 4096, 32), "engine b32": (64, 4096, 32), "engine b128": (256, 4096, 32),
           "diffuapriel b1 384": (1, 4096, 384), "diffuapriel b8 384": (8, 4096, 384),
           "diffuapriel b1 3072": (1, 4096, 3072), "train 64 x 256": (64, 512, 256)}
+BACKWARD = {"default blocks of 8": (4096, 768, 8), "4x blocks of 8": (4096, 1536, 8),
+            "default blocks of 32": (1024, 768, 32), "diffuapriel rows": (128, 768, 256)}
+BACKWARD_TILES = [(block_d, rows) for block_d in (2, 4, 8, 16, 32) for rows in (1, 8, 64)]
 
 
 def inputs(batch, d_inner, length, d_state=16):
@@ -41,6 +47,7 @@ def inputs(batch, d_inner, length, d_state=16):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parts", default="forward,backward", help="comma-separated: forward, backward")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the Triton kernels are timed there)")
@@ -50,7 +57,8 @@ def main():
              "Milliseconds (median), bf16, right to left, inputs token-major. Max error: relative to the float32 "
              "reference's largest |y|.", "",
              "| shape (rows, channels, steps) | step by step | tiled | picked | max error |", "|---|---:|---:|---|---:|"]
-    for name, shape in SHAPES.items():
+    parts = args.parts.split(",")
+    for name, shape in SHAPES.items() if "forward" in parts else ():
         x, grads = inputs(*shape), name.startswith("train")
         ref = kernels_r2lm.selective_scan_ref(*x, reverse=True).float()
         row = res["shapes"][name] = dict(shape=shape, errors=[])
@@ -64,6 +72,39 @@ def main():
         print(name, row, flush=True)
         lines.append(f"| {name} {tuple(shape)} | {row['step_ms']:.4f} | {row['tiled_ms']:.4f} | {row['picked']} | "
                      f"{max(row['errors']):.1e} |")
+    lines += ["", "## Backward", "",
+              "Milliseconds (median) of the backward kernel, bf16, right to left, by tile (channels x rows a program); "
+              "'picked' is `_bwd_tiles`' choice; max error: the picked tile's largest gradient error relative to the "
+              "float32 reference's largest value of that gradient.", "",
+              "| shape (rows, channels, steps) | " + " | ".join(f"{d}x{r}" for d, r in BACKWARD_TILES)
+              + " | picked | forward | max error |", "|---|" + "---:|" * (len(BACKWARD_TILES) + 3)]
+    res["backward"] = {}
+    for name, shape in BACKWARD.items() if "backward" in parts else ():
+        x, dy = inputs(*shape), torch.randn(shape[0], shape[2], shape[1], device="cuda").bfloat16().transpose(1, 2)
+        _, states = kernels_r2lm._scan_triton_forward(*x, True, chunk_states=True)
+        row = res["backward"][name] = dict(shape=shape, ms={})
+        for tiles in BACKWARD_TILES:
+            if tiles[0] * 16 * kernels_r2lm._bwd_chunk(shape[2]) > kernels_r2lm._BWD_TILE_MAX:
+                row["ms"][f"{tiles[0]}x{tiles[1]}"] = float("nan")  # spills registers (and compiles for minutes)
+                continue
+            row["ms"][f"{tiles[0]}x{tiles[1]}"] = triton.testing.do_bench(
+                lambda: kernels_r2lm._scan_triton_backward(dy, *x, states, True, tiles=tiles),  # noqa: B023
+                return_mode="median")
+            print(name, tiles, f"{row['ms'][f'{tiles[0]}x{tiles[1]}']:.3f} ms", flush=True)
+        picked = kernels_r2lm._bwd_tiles(shape[0], shape[1], 16, shape[2], x[0])
+        row["picked"] = f"{picked[0]}x{picked[1]}"
+        row["picked_ms"] = triton.testing.do_bench(
+            lambda: kernels_r2lm._scan_triton_backward(dy, *x, states, True), return_mode="median")  # noqa: B023
+        row["forward_ms"] = triton.testing.do_bench(
+            lambda: kernels_r2lm._scan_triton_forward(*x, True, chunk_states=True), return_mode="median")  # noqa: B023
+        leaves = [t.float().requires_grad_() for t in x]
+        want = torch.autograd.grad(kernels_r2lm.selective_scan_ref(*leaves, reverse=True), leaves, dy.float())
+        got = kernels_r2lm._scan_triton_backward(dy, *x, states, True)
+        row["max_error"] = max(((g.float() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+        print(name, row, flush=True)
+        lines.append(f"| {name} {tuple(shape)} | " + " | ".join("-" if v != v else f"{v:.3f}" for v in row["ms"].values())
+                     + f" | {row['picked']} ({row['picked_ms']:.3f}) | {row['forward_ms']:.3f} | "
+                     f"{row['max_error']:.1e} |")
     write_text_atomic(args.out / "scan_tiles.json", json.dumps(res, indent=1))
     write_text_atomic(args.out / "scan_tiles.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,9 +1,10 @@
 #!/bin/bash
-# One device call (nvidia-h200, about 3 minutes): the training step of the default model's shape, for the sidecars'
-# cost (issue targets: <= 25% over the no-sidecar step). The CUDA test of flex-attention training against sdpa, then
-# bench/profile_train_step.py (the step with and without sidecars, kernel by kernel), then
-# `bench/throughput.py --parts train` (tokens/s and MFU, sdpa and flex attention). $OUT (else runs/train_step_h200)
-# gets train_step_h200.log, profile_train_step.txt and throughput.{json,md}.
+# One device call (nvidia-h200, about 5 minutes): the training step of the default model's shape, for the sidecars'
+# cost (issue targets: <= 25% over the no-sidecar step). The CUDA tests of the compiled scan and of flex-attention
+# training against sdpa, bench/scan_tiles.py (the scan's kernels by tile), then bench/profile_train_step.py (the step
+# with and without sidecars, kernel by kernel), then `bench/throughput.py --parts train` (tokens/s and MFU, sdpa and
+# flex attention). $OUT (else runs/train_step_h200) gets train_step_h200.log, scan_tiles.{json,md},
+# profile_train_step.txt and throughput.{json,md}.
 #   run(command="bash bench/train_step_h200.sh", timeout_s=400)
 # A CPU dry run: TINY=1 OUT=/tmp/dry_step bash bench/train_step_h200.sh
 set -u
@@ -13,7 +14,9 @@ mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,memory.used --format=csv
   python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
-  python3 -m pytest -q -p no:cacheprovider tests/test_modeling.py -k flex_attention_trains 2>&1 | tail -3
+  python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_modeling.py tests/test_kernels.py \
+    -k "flex_attention_trains or compiled_triton_scan" 2>&1 | tail -40
+  [ -n "${TINY:-}" ] || timeout 200 python3 bench/scan_tiles.py --parts backward --out "$out"
   (cd bench && python3 profile_train_step.py --out "$out" ${TINY:+--tiny}) | tail -40
   (cd bench && python3 throughput.py --parts train --out "$out" ${TINY:+--tiny}) | tail -20
 } 2>&1 | tee "$out/train_step_h200.log"

@@ -77,15 +77,32 @@ def forward_kernel(tiled):
         kernels_r2lm._scan_triton_forward = choose
 
 
+@contextlib.contextmanager
+def backward_tiles(tiles):
+    """Every Triton scan's backward in tiles (BLOCK_D channels, rows per program)."""
+    choose = kernels_r2lm._scan_triton_backward
+    kernels_r2lm._scan_triton_backward = functools.partial(choose, tiles=tiles)
+    try:
+        yield
+    finally:
+        kernels_r2lm._scan_triton_backward = choose
+
+
 def check_triton_scan(reverse):
     """In Triton's interpreter, through both forward kernels: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the
     tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
-    channels (a tile of channels part padding)."""
+    channels (a tile of channels part padding); then backward programs of several rows."""
     for tiled, length, d_state in itertools.product((False, True), (1, 5, 8, _FWD_STEPS + 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
         with forward_kernel(tiled):
             assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, tiled={tiled}", rtol=1e-9,
                                atol=1e-10)
+    # Programs of several rows, the last program's rows part past the batch (5 rows, 2 or 4 a program), channel
+    # tiles of 4 and 16 (20 channels: the last tile part padding).
+    for tiles, length in itertools.product(((4, 2), (16, 4)), (5, _FWD_STEPS + 8)):
+        inputs, dy = scan_inputs(batch=5, length=length, d_state=5)
+        with backward_tiles(tiles):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, tiles={tiles}", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
     inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
     for tiled in (False, True):

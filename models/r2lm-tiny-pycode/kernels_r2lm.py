@@ -75,6 +75,9 @@ _BWD_CHUNK = 128
 # channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
 # within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
 _BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
+# A backward program takes up to _BWD_ROWS_MAX rows (a power of two), as many as leave _BWD_PROGRAMS_PER_SM programs
+# per SM: it adds its rows' dA, dD and dbias to memory once, not once a row.
+_BWD_ROWS_MAX, _BWD_PROGRAMS_PER_SM = 64, 8
 # The tiled forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make
 # about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
 # at batch 1, or within 1%), 16 elements a thread.
@@ -222,89 +225,97 @@ if triton is not None:
     def _scan_bwd_kernel(
         u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        d_inner,
+        batch, d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
-        sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+        sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l,
         L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, CHUNKS: tl.constexpr,
-        BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_D: tl.constexpr, ROWS: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
     ):
-        """One program: row `program_id(0)`, BLOCK_D channels, the row in CHUNKS chunks of LP steps (its last chunk
-        in scan order part padding, NP: d_state padded to a power of two), each chunk at once as (BLOCK_D, NP, LP)
-        tiles in scan order s, from the last chunk to the first. A row of several chunks starts each chunk from the
-        state the forward stored in states (batch, chunks - 1, d_inner, N) and carries the adjoint back from the chunk
-        after.
-        du, ddt, dz are contiguous (batch, d_inner, L); dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every
-        program of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
-        row = tl.program_id(0)
-        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N, NP, BLOCK_D, ACC)
-        lam_carry = tl.zeros((BLOCK_D, NP), dtype=ACC)  # dL/dh at the first step of the chunk after this one
-        dA = tl.zeros((BLOCK_D, NP), dtype=ACC)  # sums over the row's steps, added to the buffers once at the end
+        """One program: ROWS rows from `program_id(0) * ROWS` (those below batch), BLOCK_D channels; each row in
+        CHUNKS chunks of LP steps (its last chunk in scan order part padding, NP: d_state padded to a power of two),
+        each chunk at once as (BLOCK_D, NP, LP) tiles in scan order s, from the last chunk to the first. A row of
+        several chunks starts each chunk from the state the forward stored in states (batch, chunks - 1, d_inner, N)
+        and carries the adjoint back from the chunk after.
+        du, ddt, dz share the strides sdu_*; dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every program
+        of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
+        d, n, dmask_all, nmask_all, _, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N, NP, BLOCK_D,
+                                                                  ACC)
+        dA = tl.zeros((BLOCK_D, NP), dtype=ACC)  # sums over the rows' steps, added to the buffers once at the end
         dD = tl.zeros((BLOCK_D,), dtype=ACC)
         dbias = tl.zeros((BLOCK_D,), dtype=ACC)
-        for k in range(CHUNKS):
-            chunk = CHUNKS - 1 - k
-            s, p, t, t_next = _scan_steps(chunk * LP, L, LP, REVERSE)
-            smask = p < L
-            m = dmask[:, None] & smask[None, :]
-            # The step after p exists: after the chunk's last step, the next chunk's first (its delta is in memory).
-            m_next = dmask[:, None] & (p < L - 1)[None, :]
-            mB = nmask[:, None] & smask[None, :]
-            u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
-            dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
-            dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
-            z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
-            dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
-            B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
-            C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
+        for r in range(ROWS):
+            row = tl.program_id(0) * ROWS + r
+            # A row past the batch loads and stores nothing: its zeros add nothing to dA, dD, dbias. (Compared as
+            # vectors: Triton's interpreter cannot mask with a scalar comparison.)
+            dmask, nmask = dmask_all & (row + 0 * d < batch), nmask_all & (row + 0 * n < batch)
+            dnmask = dmask[:, None] & nmask[None, :]
+            lam_carry = tl.zeros((BLOCK_D, NP), dtype=ACC)  # dL/dh at the first step of the chunk after this one
+            for k in range(CHUNKS):
+                chunk = CHUNKS - 1 - k
+                s, p, t, t_next = _scan_steps(chunk * LP, L, LP, REVERSE)
+                smask = p < L
+                m = dmask[:, None] & smask[None, :]
+                # The step after p exists: after the chunk's last step, the next chunk's first (its delta is in
+                # memory).
+                m_next = dmask[:, None] & (p < L - 1)[None, :]
+                mB = nmask[:, None] & smask[None, :]
+                u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
+                dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
+                dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
+                z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
+                dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
+                B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+                C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
 
-            # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding a=1,
-            # b=0. From h = 0 the scan gives h's part from this chunk's inputs; the state h0 entering the chunk adds
-            # (a_0 ... a_s) h0, the scan's cumulative product of a.
-            delta = tl.where(m, _softplus(dt + bias), 0.0)
-            delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
-            b = (delta * u)[:, None, :] * B
-            a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
-            if CHUNKS > 1:  # (states is None for a row of one chunk)
-                if chunk > 0:  # the first chunk starts from h = 0
-                    h0 = _load_tile(states_ptr + (row * (CHUNKS - 1) + chunk - 1) * d_inner * N, N, 1, d, n, dnmask,
-                                    ACC)
-                    h += a_prod * h0[:, :, None]
-            sig_z = _sigmoid(z)
-            g = dy * z * sig_z  # dL/dy'_s, y'_s = C_s . h_s + D u_s the output before its gate
-            y = tl.sum(C * h, axis=1) + D * u
-            dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
+                # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding
+                # a=1, b=0. From h = 0 the scan gives h's part from this chunk's inputs; the state h0 entering the
+                # chunk adds (a_0 ... a_s) h0, the scan's cumulative product of a.
+                delta = tl.where(m, _softplus(dt + bias), 0.0)
+                delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
+                b = (delta * u)[:, None, :] * B
+                a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
+                if CHUNKS > 1:  # (states is None for a row of one chunk)
+                    if chunk > 0:  # the first chunk starts from h = 0
+                        h0 = _load_tile(states_ptr + (row * (CHUNKS - 1) + chunk - 1) * d_inner * N, N, 1, d, n,
+                                        dnmask, ACC)
+                        h += a_prod * h0[:, :, None]
+                sig_z = _sigmoid(z)
+                g = dy * z * sig_z  # dL/dy'_s, y'_s = C_s . h_s + D u_s the output before its gate
+                y = tl.sum(C * h, axis=1) + D * u
+                dz = dy * y * sig_z * (1.0 + z * (1.0 - sig_z))
 
-            # The adjoint lambda_s = dL/dh_s = g_s C_s + a_{s+1} lambda_{s+1} (a_L = 0): the same recurrence, right
-            # to left. After the chunk's last step comes the next chunk's first, whose lambda the carry holds: it adds
-            # (a_{s+1} ... a_{last+1}) lambda_carry, the reverse scan's cumulative product of a_next.
-            a_next = tl.where(m_next[:, None, :], tl.exp(delta_next[:, None, :] * A), 0.0)
-            a_next_prod, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine,
-                                                   reverse=True)
-            if CHUNKS > 1:
-                lam += a_next_prod * lam_carry[:, :, None]
-                lam_carry = tl.sum(tl.where(s[None, None, :] == 0, lam, 0.0), axis=2)
-            lam_B = tl.sum(lam * B, axis=1)
-            lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
-            du = g * D + lam_B * delta
-            ddelta = tl.sum(lam_ah * A, axis=1) + lam_B * u
-            x = dt + bias
-            ddt = ddelta * tl.where(x > 20.0, 1.0, _sigmoid(x))
+                # The adjoint lambda_s = dL/dh_s = g_s C_s + a_{s+1} lambda_{s+1} (a_L = 0): the same recurrence,
+                # right to left. After the chunk's last step comes the next chunk's first, whose lambda the carry
+                # holds: it adds (a_{s+1} ... a_{last+1}) lambda_carry, the reverse scan's cumulative product of a_next.
+                a_next = tl.where(m_next[:, None, :], tl.exp(delta_next[:, None, :] * A), 0.0)
+                a_next_prod, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine,
+                                                       reverse=True)
+                if CHUNKS > 1:
+                    lam += a_next_prod * lam_carry[:, :, None]
+                    lam_carry = tl.sum(tl.where(s[None, None, :] == 0, lam, 0.0), axis=2)
+                lam_B = tl.sum(lam * B, axis=1)
+                lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
+                du = g * D + lam_B * delta
+                ddelta = tl.sum(lam_ah * A, axis=1) + lam_B * u
+                x = dt + bias
+                ddt = ddelta * tl.where(x > 20.0, 1.0, _sigmoid(x))
 
-            out = row * d_inner * L + d[:, None] * L + t[None, :]
-            tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
-            tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
-            tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            # Sums over this tile's channels (dB, dC): other programs of the row add theirs.
-            rows = row * N * L + n[:, None] * L + t[None, :]
-            tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
-            tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
-            dA += tl.sum(lam_ah * delta[:, None, :], axis=2)
-            dD += tl.sum(g * u, axis=1)
-            dbias += tl.sum(ddt, axis=1)
-        # Sums over this row's steps (dA, dD, dbias): other programs of the channel tile add theirs.
+                out = row * sdu_b + d[:, None] * sdu_d + t[None, :] * sdu_l
+                tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
+                tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+                tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                # Sums over this tile's channels (dB, dC): other programs of the row add theirs.
+                rows = row * N * L + n[:, None] * L + t[None, :]
+                tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
+                tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
+                dA += tl.sum(lam_ah * delta[:, None, :], axis=2)
+                dD += tl.sum(g * u, axis=1)
+                dbias += tl.sum(ddt, axis=1)
+        # Sums over these rows' steps (dA, dD, dbias): other programs of the channel tile add theirs.
+        dnmask = dmask_all[:, None] & nmask_all[None, :]
         tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA, mask=dnmask)
-        tl.atomic_add(dD_ptr + d, dD, mask=dmask)
-        tl.atomic_add(dbias_ptr + d, dbias, mask=dmask)
+        tl.atomic_add(dD_ptr + d, dD, mask=dmask_all)
+        tl.atomic_add(dbias_ptr + d, dbias, mask=dmask_all)
 
 
 def _accumulate_dtype(dtype):
@@ -325,6 +336,7 @@ def _bwd_chunk(L):
 
 
 def _sms(x):
+    """Streaming multiprocessors of x's GPU (1 for the CPU interpreter's tensors)."""
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
 
 
@@ -371,29 +383,39 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
     return y, states
 
 
-def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, reverse):
-    """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
-    (du, ddelta, dz: contiguous (batch, d_inner, L)); states: the forward's chunk states. Tiles of BLOCK_D channels
-    as _BWD_CHANNELS says, for the chunk's steps."""
-    batch, d_inner, L = u.shape
-    d_state = A.shape[1]
+def _bwd_tiles(batch, d_inner, d_state, L, x):
+    """The backward's tile (BLOCK_D channels, rows per program) for these rows: as _BWD_CHANNELS says, and as many
+    rows a program as leave at least _BWD_PROGRAMS_PER_SM programs per SM."""
     NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
     block_d = min(max(_BWD_CHANNELS, _BWD_TILE_MIN // (NP * LP)), max(1, _BWD_TILE_MAX // (NP * LP)))
     block_d = min(block_d, triton.next_power_of_2(d_inner))
+    rows = batch * triton.cdiv(d_inner, block_d) // (_BWD_PROGRAMS_PER_SM * _sms(x))
+    return block_d, min(_BWD_ROWS_MAX, max(1, triton.next_power_of_2(rows + 1) // 2))
+
+
+def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, reverse, tiles=None):
+    """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
+    (du, ddelta, dz token-major: (batch, L, d_inner) transposed, as the sidecar passes u, delta and z); states: the
+    forward's chunk states. tiles: (BLOCK_D, rows per program), default as _bwd_tiles says."""
+    batch, d_inner, L = u.shape
+    d_state = A.shape[1]
+    NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
+    block_d, rows = tiles or _bwd_tiles(batch, d_inner, d_state, L, u)
     num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
     acc = torch.promote_types(u.dtype, torch.float32)
-    du, ddelta, dz = (torch.empty(batch, d_inner, L, dtype=t.dtype, device=u.device) for t in (u, delta, z))
+    du, ddelta, dz = (torch.empty(batch, L, d_inner, dtype=t.dtype, device=u.device).transpose(1, 2)
+                      for t in (u, delta, z))
     dB, dC = (torch.zeros(batch, d_state, L, dtype=acc, device=u.device) for _ in range(2))
     dA = torch.zeros(d_inner, d_state, dtype=acc, device=u.device)
     dD, dbias = (torch.zeros(d_inner, dtype=acc, device=u.device) for _ in range(2))
-    grid = (batch, triton.cdiv(d_inner, block_d))
+    grid = (triton.cdiv(batch, rows), triton.cdiv(d_inner, block_d))
     with _launch_device(u):
         _scan_bwd_kernel[grid](
             u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
             du, ddelta, dz, dA, dB, dC, dD, dbias,
-            d_inner,
-            *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(),
-            L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, REVERSE=reverse,
+            batch, d_inner,
+            *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(), *du.stride(),
+            L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, ROWS=rows, REVERSE=reverse,
             ACC=_accumulate_dtype(u.dtype), num_warps=num_warps,
         )
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
