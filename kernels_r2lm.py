@@ -75,9 +75,9 @@ _BWD_CHUNK = 128
 # channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
 # within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
 _BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
-# A backward program takes up to _BWD_ROWS_MAX rows (a power of two), as many as leave _BWD_PROGRAMS_PER_SM programs
-# per SM: it adds its rows' dA, dD and dbias to memory once, not once a row.
-_BWD_ROWS_MAX, _BWD_PROGRAMS_PER_SM = 64, 8
+# A backward program takes all of a row's channel tiles one after another (summing dB and dC over them in registers),
+# or as few as leave _BWD_PROGRAMS_PER_SM programs per SM.
+_BWD_PROGRAMS_PER_SM = 8
 # The tiled forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make
 # about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
 # at batch 1, or within 1%), 16 elements a thread.
@@ -118,11 +118,11 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2
 
     @triton.jit
-    def _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, tile, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
                       ACC: tl.constexpr):
-        """A tile program's channels d (BLOCK_D, of program_id(1)) and states n (NP, N of them real), their masks, and
-        its parameters as ACC: A (BLOCK_D, NP, 1), D and bias (BLOCK_D, 1)."""
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        """Channel tile `tile`'s channels d (BLOCK_D) and states n (NP, N of them real), their masks, and its
+        parameters as ACC: A (BLOCK_D, NP, 1), D and bias (BLOCK_D, 1)."""
+        d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
         dmask, nmask = d < d_inner, n < N
         dnmask = dmask[:, None] & nmask[None, :]
@@ -197,7 +197,8 @@ if triton is not None:
         the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
         row (in scan order; LP divides CHUNK) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
-        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N, NP, BLOCK_D, ACC)
+        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, tl.program_id(1), N,
+                                                               NP, BLOCK_D, ACC)
         state = tl.zeros((BLOCK_D, NP), dtype=ACC)
         for start in range(0, L, LP):
             s, p, t, _ = _scan_steps(start, L, LP, REVERSE)
@@ -223,49 +224,49 @@ if triton is not None:
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
+        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr, carry_ptr,
         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        batch, d_inner,
+        d_inner, tiles,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l,
         L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, CHUNKS: tl.constexpr,
-        BLOCK_D: tl.constexpr, ROWS: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
     ):
-        """One program: ROWS rows from `program_id(0) * ROWS` (those below batch), BLOCK_D channels; each row in
-        CHUNKS chunks of LP steps (its last chunk in scan order part padding, NP: d_state padded to a power of two),
-        each chunk at once as (BLOCK_D, NP, LP) tiles in scan order s, from the last chunk to the first. A row of
-        several chunks starts each chunk from the state the forward stored in states (batch, chunks - 1, d_inner, N)
-        and carries the adjoint back from the chunk after.
-        du, ddt, dz share the strides sdu_*; dB, dC (batch, N, L), dA, dD, dbias are ACC buffers that every program
-        of a row (dB, dC) or of a channel tile (dA, dD, dbias) adds to."""
-        d, n, dmask_all, nmask_all, _, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, N, NP, BLOCK_D,
-                                                                  ACC)
-        dA = tl.zeros((BLOCK_D, NP), dtype=ACC)  # sums over the rows' steps, added to the buffers once at the end
-        dD = tl.zeros((BLOCK_D,), dtype=ACC)
-        dbias = tl.zeros((BLOCK_D,), dtype=ACC)
-        for r in range(ROWS):
-            row = tl.program_id(0) * ROWS + r
-            # A row past the batch loads and stores nothing: its zeros add nothing to dA, dD, dbias. (Compared as
-            # vectors: Triton's interpreter cannot mask with a scalar comparison.)
-            dmask, nmask = dmask_all & (row + 0 * d < batch), nmask_all & (row + 0 * n < batch)
-            dnmask = dmask[:, None] & nmask[None, :]
-            lam_carry = tl.zeros((BLOCK_D, NP), dtype=ACC)  # dL/dh at the first step of the chunk after this one
-            for k in range(CHUNKS):
-                chunk = CHUNKS - 1 - k
-                s, p, t, t_next = _scan_steps(chunk * LP, L, LP, REVERSE)
-                smask = p < L
+        """One program: row `program_id(0)`, `tiles` channel tiles of BLOCK_D channels from tile program_id(1) *
+        tiles. The row in CHUNKS chunks of LP steps (its last chunk in scan order part padding; NP: d_state padded to
+        a power of two), from the last chunk to the first; in each chunk the program's channel tiles one after
+        another, each as a (BLOCK_D, NP, LP) tile in scan order s. A row of several chunks starts each chunk from the
+        state the forward stored in states (batch, chunks - 1, d_inner, N), and each channel's adjoint waits in carry
+        (batch, d_inner, N) for the chunk before.
+        du, ddt, dz share the strides sdu_*. dB, dC (batch, N, L): ACC buffers, each chunk's sum over the program's
+        channels added once (the row's other programs add theirs). dA (batch, d_inner, N), dD, dbias (batch, d_inner):
+        ACC buffers of each row's sums over its steps, stored by the one program of that row and channel; the caller
+        sums them over rows. No other atomic adds: per (row, channel) or per tile they took most of the kernel's
+        time."""
+        row = tl.program_id(0)
+        for k in range(CHUNKS):
+            chunk = CHUNKS - 1 - k
+            s, p, t, t_next = _scan_steps(chunk * LP, L, LP, REVERSE)
+            smask = p < L
+            n = tl.arange(0, NP)
+            mB = (n < N)[:, None] & smask[None, :]
+            B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
+            C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
+            dB = tl.zeros((NP, LP), dtype=ACC)  # this chunk's sums over the program's channels
+            dC = tl.zeros((NP, LP), dtype=ACC)
+            for c in range(tiles):
+                d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner,
+                                                                       tl.program_id(1) * tiles + c, N, NP, BLOCK_D,
+                                                                       ACC)
                 m = dmask[:, None] & smask[None, :]
                 # The step after p exists: after the chunk's last step, the next chunk's first (its delta is in
                 # memory).
                 m_next = dmask[:, None] & (p < L - 1)[None, :]
-                mB = nmask[:, None] & smask[None, :]
                 u = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, LP)
                 dt = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
                 dt_next = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t_next, m_next, ACC)
                 z = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
                 dy = _load_tile(dy_ptr + row * sdy_b, sdy_d, sdy_l, d, t, m, ACC)
-                B = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)[None, :, :]  # (1, NP, LP)
-                C = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)[None, :, :]
 
                 # The forward again: h_s = a_s h_{s-1} + b_s, a_s = exp(delta_s A), b_s = delta_s u_s B_s; padding
                 # a=1, b=0. From h = 0 the scan gives h's part from this chunk's inputs; the state h0 entering the
@@ -274,6 +275,8 @@ if triton is not None:
                 delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
                 b = (delta * u)[:, None, :] * B
                 a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
+                # the (row, channel, state) slots of the carry and dA buffers
+                slots = (row * d_inner + d[:, None]) * N + n[None, :]
                 if CHUNKS > 1:  # (states is None for a row of one chunk)
                     if chunk > 0:  # the first chunk starts from h = 0
                         h0 = _load_tile(states_ptr + (row * (CHUNKS - 1) + chunk - 1) * d_inner * N, N, 1, d, n,
@@ -291,8 +294,10 @@ if triton is not None:
                 a_next_prod, lam = tl.associative_scan((a_next, g[:, None, :] * C), 2, _first_order_combine,
                                                        reverse=True)
                 if CHUNKS > 1:
-                    lam += a_next_prod * lam_carry[:, :, None]
-                    lam_carry = tl.sum(tl.where(s[None, None, :] == 0, lam, 0.0), axis=2)
+                    if k > 0:
+                        lam += a_next_prod * tl.load(carry_ptr + slots, mask=dnmask, other=0.0)[:, :, None]
+                    tl.store(carry_ptr + slots, tl.sum(tl.where(s[None, None, :] == 0, lam, 0.0), axis=2),
+                             mask=dnmask)
                 lam_B = tl.sum(lam * B, axis=1)
                 lam_ah = lam * (h - b)  # a_s h_{s-1} = h_s - b_s, without dividing by a_s
                 du = g * D + lam_B * delta
@@ -304,18 +309,23 @@ if triton is not None:
                 tl.store(du_ptr + out, du.to(du_ptr.dtype.element_ty), mask=m)
                 tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
                 tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=m)
-                # Sums over this tile's channels (dB, dC): other programs of the row add theirs.
-                rows = row * N * L + n[:, None] * L + t[None, :]
-                tl.atomic_add(dB_ptr + rows, tl.sum(lam * (delta * u)[:, None, :], axis=0), mask=mB)
-                tl.atomic_add(dC_ptr + rows, tl.sum(g[:, None, :] * h, axis=0), mask=mB)
-                dA += tl.sum(lam_ah * delta[:, None, :], axis=2)
-                dD += tl.sum(g * u, axis=1)
-                dbias += tl.sum(ddt, axis=1)
-        # Sums over these rows' steps (dA, dD, dbias): other programs of the channel tile add theirs.
-        dnmask = dmask_all[:, None] & nmask_all[None, :]
-        tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA, mask=dnmask)
-        tl.atomic_add(dD_ptr + d, dD, mask=dmask_all)
-        tl.atomic_add(dbias_ptr + d, dbias, mask=dmask_all)
+                dB += tl.sum(lam * (delta * u)[:, None, :], axis=0)
+                dC += tl.sum(g[:, None, :] * h, axis=0)
+                # The row's sums over its steps, chunk by chunk (a later chunk of the row, in scan order, came first).
+                dA = tl.sum(lam_ah * delta[:, None, :], axis=2)
+                dD = tl.sum(g * u, axis=1)
+                dbias = tl.sum(ddt, axis=1)
+                channels = row * d_inner + d
+                if k > 0:
+                    dA += tl.load(dA_ptr + slots, mask=dnmask, other=0.0)
+                    dD += tl.load(dD_ptr + channels, mask=dmask, other=0.0)
+                    dbias += tl.load(dbias_ptr + channels, mask=dmask, other=0.0)
+                tl.store(dA_ptr + slots, dA, mask=dnmask)
+                tl.store(dD_ptr + channels, dD, mask=dmask)
+                tl.store(dbias_ptr + channels, dbias, mask=dmask)
+            rows = row * N * L + n[:, None] * L + t[None, :]
+            tl.atomic_add(dB_ptr + rows, dB, mask=mB)
+            tl.atomic_add(dC_ptr + rows, dC, mask=mB)
 
 
 def _accumulate_dtype(dtype):
@@ -384,42 +394,46 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
 
 
 def _bwd_tiles(batch, d_inner, d_state, L, x):
-    """The backward's tile (BLOCK_D channels, rows per program) for these rows: as _BWD_CHANNELS says, and as many
-    rows a program as leave at least _BWD_PROGRAMS_PER_SM programs per SM."""
+    """The backward's tiles for these rows: (BLOCK_D channels, channel tiles a program). BLOCK_D as _BWD_CHANNELS
+    says; a program takes all of a row's channel tiles, or as few as leave at least _BWD_PROGRAMS_PER_SM programs per
+    SM."""
     NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
     block_d = min(max(_BWD_CHANNELS, _BWD_TILE_MIN // (NP * LP)), max(1, _BWD_TILE_MAX // (NP * LP)))
     block_d = min(block_d, triton.next_power_of_2(d_inner))
-    rows = batch * triton.cdiv(d_inner, block_d) // (_BWD_PROGRAMS_PER_SM * _sms(x))
-    return block_d, min(_BWD_ROWS_MAX, max(1, triton.next_power_of_2(rows + 1) // 2))
+    tiles = triton.cdiv(d_inner, block_d)
+    programs_per_row = min(tiles, triton.cdiv(_BWD_PROGRAMS_PER_SM * _sms(x), batch))
+    return block_d, triton.cdiv(tiles, programs_per_row)
 
 
 def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, reverse, tiles=None):
     """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
     (du, ddelta, dz token-major: (batch, L, d_inner) transposed, as the sidecar passes u, delta and z); states: the
-    forward's chunk states. tiles: (BLOCK_D, rows per program), default as _bwd_tiles says."""
+    forward's chunk states. tiles: (BLOCK_D channels, channel tiles a program), default as _bwd_tiles says."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
-    block_d, rows = tiles or _bwd_tiles(batch, d_inner, d_state, L, u)
+    block_d, per_program = tiles or _bwd_tiles(batch, d_inner, d_state, L, u)
     num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
-    acc = torch.promote_types(u.dtype, torch.float32)
+    acc = dict(dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
     du, ddelta, dz = (torch.empty(batch, L, d_inner, dtype=t.dtype, device=u.device).transpose(1, 2)
                       for t in (u, delta, z))
-    dB, dC = (torch.zeros(batch, d_state, L, dtype=acc, device=u.device) for _ in range(2))
-    dA = torch.zeros(d_inner, d_state, dtype=acc, device=u.device)
-    dD, dbias = (torch.zeros(d_inner, dtype=acc, device=u.device) for _ in range(2))
-    grid = (triton.cdiv(batch, rows), triton.cdiv(d_inner, block_d))
+    dB, dC = torch.zeros(batch, d_state, L, **acc), torch.zeros(batch, d_state, L, **acc)
+    # Each row's sums (summed over rows below), and the adjoint carried between chunks of a row.
+    dA, dD, dbias = torch.empty(batch, d_inner, d_state, **acc), torch.empty(batch, d_inner, **acc), \
+        torch.empty(batch, d_inner, **acc)
+    carry = None if states is None else torch.empty(batch, d_inner, d_state, **acc)
+    grid = (batch, triton.cdiv(triton.cdiv(d_inner, block_d), per_program))
     with _launch_device(u):
         _scan_bwd_kernel[grid](
             u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
-            du, ddelta, dz, dA, dB, dC, dD, dbias,
-            batch, d_inner,
+            carry, du, ddelta, dz, dA, dB, dC, dD, dbias,
+            d_inner, per_program,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(), *du.stride(),
-            L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, ROWS=rows, REVERSE=reverse,
+            L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, REVERSE=reverse,
             ACC=_accumulate_dtype(u.dtype), num_warps=num_warps,
         )
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
-            dbias.to(delta_bias.dtype))
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).to(D.dtype), dz,
+            dbias.sum(0).to(delta_bias.dtype))
 
 
 class _TritonScan(torch.autograd.Function):

@@ -29,7 +29,8 @@ SHAPES = {"engine b1": (2, 4096, 32), "engine b32": (64, 4096, 32), "engine b128
           "diffuapriel b1 3072": (1, 4096, 3072), "train 64 x 256": (64, 512, 256)}
 BACKWARD = {"default blocks of 8": (4096, 768, 8), "4x blocks of 8": (4096, 1536, 8),
             "default blocks of 32": (1024, 768, 32), "diffuapriel rows": (128, 768, 256)}
-BACKWARD_TILES = [(block_d, rows) for block_d in (2, 4, 8, 16, 32) for rows in (1, 8, 64)]
+# (channels a tile, programs a row): a program takes the row's channel tiles in turn, or 1/4 or 1/16 of them
+BACKWARD_TILES = [(block_d, programs) for block_d in (2, 4, 8, 16, 32) for programs in (1, 4, 16)]
 
 
 def inputs(batch, d_inner, length, d_state=16):
@@ -73,7 +74,7 @@ def main():
         lines.append(f"| {name} {tuple(shape)} | {row['step_ms']:.4f} | {row['tiled_ms']:.4f} | {row['picked']} | "
                      f"{max(row['errors']):.1e} |")
     lines += ["", "## Backward", "",
-              "Milliseconds (median) of the backward kernel, bf16, right to left, by tile (channels x rows a program); "
+              "Milliseconds (median) of the backward kernel, bf16, right to left, by channels a tile x programs a row; "
               "'picked' is `_bwd_tiles`' choice; max error: the picked tile's largest gradient error relative to the "
               "float32 reference's largest value of that gradient.", "",
               "| shape (rows, channels, steps) | " + " | ".join(f"{d}x{r}" for d, r in BACKWARD_TILES)
@@ -83,16 +84,18 @@ def main():
         x, dy = inputs(*shape), torch.randn(shape[0], shape[2], shape[1], device="cuda").bfloat16().transpose(1, 2)
         _, states = kernels_r2lm._scan_triton_forward(*x, True, chunk_states=True)
         row = res["backward"][name] = dict(shape=shape, ms={})
-        for tiles in BACKWARD_TILES:
-            if tiles[0] * 16 * kernels_r2lm._bwd_chunk(shape[2]) > kernels_r2lm._BWD_TILE_MAX:
-                row["ms"][f"{tiles[0]}x{tiles[1]}"] = float("nan")  # spills registers (and compiles for minutes)
+        for block_d, programs in BACKWARD_TILES:
+            key = f"{block_d}x{programs}"
+            if block_d * 16 * kernels_r2lm._bwd_chunk(shape[2]) > kernels_r2lm._BWD_TILE_MAX:
+                row["ms"][key] = float("nan")  # spills registers (and compiles for minutes)
                 continue
-            row["ms"][f"{tiles[0]}x{tiles[1]}"] = triton.testing.do_bench(
+            tiles = (block_d, triton.cdiv(triton.cdiv(shape[1], block_d), programs))
+            row["ms"][key] = triton.testing.do_bench(
                 lambda: kernels_r2lm._scan_triton_backward(dy, *x, states, True, tiles=tiles),  # noqa: B023
                 return_mode="median")
-            print(name, tiles, f"{row['ms'][f'{tiles[0]}x{tiles[1]}']:.3f} ms", flush=True)
-        picked = kernels_r2lm._bwd_tiles(shape[0], shape[1], 16, shape[2], x[0])
-        row["picked"] = f"{picked[0]}x{picked[1]}"
+            print(name, key, f"{row['ms'][key]:.3f} ms", flush=True)
+        block_d, per_program = kernels_r2lm._bwd_tiles(shape[0], shape[1], 16, shape[2], x[0])
+        row["picked"] = f"{block_d}x{triton.cdiv(triton.cdiv(shape[1], block_d), per_program)}"
         row["picked_ms"] = triton.testing.do_bench(
             lambda: kernels_r2lm._scan_triton_backward(dy, *x, states, True), return_mode="median")  # noqa: B023
         row["forward_ms"] = triton.testing.do_bench(

@@ -79,7 +79,7 @@ def forward_kernel(tiled):
 
 @contextlib.contextmanager
 def backward_tiles(tiles):
-    """Every Triton scan's backward in tiles (BLOCK_D channels, rows per program)."""
+    """Every Triton scan's backward in tiles (BLOCK_D channels, channel tiles a program)."""
     choose = kernels_r2lm._scan_triton_backward
     kernels_r2lm._scan_triton_backward = functools.partial(choose, tiles=tiles)
     try:
@@ -91,16 +91,17 @@ def backward_tiles(tiles):
 def check_triton_scan(reverse):
     """In Triton's interpreter, through both forward kernels: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the
     tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
-    channels (a tile of channels part padding); then backward programs of several rows."""
+    channels (a tile of channels part padding); then backward programs of several channel tiles."""
     for tiled, length, d_state in itertools.product((False, True), (1, 5, 8, _FWD_STEPS + 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
         with forward_kernel(tiled):
             assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, tiled={tiled}", rtol=1e-9,
                                atol=1e-10)
-    # Programs of several rows, the last program's rows part past the batch (5 rows, 2 or 4 a program), channel
-    # tiles of 4 and 16 (20 channels: the last tile part padding).
-    for tiles, length in itertools.product(((4, 2), (16, 4)), (5, _FWD_STEPS + 8)):
-        inputs, dy = scan_inputs(batch=5, length=length, d_state=5)
+    # Backward programs of several channel tiles, one after another: tiles of 4 channels, two a program (20 channels:
+    # the last program's second tile past the channels), and of 16, two a program (the second part padding); rows of
+    # one chunk and of two (each tile's adjoint carried from the second chunk to the first).
+    for tiles, length in itertools.product(((4, 2), (16, 2)), (5, _BWD_CHUNK + 3)):
+        inputs, dy = scan_inputs(batch=3, length=length, d_state=5)
         with backward_tiles(tiles):
             assert_scans_close(inputs, dy, reverse, f"L={length}, tiles={tiles}", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
