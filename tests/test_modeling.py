@@ -611,6 +611,9 @@ def test_flex_block_mask_of_the_training_layout_attends_as_the_dense_mask(case):
     flex = R2LMConfig(attn_implementation="flex_attention")
     with pytest.raises(ValueError, match="runs on CUDA .* load the model with attn_implementation='sdpa' there"):
         attention_mask_from_rule(rule, mask_rows, 2 * length, 2 * length, flex, cpu, torch.float32)
+    narrow = R2LMConfig(attn_implementation="flex_attention", head_dim=8)
+    with pytest.raises(ValueError, match="needs head_dim >= 16 .*, got 8: load the model with attn_implementation"):
+        attention_mask_from_rule(rule, mask_rows, 2 * length, 2 * length, narrow, cpu, torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flex attention runs on CUDA)")
@@ -621,7 +624,7 @@ def test_flex_attention_trains_as_sdpa_on_cuda(monkeypatch):
     ids, mask = random_ids(2, 32).cuda(), left_padded_mask(2, 32, [0, 5]).cuda()
     results = []
     for implementation in ("sdpa", "flex_attention"):
-        model = random_r2lm().cuda().train()
+        model = random_r2lm(head_dim=16).cuda().train()  # torch's flex attention kernels need head_dim >= 16
         model.config._attn_implementation = implementation
         out = model.diffusion_loss(ids, attention_mask=mask, mask_rates=0.5, block_size=8, block_offset=3,
                                    generator=torch.Generator().manual_seed(0))

@@ -70,14 +70,14 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):
 # The backward keeps (BLOCK_D, d_state, chunk) tiles in registers: it walks longer rows in chunks of this many steps
 # (in scan order), from the last chunk to the first, with the state entering each chunk saved by the forward.
 _BWD_CHUNK = 128
-# The backward's register tiles, (BLOCK_D, d_state, chunk) padded to powers of two: 4 channels, as many or as few as
-# keep a tile within 1024..4096 elements, 16 elements a thread. Measured on an H200 (bf16, d_state 16, 16k rows x 2048
-# channels, rows of 8 to 128 steps), this was the fastest of 1 to 16 channels at 16 or 32 elements a thread, or
-# within 10% of it; larger tiles spill registers, smaller ones add atomic adds.
-_BWD_CHANNELS, _BWD_TILE_MIN, _BWD_TILE_MAX, _BWD_THREAD_ELEMENTS = 4, 1024, 4096, 16
+# The backward's register tiles, (BLOCK_D, d_state, chunk) padded to powers of two: as many channels as keep a tile
+# within _BWD_TILE elements, at least _BWD_CHANNELS; 16 elements a thread. On an H200 (bf16, d_state 16, 768 and 1536
+# channels: 4096 rows of 8 steps, 1024 of 32, 128 of 256; bench/results/scan_tiles_h200.md) this was the fastest of
+# 2 to 32 channels on each shape; 8 channels were 1.5x slower on rows of 8 steps, 16 or more channels 3x.
+_BWD_CHANNELS, _BWD_TILE, _BWD_THREAD_ELEMENTS = 2, 512, 16
 # A backward program takes all of a row's channel tiles one after another (summing dB and dC over them in registers),
-# or as few as leave _BWD_PROGRAMS_PER_SM programs per SM.
-_BWD_PROGRAMS_PER_SM = 8
+# or as few as leave _BWD_PROGRAMS_PER_SM programs per SM (on the shapes above: within 5% of the fastest split).
+_BWD_PROGRAMS_PER_SM = 32
 # The tiled forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make
 # about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
 # at batch 1, or within 1%), 16 elements a thread.
@@ -394,12 +394,11 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
 
 
 def _bwd_tiles(batch, d_inner, d_state, L, x):
-    """The backward's tiles for these rows: (BLOCK_D channels, channel tiles a program). BLOCK_D as _BWD_CHANNELS
-    says; a program takes all of a row's channel tiles, or as few as leave at least _BWD_PROGRAMS_PER_SM programs per
+    """The backward's tiles for these rows: (BLOCK_D channels, channel tiles a program). BLOCK_D as _BWD_TILE says;
+    a program takes all of a row's channel tiles, or as few as leave at least _BWD_PROGRAMS_PER_SM programs per
     SM."""
     NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
-    block_d = min(max(_BWD_CHANNELS, _BWD_TILE_MIN // (NP * LP)), max(1, _BWD_TILE_MAX // (NP * LP)))
-    block_d = min(block_d, triton.next_power_of_2(d_inner))
+    block_d = min(max(_BWD_CHANNELS, _BWD_TILE // (NP * LP)), triton.next_power_of_2(d_inner))
     tiles = triton.cdiv(d_inner, block_d)
     programs_per_row = min(tiles, triton.cdiv(_BWD_PROGRAMS_PER_SM * _sms(x), batch))
     return block_d, triton.cdiv(tiles, programs_per_row)

@@ -357,6 +357,11 @@ def attention_mask_from_rule(rule, rows, query_len, key_len, config, device, dty
     flex attention's BlockMask (`block_mask_from_rule`), else the (rows, 1, q, k) additive mask that the eager and
     sdpa attention take."""
     if config._attn_implementation == "flex_attention":
+        if config.head_dim < 16:
+            raise ValueError(
+                f"attn_implementation='flex_attention' needs head_dim >= 16 (torch's flex attention kernels), got "
+                f"{config.head_dim}: load the model with attn_implementation='sdpa'."
+            )
         if device.type != "cuda":
             raise ValueError(
                 f"attn_implementation='flex_attention' runs on CUDA (on the {device.type}, torch's flex attention has "
