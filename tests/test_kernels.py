@@ -375,7 +375,7 @@ def check_sidecar_kernels(device="cpu"):
     across tiles, and a last tile of one step) of 20 channels, x the first half of a wider tensor (as in_proj's output
     gives it). The gated residual over rows of 200 (padded to 256) and 384 elements, r a slice of a longer row (as the
     sidecar's blocks give it), gates on both sides of the kernel's two ways to tanh; the second with parameters in the
-    activations' dtype (a model cast to it)."""
+    activations' dtype (a model cast to it). The conv's backward kernel against the PyTorch ops' autograd."""
     if device == "cpu":
         _round_bfloat16_to_nearest()
     g = torch.Generator().manual_seed(0)
@@ -389,6 +389,21 @@ def check_sidecar_kernels(device="cpu"):
             args = (x, randn(20, 4, scale=0.5), randn(20) if bias else None)
             assert_kernel_close(conv_silu_triton(*args, reverse), modeling_r2lm._conv_silu_ref(*args, reverse),
                                 f"conv_silu, L={length} reverse={reverse} bias={bias}")
+            # Its backward: the gradients of <out, dout> w.r.t. x, the weight and the bias, against the PyTorch ops'
+            # autograd in float64 on the same values (the kernel sums in float32; in half precision its dx is rounded
+            # once, where the PyTorch ops would round each product).
+            dout = randn(3, length, 20, dtype=dtype)
+            leaves = [a.detach().requires_grad_() for a in args if a is not None]
+            exact = [a.detach().double().requires_grad_() for a in leaves]
+            want = torch.autograd.grad(modeling_r2lm._conv_silu_ref(*exact, *[None] * (3 - len(exact)), reverse),
+                                       exact, dout.double())
+            got = torch.autograd.grad(conv_silu_triton(*leaves, *[None] * (3 - len(leaves)), reverse), leaves, dout)
+            close = 1e-5 if dtype == torch.float32 else 1e-2
+            for name, leaf, a, b in zip(("dx", "dweight", "dbias"), leaves, got, want):
+                case = f"conv_silu {name}, L={length} reverse={reverse} bias={bias} {dtype}"
+                assert a.dtype == leaf.dtype, case
+                torch.testing.assert_close(a.double(), b, rtol=close, atol=close * b.abs().max().item(),
+                                           msg=lambda m: f"{case}: {m}")  # noqa: B023
         for d, gate, params in ((200, 0.3, torch.float32), (384, -1.7, dtype)):
             h, r = randn(2, 5, d, dtype=dtype), randn(2, 8, d, dtype=dtype, scale=3.0, shift=0.5)[:, 2:7]
             args = (h, r, randn(d, dtype=params, scale=0.3, shift=1.0), randn(d, dtype=params, scale=0.1), 1e-5,
@@ -486,8 +501,8 @@ def test_sidecar_pieces_run_pytorch_on_the_cpu_and_for_training():
 
 @pytest.mark.skipif(triton is None or not torch.cuda.is_available(), reason="needs Triton and a CUDA GPU")
 def test_sidecar_pieces_fuse_only_for_inference_on_cuda():
-    """The fused kernels run on CUDA tensors in half or single precision when no gradient is recorded: not where one
-    is, nor in float64, nor under autocast."""
+    """The fused kernels run on CUDA tensors in half or single precision, not in float64; the gated residual's only
+    when no gradient is recorded and not under autocast, the conv's (it has a backward) in training too."""
     x = torch.randn(2, 5, 16, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(16, 4, device="cuda", requires_grad=True)
     with torch.no_grad():
@@ -497,6 +512,8 @@ def test_sidecar_pieces_fuse_only_for_inference_on_cuda():
             assert not modeling_r2lm._fused_inference(x, weight)
     assert modeling_r2lm._fused_inference(x, weight.detach())
     assert not modeling_r2lm._fused_inference(x, weight)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert modeling_r2lm._fused(x, weight) and not modeling_r2lm._fused(x.double(), weight)
 
 
 def _compiles_for_hopper():

@@ -761,6 +761,69 @@ if triton is not None:
                  mask=(t < L)[:, None] & dmask[None, :])
 
     @triton.jit
+    def _conv_silu_grad(x_row, w_ptr, b_ptr, dout_row, steps, L, d, dmask, sx_l, sx_d, sw_d, sw_k, d_inner,
+                        K: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, DTYPE: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        """g_t = dout_t silu'(pre_t) at steps t (BLOCK_L,) of one row (0 past the row), pre_t recomputed in float32
+        from x (the weights and bias rounded to DTYPE as the forward rounds them)."""
+        pre = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        if HAS_BIAS:
+            pre += _round(tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32), DTYPE)[None, :]
+        for shift in tl.static_range(K):
+            if REVERSE:
+                src = steps + shift
+            else:
+                src = steps - shift
+            mask = ((src >= 0) & (src < L))[:, None] & dmask[None, :]
+            x = tl.load(x_row + src[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+            pre += x * _round(tl.load(w_ptr + d * sw_d + (K - 1 - shift) * sw_k, mask=dmask, other=0.0)
+                              .to(tl.float32), DTYPE)[None, :]
+        live = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
+        dout = tl.load(dout_row + steps[:, None] * d_inner + d[None, :], mask=live, other=0.0).to(tl.float32)
+        sig = _sigmoid(pre)
+        return dout * sig * (1.0 + pre * (1.0 - sig))
+
+    @triton.jit
+    def _conv_silu_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, L, d_inner, sx_n, sx_l, sx_d, sw_d, sw_k,
+                              K: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+        """The backward of _conv_silu_kernel, its programs, in float32: with g_t = dout_t silu'(pre_t),
+        dx_s = sum_j w_{K-1-j} g_{s - j} (REVERSE; else g_{s + j}), g read as zeros past the row; dout, dx (N, L,
+        d_inner) contiguous. dw (programs, K + 1, d_inner) float32: this program's sums over its steps t of
+        g_t x[t + j] (REVERSE; else x[t - j]) for each tap K - 1 - j, and of g_t (the bias's) last; the caller sums
+        them over programs (no atomic adds)."""
+        tiles = tl.cdiv(L, BLOCK_L)
+        n = (tl.program_id(0) // tiles).to(tl.int64)
+        t = tl.program_id(0) % tiles * BLOCK_L + tl.arange(0, BLOCK_L)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < d_inner
+        DTYPE = dx_ptr.dtype.element_ty
+        x_row, dout_row = x_ptr + n * sx_n, dout_ptr + n * L * d_inner
+        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        partial = dw_ptr + tl.program_id(0).to(tl.int64) * (K + 1) * d_inner + d
+        for j in tl.static_range(K):
+            if REVERSE:
+                src = t - j
+            else:
+                src = t + j
+            g = _conv_silu_grad(x_row, w_ptr, b_ptr, dout_row, src, L, d, dmask, sx_l, sx_d, sw_d, sw_k, d_inner, K,
+                                HAS_BIAS, REVERSE, DTYPE, BLOCK_L, BLOCK_D)
+            w = _round(tl.load(w_ptr + d * sw_d + (K - 1 - j) * sw_k, mask=dmask, other=0.0).to(tl.float32), DTYPE)
+            dx += g * w[None, :]
+            if j == 0:  # the tile's own steps: the sums for the weights and the bias
+                for shift in tl.static_range(K):
+                    if REVERSE:
+                        steps = t + shift
+                    else:
+                        steps = t - shift
+                    mask = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
+                    x = tl.load(x_row + steps[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
+                    tl.store(partial + (K - 1 - shift) * d_inner, tl.sum(g * x.to(tl.float32), axis=0), mask=dmask)
+                tl.store(partial + K * d_inner, tl.sum(g, axis=0), mask=dmask)
+        tl.store(dx_ptr + (n * L + t[:, None]) * d_inner + d[None, :], dx.to(DTYPE),
+                 mask=(t < L)[:, None] & dmask[None, :])
+
+    @triton.jit
     def _tanh(x):
         """tanh in float32 to 2 ulps, from exp (Triton's interpreter has no libdevice): Lambert's continued fraction
         near 0, where 1 - 2 / (exp(2|x|) + 1) would cancel."""
@@ -790,19 +853,59 @@ if triton is not None:
         tl.store(out_ptr + token * n + i, (h + _round(gate * y, DTYPE)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_silu_triton(x, weight, bias, reverse):
-    """modeling_r2lm's `reverse_conv_silu` (reverse) or `causal_conv_silu` in one kernel: x (N, L, d_inner) any
-    strides, weight (d_inner, K), bias (d_inner,) or None -> (N, L, d_inner) contiguous, in x's dtype."""
+def _conv_tiles(L, d_inner):
+    """The conv kernels' tiles (BLOCK_L steps, BLOCK_D channels)."""
+    block_l = min(triton.next_power_of_2(L), _CONV_STEPS)
+    return block_l, min(triton.next_power_of_2(d_inner), _CONV_TILE // block_l)
+
+
+def _conv_silu_forward(x, weight, bias, reverse):
     rows, L, d_inner = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_l = min(triton.next_power_of_2(L), _CONV_STEPS)
-    block_d = min(triton.next_power_of_2(d_inner), _CONV_TILE // block_l)
+    block_l, block_d = _conv_tiles(L, d_inner)
     grid = (rows * triton.cdiv(L, block_l), triton.cdiv(d_inner, block_d))
     with _launch_device(x):
         _conv_silu_kernel[grid](x, weight, bias, out, L, d_inner, *x.stride(), *weight.stride(), K=weight.shape[1],
                                 HAS_BIAS=bias is not None, REVERSE=reverse, BLOCK_L=block_l, BLOCK_D=block_d,
                                 num_warps=_row_warps(block_l * block_d), enable_fp_fusion=False)
     return out
+
+
+def _conv_silu_backward(dout, x, weight, bias, reverse):
+    """(dx, dweight, dbias) of `conv_silu_triton`: dx (N, L, d_inner) contiguous in x's dtype, the others in their
+    parameter's dtype (dbias None without a bias)."""
+    rows, L, d_inner = x.shape
+    K = weight.shape[1]
+    dout = dout.contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_l, block_d = _conv_tiles(L, d_inner)
+    grid = (rows * triton.cdiv(L, block_l), triton.cdiv(d_inner, block_d))
+    partial = torch.empty(grid[0], K + 1, d_inner, dtype=torch.float32, device=x.device)
+    with _launch_device(x):
+        _conv_silu_bwd_kernel[grid](x, weight, bias, dout, dx, partial, L, d_inner, *x.stride(), *weight.stride(),
+                                    K=K, HAS_BIAS=bias is not None, REVERSE=reverse, BLOCK_L=block_l,
+                                    BLOCK_D=block_d, num_warps=_row_warps(block_l * block_d))
+    sums = partial.sum(0)
+    return dx, sums[:K].t().to(weight.dtype), None if bias is None else sums[K].to(bias.dtype)
+
+
+class _TritonConvSilu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.reverse = reverse
+        return _conv_silu_forward(x, weight, bias, reverse)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return *_conv_silu_backward(dout, *ctx.saved_tensors, ctx.reverse), None
+
+
+def conv_silu_triton(x, weight, bias, reverse):
+    """modeling_r2lm's `reverse_conv_silu` (reverse) or `causal_conv_silu` in one kernel, differentiable (its
+    backward: one more kernel, gradients summed in float32): x (N, L, d_inner) any strides, weight (d_inner, K), bias
+    (d_inner,) or None -> (N, L, d_inner) contiguous, in x's dtype."""
+    return _TritonConvSilu.apply(x, weight, bias, reverse)
 
 
 def gated_residual_triton(h, r, norm_weight, norm_bias, norm_eps, gate):

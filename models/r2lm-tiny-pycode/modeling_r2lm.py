@@ -12,9 +12,9 @@ computed in time order: nothing is flipped in memory. The blocks are a reshape o
 conv takes its taps in reverse (`reverse_conv_silu`) and the selective scan runs from each block's last step to its
 first. The scan goes through `kernels_r2lm.selective_scan`, the one dispatch point, as `config.sidecar_scan` asks:
 "auto" is the Triton short-row scan on CUDA (when Triton imports) and the plain-PyTorch reference otherwise; "triton"
-asks for the Triton scan, "mamba" for mamba-ssm's `selective_scan_fn`, "torch" for the reference. For inference on
-CUDA the conv with its SiLU and the gated residual run as one Triton kernel each (`_fused_inference` decides). Logits
-are shifted as in an AR model: position p predicts p + 1.
+asks for the Triton scan, "mamba" for mamba-ssm's `selective_scan_fn`, "torch" for the reference. On CUDA the conv
+with its SiLU runs as one Triton kernel (with a Triton backward: training too; `_fused` decides) and, for inference,
+so does the gated residual (`_fused_inference`). Logits are shifted as in an AR model: position p predicts p + 1.
 
 The same code holds the baselines: the causal dLLM (no sidecar), the bidirectional dLLM (`attention="bidirectional"`),
 and the seeds' Mamba dLLMs, selected by `config.mixer`: DiffuApriel ("mamba": every layer a bidirectional Mamba mixer,
@@ -48,17 +48,21 @@ from .kernels_r2lm import FUSED_DTYPES, conv_silu_triton, gated_residual_triton,
 _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3DecoderLayer.forward).parameters else "past_key_values"
 
 
-def _fused_inference(*tensors):
-    """Whether the sidecar's elementwise chains run as one Triton kernel each (`kernels_r2lm`): for inference (no
-    gradient recorded) on CUDA tensors in half or single precision, Triton importable, and neither compiling (the
-    compiler fuses the PyTorch ops itself) nor under autocast (where F.layer_norm computes in float32). Otherwise
-    (training, the CPU, float64) the PyTorch ops run: the reference."""
+def _fused(*tensors):
+    """Whether a sidecar's elementwise chain can run as one Triton kernel (`kernels_r2lm`): CUDA tensors in half or
+    single precision, Triton importable, not compiling (the compiler fuses the PyTorch ops itself). Otherwise (the CPU,
+    float64) the PyTorch ops run: the reference. The conv and its SiLU need no more (their kernel has a backward)."""
     tensors = [t for t in tensors if t is not None]
-    return (
-        triton is not None and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and all(t.is_cuda and t.dtype in FUSED_DTYPES for t in tensors)
-    )
+    return triton is not None and not torch.compiler.is_compiling() and all(
+        t.is_cuda and t.dtype in FUSED_DTYPES for t in tensors)
+
+
+def _fused_inference(*tensors):
+    """`_fused`, for inference only: no gradient recorded, and not under autocast (where F.layer_norm computes in
+    float32). The gated residual's kernel has no backward."""
+    tensors = [t for t in tensors if t is not None]
+    return _fused(*tensors) and not torch.is_autocast_enabled("cuda") and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _conv_silu_ref(x, weight, bias, reverse):
@@ -84,7 +88,7 @@ def reverse_conv_silu(x, weight, bias=None):
     x: (N, L, d_inner), token-major, any strides; weight: (d_inner, K) (`conv1d.weight[:, 0]`); bias: (d_inner,) or
     None. Returns (N, L, d_inner) in x's dtype (under autocast: in_proj's bf16, as mamba-ssm's conv kernel).
     """
-    if _fused_inference(x, weight, bias):
+    if _fused(x, weight, bias):
         return conv_silu_triton(x, weight, bias, reverse=True)
     return _conv_silu_ref(x, weight, bias, reverse=True)
 
@@ -96,7 +100,7 @@ def causal_conv_silu(x, weight, bias=None):
 
     x: (N, L, d_inner), token-major, any strides; weight: (d_inner, K); bias: (d_inner,) or None. Returns (N, L,
     d_inner) in x's dtype."""
-    if _fused_inference(x, weight, bias):
+    if _fused(x, weight, bias):
         return conv_silu_triton(x, weight, bias, reverse=False)
     return _conv_silu_ref(x, weight, bias, reverse=False)
 
