@@ -731,31 +731,40 @@ _CONV_STEPS, _CONV_TILE = 8, 1024
 if triton is not None:
 
     @triton.jit
+    def _conv_pre(x_row, w_ptr, b_ptr, steps, L, d, dmask, sx_l, sx_d, sw_d, sw_k, K: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+        """The conv before its SiLU at `steps` (BLOCK_L,) of one row, in float32 rounded as the PyTorch ops round: the
+        bias and the first tap (x_t) in one addcmul, each tap after it (x_{t +- shift}) added in one more."""
+        acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += _round(tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32), DTYPE)[None, :]
+        for shift in tl.static_range(K):
+            if REVERSE:
+                src = steps + shift
+            else:
+                src = steps - shift
+            mask = ((src >= 0) & (src < L))[:, None] & dmask[None, :]
+            x = tl.load(x_row + src[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
+            w = _round(tl.load(w_ptr + d * sw_d + (K - 1 - shift) * sw_k, mask=dmask, other=0.0).to(tl.float32),
+                       DTYPE)
+            acc = _round(acc + x.to(tl.float32) * w[None, :], DTYPE)
+        return acc
+
+    @triton.jit
     def _conv_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, d_inner, sx_n, sx_l, sx_d, sw_d, sw_k, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
         """out[n, t] = silu(bias + sum_k w_k x[n, t + K - 1 - k]) (REVERSE; else x[n, t - (K - 1) + k]), x read as
         zeros past the row; program_id(0): the row n and its tile of BLOCK_L steps t, program_id(1): the tile of
-        BLOCK_D channels; out (N, L, d_inner) contiguous. Rounded as the PyTorch ops round: the bias and the first tap
-        (x_t) in one addcmul, each tap after it (x_{t +- shift}) added in one more, then silu."""
+        BLOCK_D channels; out (N, L, d_inner) contiguous. Rounded as the PyTorch ops round (`_conv_pre`), then silu."""
         tiles = tl.cdiv(L, BLOCK_L)
         n = (tl.program_id(0) // tiles).to(tl.int64)  # N * L * 2 d_inner can pass 2^31
         t = tl.program_id(0) % tiles * BLOCK_L + tl.arange(0, BLOCK_L)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < d_inner
         DTYPE = out_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        if HAS_BIAS:
-            acc += _round(tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32), DTYPE)[None, :]
-        for shift in tl.static_range(K):
-            if REVERSE:
-                steps = t + shift
-            else:
-                steps = t - shift
-            mask = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
-            x = tl.load(x_ptr + n * sx_n + steps[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
-            w = _round(tl.load(w_ptr + d * sw_d + (K - 1 - shift) * sw_k, mask=dmask, other=0.0).to(tl.float32),
-                       DTYPE)
-            acc = _round(acc + x.to(tl.float32) * w[None, :], DTYPE)
+        acc = _conv_pre(x_ptr + n * sx_n, w_ptr, b_ptr, t, L, d, dmask, sx_l, sx_d, sw_d, sw_k, K, HAS_BIAS, REVERSE,
+                        DTYPE, BLOCK_L, BLOCK_D)
         out = acc / (1.0 + tl.exp(-acc))
         tl.store(out_ptr + (n * L + t[:, None]) * d_inner + d[None, :], out.to(DTYPE),
                  mask=(t < L)[:, None] & dmask[None, :])
@@ -764,20 +773,10 @@ if triton is not None:
     def _conv_silu_grad(x_row, w_ptr, b_ptr, dout_row, steps, L, d, dmask, sx_l, sx_d, sw_d, sw_k, d_inner,
                         K: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, DTYPE: tl.constexpr,
                         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-        """g_t = dout_t silu'(pre_t) at steps t (BLOCK_L,) of one row (0 past the row), pre_t recomputed in float32
-        from x (the weights and bias rounded to DTYPE as the forward rounds them)."""
-        pre = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        if HAS_BIAS:
-            pre += _round(tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32), DTYPE)[None, :]
-        for shift in tl.static_range(K):
-            if REVERSE:
-                src = steps + shift
-            else:
-                src = steps - shift
-            mask = ((src >= 0) & (src < L))[:, None] & dmask[None, :]
-            x = tl.load(x_row + src[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-            pre += x * _round(tl.load(w_ptr + d * sw_d + (K - 1 - shift) * sw_k, mask=dmask, other=0.0)
-                              .to(tl.float32), DTYPE)[None, :]
+        """g_t = dout_t silu'(pre_t) at steps t (BLOCK_L,) of one row (0 past the row), pre_t recomputed as the
+        forward computed it."""
+        pre = _conv_pre(x_row, w_ptr, b_ptr, steps, L, d, dmask, sx_l, sx_d, sw_d, sw_k, K, HAS_BIAS, REVERSE, DTYPE,
+                        BLOCK_L, BLOCK_D)
         live = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
         dout = tl.load(dout_row + steps[:, None] * d_inner + d[None, :], mask=live, other=0.0).to(tl.float32)
         sig = _sigmoid(pre)

@@ -67,25 +67,20 @@ def assert_scans_close(inputs, dy, reverse, case, **tolerance):
 
 
 @contextlib.contextmanager
+def scan_launch(name, **choice):
+    """Every Triton scan's launcher `name` (kernels_r2lm._scan_triton_forward or _backward) called with `choice`: the
+    forward's kernel (tiled=False: step by step, True: tiled), the backward's tiles (tiles=(BLOCK_D, tiles a
+    program))."""
+    launch = getattr(kernels_r2lm, name)
+    setattr(kernels_r2lm, name, functools.partial(launch, **choice))
+    try:
+        yield
+    finally:
+        setattr(kernels_r2lm, name, launch)
+
+
 def forward_kernel(tiled):
-    """Every Triton scan's forward through one of its two kernels: the step-by-step one or the tiled one."""
-    choose = kernels_r2lm._scan_triton_forward
-    kernels_r2lm._scan_triton_forward = functools.partial(choose, tiled=tiled)
-    try:
-        yield
-    finally:
-        kernels_r2lm._scan_triton_forward = choose
-
-
-@contextlib.contextmanager
-def backward_tiles(tiles):
-    """Every Triton scan's backward in tiles (BLOCK_D channels, channel tiles a program)."""
-    choose = kernels_r2lm._scan_triton_backward
-    kernels_r2lm._scan_triton_backward = functools.partial(choose, tiles=tiles)
-    try:
-        yield
-    finally:
-        kernels_r2lm._scan_triton_backward = choose
+    return scan_launch("_scan_triton_forward", tiled=tiled)
 
 
 def check_triton_scan(reverse):
@@ -102,7 +97,7 @@ def check_triton_scan(reverse):
     # one chunk and of two (each tile's adjoint carried from the second chunk to the first).
     for tiles, length in itertools.product(((4, 2), (16, 2)), (5, _BWD_CHUNK + 3)):
         inputs, dy = scan_inputs(batch=3, length=length, d_state=5)
-        with backward_tiles(tiles):
+        with scan_launch("_scan_triton_backward", tiles=tiles):
             assert_scans_close(inputs, dy, reverse, f"L={length}, tiles={tiles}", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
     inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
