@@ -355,6 +355,18 @@ class R2LMDiffusionOutput(ModelOutput):
     mask_rates: torch.Tensor | None = None
 
 
+MASK_RATE_RANGE = (1e-3, 1.0)  # the objective's per-block mask rate: t ~ U(1e-3, 1]
+
+
+def draw_mask_rates(shape, generator=None, rate_range=MASK_RATE_RANGE):
+    """Per-block mask rates t ~ U(low, high] for `rate_range` = (low, high) (DESIGN section 4: U(1e-3, 1]; a narrower
+    range is a clipped schedule), drawn on the CPU from `generator`."""
+    low, high = rate_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"A mask-rate range needs 0 < low <= high <= 1, got {tuple(rate_range)}.")
+    return low + (high - low) * (1 - torch.rand(shape, generator=generator, device="cpu"))
+
+
 def attention_mask_from_rule(rule, rows, query_len, key_len, config, device, dtype):
     """The attention mask that `rule(b, h, q, k)` (flex attention's mask_mod: may query q of row b see key k; index
     tensors in, broadcasting) makes for `rows` rows (1: the same for every row) under `config._attn_implementation`:
@@ -814,12 +826,12 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
     ) -> R2LMDiffusionOutput:
         """Block-diffusion objective (DESIGN section 4), with the exact layout the decoder sees at inference.
 
-        Each block b gets a mask rate t_b ~ U(eps, 1] (or `mask_rates`: a float, or a (batch, n_blocks) tensor) and
-        each of its scored tokens is replaced by the mask token with probability t_b. The causal model reads
-        `[x_noisy ; x_clean]`; the prediction for a masked token at p comes from the noisy half at p - 1, or from the
-        clean half at p - 1 when p starts a block. Loss: cross-entropy on masked tokens weighted by 1 / t_b, averaged
-        over the scored tokens (or summed and divided by `num_items_in_batch`). `block_offset` None draws one at
-        random.
+        Each block b gets a mask rate t_b ~ U(1e-3, 1] (`draw_mask_rates`; or `mask_rates`: a float, or a (batch,
+        n_blocks) tensor) and each of its scored tokens is replaced by the mask token with probability t_b. The causal
+        model reads `[x_noisy ; x_clean]`; the prediction for a masked token at p comes from the noisy half at p - 1,
+        or from the clean half at p - 1 when p starts a block. Loss: cross-entropy on masked tokens weighted by
+        1 / t_b, averaged over the scored tokens (or summed and divided by `num_items_in_batch`). `block_offset` None
+        draws one at random.
 
         Scored tokens: those with a valid predecessor (the first token is context, like BOS) and, with `loss_mask`
         (b, L) bool, only where it is True: supervised fine-tuning scores the responses and keeps the prompt as clean
@@ -841,9 +853,8 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         if loss_mask is not None:
             scored = scored & loss_mask.to(device=device, dtype=torch.bool)
 
-        eps = 1e-3
         if mask_rates is None:
-            mask_rates = eps + (1 - eps) * (1 - torch.rand(batch, n_blocks, generator=generator, device="cpu"))
+            mask_rates = draw_mask_rates((batch, n_blocks), generator)
         mask_rates = torch.as_tensor(mask_rates, dtype=torch.float32).expand(batch, n_blocks).to(device)
         t = mask_rates[:, block]  # (b, L)
         draw = torch.rand(batch, length, generator=generator, device="cpu").to(device)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from r2lm.modeling_r2lm import MASK_RATE_RANGE
+
 
 SETTINGS_FILE = "r2lm_conversion.json"
 TRAINING_FILE = "r2lm_training.json"
@@ -255,6 +257,15 @@ def data_markdown(data: dict) -> str:
     return text
 
 
+def objective_markdown(record):
+    """The training objective in words; a clipped mask-rate schedule (`python -m train --mask-rate-range`) named."""
+    if record["objective"] != "diffusion":
+        return "the next-token loss"
+    low, high = record.get("mask_rate_range") or MASK_RATE_RANGE
+    clipped = f" (mask rates t ~ U({low:g}, {high:g}] per block)" if (low, high) != MASK_RATE_RANGE else ""
+    return "the block-diffusion objective" + clipped
+
+
 def build_training_card(record: dict) -> ModelCard:
     """The card of a trained folder, from the contents of its `r2lm_training.json`."""
     init = record["init"]
@@ -274,7 +285,7 @@ def build_training_card(record: dict) -> ModelCard:
         origin=origin,
         usage=USAGE.format(snippet=usage_snippet(record["model_id"])),
         init=init_cell,
-        objective="the block-diffusion objective" if record["objective"] == "diffusion" else "the next-token loss",
+        objective=objective_markdown(record),
         data=data_markdown(record["data"]),
         steps=record["steps"],
         max_steps=record["max_steps"],

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from convert.cli import UserError
 from r2lm import R2LMConfig, R2LMForDiffusionLM
+from r2lm.modeling_r2lm import draw_mask_rates
 from train.__main__ import main
 from train.data import find_files, pack, prepare_tokens, split_by_file, tokenize_files
 from train import trainer
@@ -215,6 +216,46 @@ def test_train_block_sizes_draw_each_step_from_the_list(corpus, tokenizer_dir, t
     assert len(drawn) == 12 and set(drawn) == {4, 16}
     assert {size for grad, size in used if not grad} == {8}  # evaluation: the model's own block size
     assert R2LMConfig.from_pretrained(tmp_path / "final").block_size == 8
+
+
+def test_mask_rate_range_bounds_every_training_draw(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """--mask-rate-range 0.3 0.8: every training micro-batch's block rates lie in (0.3, 0.8] and spread over it, while
+    evaluation keeps its own; a range outside (0, 1], reversed, or with the AR objective is refused in one line."""
+    drawn = []
+    original = R2LMForDiffusionLM.diffusion_loss
+
+    def recording(self, input_ids, mask_rates=None, **kwargs):
+        if torch.is_grad_enabled():
+            drawn.append(mask_rates)
+        return original(self, input_ids, mask_rates=mask_rates, **kwargs)
+
+    monkeypatch.setattr(R2LMForDiffusionLM, "diffusion_loss", recording)
+    train(corpus, tokenizer_dir, tmp_path / "run", "--max-steps", "4", "--eval-every", "1000", "--mask-rate-range",
+          "0.3", "0.8")
+    rates = torch.cat([r.flatten() for r in drawn])
+    assert len(drawn) == 4 and rates.min() > 0.3 and rates.max() <= 0.8 and rates.max() - rates.min() > 0.25
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "the block-diffusion objective (mask rates t ~ U(0.3, 0.8] per block)" in card
+    for values, expected in ((("0", "0.5"), "needs 0 < LOW <= HIGH <= 1, got 0 0.5"),
+                             (("0.8", "0.3"), "needs 0 < LOW <= HIGH <= 1, got 0.8 0.3"),
+                             (("0.2", "nan"), "got 0.2 nan")):
+        line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "bad",
+                       *TINY, "--mask-rate-range", *values)
+        assert expected in line
+    line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "ar", *TINY,
+                   "--objective", "ar", "--mask-rate-range", "0.3", "0.8")
+    assert "--mask-rate-range is for the diffusion objective" in line
+
+
+def test_draw_mask_rates_draws_in_its_range_and_refuses_others():
+    g = torch.Generator().manual_seed(0)
+    default = draw_mask_rates((1000,), g)
+    assert default.min() > 1e-3 and default.max() <= 1 and default.mean() == pytest.approx(0.5, abs=0.05)
+    clipped = draw_mask_rates((1000,), g, (0.3, 0.8))
+    assert clipped.min() > 0.3 and clipped.max() <= 0.8
+    assert torch.equal(draw_mask_rates((3,), None, (0.5, 0.5)), torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"needs 0 < low <= high <= 1, got \(0.0, 1.0\)"):
+        draw_mask_rates((3,), g, (0.0, 1.0))
 
 
 def test_certainty_loss_is_the_entropy_of_the_right_masked_predictions():

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from convert.cli import ArgumentParser, UserError
+from r2lm.modeling_r2lm import MASK_RATE_RANGE
 
 from .checkpoint import read_json
 from .data import add_data_arguments
@@ -83,6 +84,9 @@ def build_parser():
                      help="adds dParallel's certainty forcing to the diffusion loss: this weight times the mean "
                      "entropy (softmax at temperature 0.5) over the masked tokens the model already predicts right; "
                      "for fine-tuning on a model's own continuations (train.distill), e.g. 2")
+    opt.add_argument("--mask-rate-range", type=float, nargs=2, default=list(MASK_RATE_RANGE), metavar=("LOW", "HIGH"),
+                     help="each block's mask rate t ~ U(LOW, HIGH] (default: the objective's U(0.001, 1]; a narrower "
+                     "range is a clipped schedule, as in Block Diffusion); the loss keeps its 1 / t weights")
     opt.add_argument("--max-steps", type=int, default=1000)
     opt.add_argument("--batch-size", type=int, default=16, help="rows per process per micro-batch")
     opt.add_argument("--grad-accum", type=int, default=1)
@@ -166,6 +170,11 @@ def parse_args(argv):
                      "in the model's blocks and --objective ar has blocks of 1.")
     if args.certainty_weight and (args.sft or args.objective == "ar"):
         parser.error("--certainty-weight is for the diffusion objective on raw text (e.g. train.distill's stream).")
+    low, high = args.mask_rate_range
+    if not 0 < low <= high <= 1:
+        parser.error(f"--mask-rate-range LOW HIGH needs 0 < LOW <= HIGH <= 1, got {low:g} {high:g}.")
+    if tuple(args.mask_rate_range) != MASK_RATE_RANGE and args.objective == "ar":
+        parser.error("--mask-rate-range is for the diffusion objective; --objective ar masks nothing.")
     if args.lora and not args.model:
         parser.error("--lora adapts an existing model: pass --model (an R2LM folder).")
     if args.lora and (args.freeze_backbone or args.freeze_backbone_steps):

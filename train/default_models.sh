@@ -8,6 +8,12 @@
 # and, named in R2LM_TRAIN_VARIANTS, the seed's Mamba diffusion LMs at the bidirectional dLLM's parameter count:
 #   diffuapriel    every layer a bidirectional Mamba mixer (--mixer mamba)
 #   diffuapriel_h  attention in every 4th layer, bidirectional Mamba elsewhere (--mixer hybrid)
+# and the R2LM's other shapes and schedule for choosing the default by measurement, each within 1.7% of its 17.7M
+# parameters (R2LMConfig.parameter_count), sidecars after every 4th layer as always:
+#   r2lm_deep      12 layers of width 320 (5 heads, 1 KV head, MLP 896; sidecars after layers 3, 7, 11): 17.93M
+#   r2lm_wide      4 layers of width 512 (8 heads, MLP 1536; one sidecar, after layer 3): 17.95M
+#   r2lm_clipped   the default shape with a clipped mask-rate schedule, t ~ U(0.3, 0.8] (Block Diffusion's clipped
+#                  schedules; the default draws U(0.001, 1])
 # The variants share the GPU by time-slicing, so together they take about the sum of their solo step times (on one
 # H200: r2lm 0.34 s, the others 0.10-0.12 s per 64 x 256-token step; measured together, 0.49 s per step of all four).
 # A 20-step solo calibration of each measures those times, and the step count is chosen so that training takes about
@@ -29,6 +35,9 @@ declare -A variant=(
   [ar]="--sidecar-layers --block-size 1 --objective ar"
   [diffuapriel]="--mixer mamba $mixed"
   [diffuapriel_h]="--mixer hybrid $mixed"
+  [r2lm_deep]="--hidden-size 320 --num-layers 12 --num-heads 5 --num-kv-heads 1 --intermediate-size 896 $mixed"
+  [r2lm_wide]="--hidden-size 512 --num-layers 4 --num-heads 8 --intermediate-size 1536 $mixed"
+  [r2lm_clipped]="--mask-rate-range 0.3 0.8 $mixed"
 )
 
 run() {  # PREFIX NAME, then options; in the background

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from convert.cli import UserError, one_line
+from r2lm.modeling_r2lm import draw_mask_rates
 
 
 IGNORE = -100
-EPS = 1e-3  # lowest mask rate, as `diffusion_loss`
 
 
 class ConversationError(UserError):
@@ -227,11 +227,11 @@ def pack_documents(documents, length, pad_id, pack=True):
 
 
 def draw_noise(document, block_size, generator):
-    """(masked, per-column mask rate) of one document: t_b ~ U(eps, 1] per block, each scored token masked with
+    """(masked, per-column mask rate) of one document: t_b ~ U(1e-3, 1] per block, each scored token masked with
     probability t_b (as `diffusion_loss` draws them, per document so that a document's noise does not depend on its
     batch)."""
     n = len(document.input_ids)
-    rates = EPS + (1 - EPS) * (1 - torch.rand(n // block_size, generator=generator))
+    rates = draw_mask_rates(n // block_size, generator)
     t = rates.repeat_interleave(block_size)
     masked = (torch.rand(n, generator=generator) < t) & torch.from_numpy(document.scored)
     return masked.numpy(), torch.where(torch.from_numpy(document.scored), t, 0.0).numpy()

@@ -40,7 +40,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from convert.cli import UserError, check_output_folder, load_tokenizer, one_line
 from convert.model_card import SETTINGS_FILE, TRAINING_FILE, build_training_card, finetune_card, package_version
 from r2lm import R2LMConfig, R2LMForDiffusionLM
-from r2lm.modeling_r2lm import column_blocks
+from r2lm.modeling_r2lm import column_blocks, draw_mask_rates
 
 from .checkpoint import (
     check_checkpoint, commit_dir, fresh_temp_dir, load_model, read_json, resume_advice, save_model, temp_dir_path,
@@ -335,8 +335,7 @@ class Trainer:
         else:
             kwargs["block_offset"] = int(torch.randint(block_size, (1,), generator=generator))
         n_blocks = int(column_blocks(length, block_size, kwargs["block_offset"], "cpu")[-1]) + 1
-        eps = 1e-3  # as `diffusion_loss` draws them: t ~ U(eps, 1]
-        rates = eps + (1 - eps) * (1 - torch.rand(rows * acc.num_processes, n_blocks, generator=generator))
+        rates = draw_mask_rates((rows * acc.num_processes, n_blocks), generator, self.args.mask_rate_range)
         first = acc.process_index * rows
         torch.rand(first, length, generator=generator)  # the token draws of the rows of the processes before
         out = self.objective(input_ids, generator=generator, block_size=block_size,
@@ -456,6 +455,7 @@ class Trainer:
         record = {
             "init": self.init,
             "objective": args.objective,
+            "mask_rate_range": list(args.mask_rate_range),
             "data": self.data,
             "steps": progress.step,
             "max_steps": args.max_steps,
