@@ -78,6 +78,10 @@ _BWD_CHANNELS, _BWD_TILE, _BWD_THREAD_ELEMENTS = 2, 512, 16
 # A backward program takes all of a row's channel tiles one after another (summing dB and dC over them in registers),
 # or as few as leave _BWD_PROGRAMS_PER_SM programs per SM (on the shapes above: within 5% of the fastest split).
 _BWD_PROGRAMS_PER_SM = 32
+# The backward's sums over rows for dA, dD, dbias: a partial per row, or, where those would pass this many bytes (32k
+# rows of 4096 channels, d_state 16: 8.6 GB), partials that rows share by atomic adds (row r in r % partials). Every
+# shape of bench/results/scan_backward_h200.md has a partial per row (the 4x shape's take 403 MB).
+_BWD_PARTIALS_BYTES = 512 * 2**20
 # The tiled forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make
 # about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
 # at batch 1, or within 1%), 16 elements a thread.
@@ -226,11 +230,11 @@ if triton is not None:
     def _scan_bwd_kernel(
         u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr, carry_ptr,
         du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        d_inner, tiles,
+        d_inner, tiles, partials,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l,
         L: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr, CHUNKS: tl.constexpr,
-        BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_D: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr, SHARED: tl.constexpr,
     ):
         """One program: row `program_id(0)`, `tiles` channel tiles of BLOCK_D channels from tile program_id(1) *
         tiles. The row in CHUNKS chunks of LP steps (its last chunk in scan order part padding; NP: d_state padded to
@@ -239,10 +243,11 @@ if triton is not None:
         state the forward stored in states (batch, chunks - 1, d_inner, N), and each channel's adjoint waits in carry
         (batch, d_inner, N) for the chunk before.
         du, ddt, dz share the strides sdu_*. dB, dC (batch, N, L): ACC buffers, each chunk's sum over the program's
-        channels added once (the row's other programs add theirs). dA (batch, d_inner, N), dD, dbias (batch, d_inner):
-        ACC buffers of each row's sums over its steps, stored by the one program of that row and channel; the caller
-        sums them over rows. No other atomic adds: per (row, channel) or per tile they took most of the kernel's
-        time."""
+        channels added once (the row's other programs add theirs). dA (partials, d_inner, N), dD, dbias (partials,
+        d_inner): ACC buffers of sums over rows' steps, row r's in partial r % partials, which the caller sums:
+        stored by the one program of that row and channel when each row has its own (partials = batch), added when
+        rows share them (SHARED: buffers of a row each would be too large). No other atomic adds: per (row, channel)
+        or per tile they took most of the kernel's time."""
         row = tl.program_id(0)
         for k in range(CHUNKS):
             chunk = CHUNKS - 1 - k
@@ -275,7 +280,7 @@ if triton is not None:
                 delta_next = tl.where(m_next, _softplus(dt_next + bias), 0.0)
                 b = (delta * u)[:, None, :] * B
                 a_prod, h = tl.associative_scan((tl.exp(delta[:, None, :] * A), b), 2, _first_order_combine)
-                # the (row, channel, state) slots of the carry and dA buffers
+                # the (row, channel, state) slots of the carry buffer
                 slots = (row * d_inner + d[:, None]) * N + n[None, :]
                 if CHUNKS > 1:  # (states is None for a row of one chunk)
                     if chunk > 0:  # the first chunk starts from h = 0
@@ -315,14 +320,21 @@ if triton is not None:
                 dA = tl.sum(lam_ah * delta[:, None, :], axis=2)
                 dD = tl.sum(g * u, axis=1)
                 dbias = tl.sum(ddt, axis=1)
-                channels = row * d_inner + d
-                if k > 0:
-                    dA += tl.load(dA_ptr + slots, mask=dnmask, other=0.0)
-                    dD += tl.load(dD_ptr + channels, mask=dmask, other=0.0)
-                    dbias += tl.load(dbias_ptr + channels, mask=dmask, other=0.0)
-                tl.store(dA_ptr + slots, dA, mask=dnmask)
-                tl.store(dD_ptr + channels, dD, mask=dmask)
-                tl.store(dbias_ptr + channels, dbias, mask=dmask)
+                part = row % partials
+                channels = part * d_inner + d
+                states = (part * d_inner + d[:, None]) * N + n[None, :]
+                if SHARED:  # rows share a partial: added
+                    tl.atomic_add(dA_ptr + states, dA, mask=dnmask)
+                    tl.atomic_add(dD_ptr + channels, dD, mask=dmask)
+                    tl.atomic_add(dbias_ptr + channels, dbias, mask=dmask)
+                else:
+                    if k > 0:
+                        dA += tl.load(dA_ptr + states, mask=dnmask, other=0.0)
+                        dD += tl.load(dD_ptr + channels, mask=dmask, other=0.0)
+                        dbias += tl.load(dbias_ptr + channels, mask=dmask, other=0.0)
+                    tl.store(dA_ptr + states, dA, mask=dnmask)
+                    tl.store(dD_ptr + channels, dD, mask=dmask)
+                    tl.store(dbias_ptr + channels, dbias, mask=dmask)
             rows = row * N * L + n[:, None] * L + t[None, :]
             tl.atomic_add(dB_ptr + rows, dB, mask=mB)
             tl.atomic_add(dC_ptr + rows, dC, mask=mB)
@@ -417,19 +429,22 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, rever
     du, ddelta, dz = (torch.empty(batch, L, d_inner, dtype=t.dtype, device=u.device).transpose(1, 2)
                       for t in (u, delta, z))
     dB, dC = torch.zeros(batch, d_state, L, **acc), torch.zeros(batch, d_state, L, **acc)
-    # Each row's sums (summed over rows below), and the adjoint carried between chunks of a row.
-    dA, dD, dbias = torch.empty(batch, d_inner, d_state, **acc), torch.empty(batch, d_inner, **acc), \
-        torch.empty(batch, d_inner, **acc)
+    # Sums over rows (summed below): a row each, or rows sharing partials within _BWD_PARTIALS_BYTES; and the adjoint
+    # carried between chunks of a row.
+    partials = min(batch, max(1, _BWD_PARTIALS_BYTES // (d_inner * d_state * acc["dtype"].itemsize)))
+    shared = partials < batch
+    new = torch.zeros if shared else torch.empty
+    dA, dD, dbias = new(partials, d_inner, d_state, **acc), new(partials, d_inner, **acc), new(partials, d_inner, **acc)
     carry = None if states is None else torch.empty(batch, d_inner, d_state, **acc)
     grid = (batch, triton.cdiv(triton.cdiv(d_inner, block_d), per_program))
     with _launch_device(u):
         _scan_bwd_kernel[grid](
             u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
             carry, du, ddelta, dz, dA, dB, dC, dD, dbias,
-            d_inner, per_program,
+            d_inner, per_program, partials,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(), *du.stride(),
             L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, REVERSE=reverse,
-            ACC=_accumulate_dtype(u.dtype), num_warps=num_warps,
+            ACC=_accumulate_dtype(u.dtype), SHARED=shared, num_warps=num_warps,
         )
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).to(D.dtype), dz,
             dbias.sum(0).to(delta_bias.dtype))

@@ -86,7 +86,8 @@ def forward_kernel(tiled):
 def check_triton_scan(reverse):
     """In Triton's interpreter, through both forward kernels: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the
     tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
-    channels (a tile of channels part padding); then backward programs of several channel tiles."""
+    channels (a tile of channels part padding); then backward programs of several channel tiles, and rows sharing the
+    backward's partial sums."""
     for tiled, length, d_state in itertools.product((False, True), (1, 5, 8, _FWD_STEPS + 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
         with forward_kernel(tiled):
@@ -99,6 +100,11 @@ def check_triton_scan(reverse):
         inputs, dy = scan_inputs(batch=3, length=length, d_state=5)
         with scan_launch("_scan_triton_backward", tiles=tiles):
             assert_scans_close(inputs, dy, reverse, f"L={length}, tiles={tiles}", rtol=1e-9, atol=1e-10)
+    # Rows sharing the partial sums of dA, dD, dbias (atomic adds): room for 2 partials, 3 rows.
+    kernels_r2lm._BWD_PARTIALS_BYTES = 2 * 20 * 5 * 8
+    for length in (5, _BWD_CHUNK + 3):
+        inputs, dy = scan_inputs(batch=3, length=length, d_state=5)
+        assert_scans_close(inputs, dy, reverse, f"L={length}, shared partials", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
     inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
     for tiled in (False, True):
