@@ -78,10 +78,11 @@ _BWD_CHANNELS, _BWD_TILE, _BWD_THREAD_ELEMENTS = 2, 512, 16
 # A backward program takes all of a row's channel tiles one after another (summing dB and dC over them in registers),
 # or as few as leave _BWD_PROGRAMS_PER_SM programs per SM (on the shapes above: within 5% of the fastest split).
 _BWD_PROGRAMS_PER_SM = 32
-# The backward's sums over rows for dA, dD, dbias: a partial per row, or, where those would pass this many bytes (32k
-# rows of 4096 channels, d_state 16: 8.6 GB), partials that rows share by atomic adds (row r in r % partials). Every
-# shape of bench/results/scan_backward_h200.md has a partial per row (the 4x shape's take 403 MB).
-_BWD_PARTIALS_BYTES = 512 * 2**20
+# The backward kernels' sums over rows (the scan's dA, dD, dbias; the conv's weight and bias): a partial sum per row
+# (per program), or, where those would pass this many bytes (32k rows of 4096 channels, d_state 16: 8.6 GB), partials
+# that rows share by atomic adds (row r in r % partials). Every shape of bench/results/scan_backward_h200.md has a
+# partial per row (the 4x shape's take 403 MB).
+_PARTIALS_BYTES = 512 * 2**20
 # The tiled forward's tiles: _FWD_STEPS steps (fewer on shorter rows) x d_state padded x as many channels as make
 # about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
 # at batch 1, or within 1%), 16 elements a thread.
@@ -120,6 +121,14 @@ if triton is not None:
     def _first_order_combine(a1, b1, a2, b2):
         # h -> a1 h + b1, then h -> a2 h + b2: the linear recurrence h_s = a_s h_{s-1} + b_s as an associative scan.
         return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _store_or_add(ptr, value, mask, ADD: tl.constexpr):
+        """A partial sum into memory: stored, or added (atomically) where other programs add to it too."""
+        if ADD:
+            tl.atomic_add(ptr, value, mask=mask)
+        else:
+            tl.store(ptr, value, mask=mask)
 
     @triton.jit
     def _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, tile, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -323,18 +332,14 @@ if triton is not None:
                 part = row % partials
                 channels = part * d_inner + d
                 states = (part * d_inner + d[:, None]) * N + n[None, :]
-                if SHARED:  # rows share a partial: added
-                    tl.atomic_add(dA_ptr + states, dA, mask=dnmask)
-                    tl.atomic_add(dD_ptr + channels, dD, mask=dmask)
-                    tl.atomic_add(dbias_ptr + channels, dbias, mask=dmask)
-                else:
+                if not SHARED:  # the row's own partial: its chunks after the first (in scan order) stored there
                     if k > 0:
                         dA += tl.load(dA_ptr + states, mask=dnmask, other=0.0)
                         dD += tl.load(dD_ptr + channels, mask=dmask, other=0.0)
                         dbias += tl.load(dbias_ptr + channels, mask=dmask, other=0.0)
-                    tl.store(dA_ptr + states, dA, mask=dnmask)
-                    tl.store(dD_ptr + channels, dD, mask=dmask)
-                    tl.store(dbias_ptr + channels, dbias, mask=dmask)
+                _store_or_add(dA_ptr + states, dA, dnmask, SHARED)
+                _store_or_add(dD_ptr + channels, dD, dmask, SHARED)
+                _store_or_add(dbias_ptr + channels, dbias, dmask, SHARED)
             rows = row * N * L + n[:, None] * L + t[None, :]
             tl.atomic_add(dB_ptr + rows, dB, mask=mB)
             tl.atomic_add(dC_ptr + rows, dC, mask=mB)
@@ -405,6 +410,13 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
     return y, states
 
 
+def _partials(count, size, dtype):
+    """(partials, shared): how many partial sums of `size` elements of `dtype` `count` rows write, one each or, past
+    _PARTIALS_BYTES, fewer that they share (`shared`: added to atomically, from zeros)."""
+    partials = min(count, max(1, _PARTIALS_BYTES // (size * dtype.itemsize)))
+    return partials, partials < count
+
+
 def _bwd_tiles(batch, d_inner, d_state, L, x):
     """The backward's tiles for these rows: (BLOCK_D channels, channel tiles a program). BLOCK_D as _BWD_TILE says;
     a program takes all of a row's channel tiles, or as few as leave at least _BWD_PROGRAMS_PER_SM programs per
@@ -429,10 +441,8 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, rever
     du, ddelta, dz = (torch.empty(batch, L, d_inner, dtype=t.dtype, device=u.device).transpose(1, 2)
                       for t in (u, delta, z))
     dB, dC = torch.zeros(batch, d_state, L, **acc), torch.zeros(batch, d_state, L, **acc)
-    # Sums over rows (summed below): a row each, or rows sharing partials within _BWD_PARTIALS_BYTES; and the adjoint
-    # carried between chunks of a row.
-    partials = min(batch, max(1, _BWD_PARTIALS_BYTES // (d_inner * d_state * acc["dtype"].itemsize)))
-    shared = partials < batch
+    # Sums over rows (summed below), and the adjoint carried between chunks of a row.
+    partials, shared = _partials(batch, d_inner * d_state, acc["dtype"])
     new = torch.zeros if shared else torch.empty
     dA, dD, dbias = new(partials, d_inner, d_state, **acc), new(partials, d_inner, **acc), new(partials, d_inner, **acc)
     carry = None if states is None else torch.empty(batch, d_inner, d_state, **acc)
@@ -798,14 +808,14 @@ if triton is not None:
         return dout * sig * (1.0 + pre * (1.0 - sig))
 
     @triton.jit
-    def _conv_silu_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, L, d_inner, sx_n, sx_l, sx_d, sw_d, sw_k,
-                              K: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+    def _conv_silu_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, L, d_inner, partials, sx_n, sx_l, sx_d,
+                              sw_d, sw_k, K: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+                              BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SHARED: tl.constexpr):
         """The backward of _conv_silu_kernel, its programs, in float32: with g_t = dout_t silu'(pre_t),
         dx_s = sum_j w_{K-1-j} g_{s - j} (REVERSE; else g_{s + j}), g read as zeros past the row; dout, dx (N, L,
-        d_inner) contiguous. dw (programs, K + 1, d_inner) float32: this program's sums over its steps t of
-        g_t x[t + j] (REVERSE; else x[t - j]) for each tap K - 1 - j, and of g_t (the bias's) last; the caller sums
-        them over programs (no atomic adds)."""
+        d_inner) contiguous. dw (partials, K + 1, d_inner) float32: in partial program_id(0) % partials, this
+        program's sums over its steps t of g_t x[t + j] (REVERSE; else x[t - j]) for each tap K - 1 - j, and of g_t
+        (the bias's) last, stored (a partial each) or added (SHARED); the caller sums the partials."""
         tiles = tl.cdiv(L, BLOCK_L)
         n = (tl.program_id(0) // tiles).to(tl.int64)
         t = tl.program_id(0) % tiles * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -814,7 +824,7 @@ if triton is not None:
         DTYPE = dx_ptr.dtype.element_ty
         x_row, dout_row = x_ptr + n * sx_n, dout_ptr + n * L * d_inner
         dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        partial = dw_ptr + tl.program_id(0).to(tl.int64) * (K + 1) * d_inner + d
+        partial = dw_ptr + (tl.program_id(0) % partials).to(tl.int64) * (K + 1) * d_inner + d
         for j in tl.static_range(K):
             if REVERSE:
                 src = t - j
@@ -832,8 +842,9 @@ if triton is not None:
                         steps = t - shift
                     mask = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
                     x = tl.load(x_row + steps[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
-                    tl.store(partial + (K - 1 - shift) * d_inner, tl.sum(g * x.to(tl.float32), axis=0), mask=dmask)
-                tl.store(partial + K * d_inner, tl.sum(g, axis=0), mask=dmask)
+                    _store_or_add(partial + (K - 1 - shift) * d_inner, tl.sum(g * x.to(tl.float32), axis=0), dmask,
+                                  SHARED)
+                _store_or_add(partial + K * d_inner, tl.sum(g, axis=0), dmask, SHARED)
         tl.store(dx_ptr + (n * L + t[:, None]) * d_inner + d[None, :], dx.to(DTYPE),
                  mask=(t < L)[:, None] & dmask[None, :])
 
@@ -894,11 +905,13 @@ def _conv_silu_backward(dout, x, weight, bias, reverse):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_l, block_d = _conv_tiles(L, d_inner)
     grid = (rows * triton.cdiv(L, block_l), triton.cdiv(d_inner, block_d))
-    partial = torch.empty(grid[0], K + 1, d_inner, dtype=torch.float32, device=x.device)
+    partials, shared = _partials(grid[0], (K + 1) * d_inner, torch.float32)
+    partial = (torch.zeros if shared else torch.empty)(partials, K + 1, d_inner, dtype=torch.float32, device=x.device)
     with _launch_device(x):
-        _conv_silu_bwd_kernel[grid](x, weight, bias, dout, dx, partial, L, d_inner, *x.stride(), *weight.stride(),
-                                    K=K, HAS_BIAS=bias is not None, REVERSE=reverse, BLOCK_L=block_l,
-                                    BLOCK_D=block_d, num_warps=_row_warps(block_l * block_d))
+        _conv_silu_bwd_kernel[grid](x, weight, bias, dout, dx, partial, L, d_inner, partials, *x.stride(),
+                                    *weight.stride(), K=K, HAS_BIAS=bias is not None, REVERSE=reverse,
+                                    BLOCK_L=block_l, BLOCK_D=block_d, SHARED=shared,
+                                    num_warps=_row_warps(block_l * block_d))
     sums = partial.sum(0)
     return dx, sums[:K].t().to(weight.dtype), None if bias is None else sums[K].to(bias.dtype)
 

@@ -101,7 +101,7 @@ def check_triton_scan(reverse):
         with scan_launch("_scan_triton_backward", tiles=tiles):
             assert_scans_close(inputs, dy, reverse, f"L={length}, tiles={tiles}", rtol=1e-9, atol=1e-10)
     # Rows sharing the partial sums of dA, dD, dbias (atomic adds): room for 2 partials, 3 rows.
-    kernels_r2lm._BWD_PARTIALS_BYTES = 2 * 20 * 5 * 8
+    kernels_r2lm._PARTIALS_BYTES = 2 * 20 * 5 * 8
     for length in (5, _BWD_CHUNK + 3):
         inputs, dy = scan_inputs(batch=3, length=length, d_state=5)
         assert_scans_close(inputs, dy, reverse, f"L={length}, shared partials", rtol=1e-9, atol=1e-10)
@@ -405,6 +405,16 @@ def check_sidecar_kernels(device="cpu"):
                 assert a.dtype == leaf.dtype, case
                 torch.testing.assert_close(a.double(), b, rtol=close, atol=close * b.abs().max().item(),
                                            msg=lambda m: f"{case}: {m}")  # noqa: B023
+        if dtype == torch.float32:  # programs sharing the weight's and bias's partial sums: room for 2, 15 programs
+            budget, kernels_r2lm._PARTIALS_BYTES = kernels_r2lm._PARTIALS_BYTES, 2 * 5 * 20 * 4
+            x, dout = randn(3, 33, 20, scale=2.0).requires_grad_(), randn(3, 33, 20)
+            weight, bias = randn(20, 4, scale=0.5).requires_grad_(), randn(20).requires_grad_()
+            got = torch.autograd.grad(conv_silu_triton(x, weight, bias, True), (x, weight, bias), dout)
+            kernels_r2lm._PARTIALS_BYTES = budget
+            exact = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+            want = torch.autograd.grad(modeling_r2lm._conv_silu_ref(*exact, True), exact, dout.double())
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
         for d, gate, params in ((200, 0.3, torch.float32), (384, -1.7, dtype)):
             h, r = randn(2, 5, d, dtype=dtype), randn(2, 8, d, dtype=dtype, scale=3.0, shift=0.5)[:, 2:7]
             args = (h, r, randn(d, dtype=params, scale=0.3, shift=1.0), randn(d, dtype=params, scale=0.1), 1e-5,
