@@ -72,7 +72,7 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):
 _BWD_CHUNK = 128
 # The backward's register tiles, (BLOCK_D, d_state, chunk) padded to powers of two: as many channels as keep a tile
 # within _BWD_TILE elements, at least _BWD_CHANNELS; 16 elements a thread. On an H200 (bf16, d_state 16, 768 and 1536
-# channels: 4096 rows of 8 steps, 1024 of 32, 128 of 256; bench/results/scan_tiles_h200.md) this was the fastest of
+# channels: 4096 rows of 8 steps, 1024 of 32, 128 of 256; bench/results/scan_backward_h200.md) this was the fastest of
 # 2 to 32 channels on each shape; 8 channels were 1.5x slower on rows of 8 steps, 16 or more channels 3x.
 _BWD_CHANNELS, _BWD_TILE, _BWD_THREAD_ELEMENTS = 2, 512, 16
 # A backward program takes all of a row's channel tiles one after another (summing dB and dC over them in registers),
