@@ -83,6 +83,16 @@ def forward_kernel(tiled):
     return scan_launch("_scan_triton_forward", tiled=tiled)
 
 
+@contextlib.contextmanager
+def partials_budget(size):
+    """The backward kernels' partial sums within `size` bytes (kernels_r2lm._PARTIALS_BYTES): rows share them."""
+    budget, kernels_r2lm._PARTIALS_BYTES = kernels_r2lm._PARTIALS_BYTES, size
+    try:
+        yield
+    finally:
+        kernels_r2lm._PARTIALS_BYTES = budget
+
+
 def check_triton_scan(reverse):
     """In Triton's interpreter, through both forward kernels: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the
     tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
@@ -101,10 +111,10 @@ def check_triton_scan(reverse):
         with scan_launch("_scan_triton_backward", tiles=tiles):
             assert_scans_close(inputs, dy, reverse, f"L={length}, tiles={tiles}", rtol=1e-9, atol=1e-10)
     # Rows sharing the partial sums of dA, dD, dbias (atomic adds): room for 2 partials, 3 rows.
-    kernels_r2lm._PARTIALS_BYTES = 2 * 20 * 5 * 8
     for length in (5, _BWD_CHUNK + 3):
         inputs, dy = scan_inputs(batch=3, length=length, d_state=5)
-        assert_scans_close(inputs, dy, reverse, f"L={length}, shared partials", rtol=1e-9, atol=1e-10)
+        with partials_budget(2 * 20 * 5 * 8):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, shared partials", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
     inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
     for tiled in (False, True):
@@ -406,11 +416,10 @@ def check_sidecar_kernels(device="cpu"):
                 torch.testing.assert_close(a.double(), b, rtol=close, atol=close * b.abs().max().item(),
                                            msg=lambda m: f"{case}: {m}")  # noqa: B023
         if dtype == torch.float32:  # programs sharing the weight's and bias's partial sums: room for 2, 15 programs
-            budget, kernels_r2lm._PARTIALS_BYTES = kernels_r2lm._PARTIALS_BYTES, 2 * 5 * 20 * 4
             x, dout = randn(3, 33, 20, scale=2.0).requires_grad_(), randn(3, 33, 20)
             weight, bias = randn(20, 4, scale=0.5).requires_grad_(), randn(20).requires_grad_()
-            got = torch.autograd.grad(conv_silu_triton(x, weight, bias, True), (x, weight, bias), dout)
-            kernels_r2lm._PARTIALS_BYTES = budget
+            with partials_budget(2 * 5 * 20 * 4):
+                got = torch.autograd.grad(conv_silu_triton(x, weight, bias, True), (x, weight, bias), dout)
             exact = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
             want = torch.autograd.grad(modeling_r2lm._conv_silu_ref(*exact, True), exact, dout.double())
             for a, b in zip(got, want):

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from convert.cli import ArgumentParser, UserError
-from r2lm.modeling_r2lm import MASK_RATE_RANGE
+from r2lm.modeling_r2lm import MASK_RATE_RANGE, is_mask_rate_range
 
 from .checkpoint import read_json
 from .data import add_data_arguments
@@ -170,8 +170,8 @@ def parse_args(argv):
                      "in the model's blocks and --objective ar has blocks of 1.")
     if args.certainty_weight and (args.sft or args.objective == "ar"):
         parser.error("--certainty-weight is for the diffusion objective on raw text (e.g. train.distill's stream).")
-    low, high = args.mask_rate_range
-    if not 0 < low <= high <= 1:
+    if not is_mask_rate_range(args.mask_rate_range):
+        low, high = args.mask_rate_range
         parser.error(f"--mask-rate-range LOW HIGH needs 0 < LOW <= HIGH <= 1, got {low:g} {high:g}.")
     if tuple(args.mask_rate_range) != MASK_RATE_RANGE and args.objective == "ar":
         parser.error("--mask-rate-range is for the diffusion objective; --objective ar masks nothing.")

@@ -756,6 +756,17 @@ _CONV_STEPS, _CONV_TILE = 8, 1024
 if triton is not None:
 
     @triton.jit
+    def _conv_tap(x_row, steps, shift, L, d, dmask, sx_l, sx_d, REVERSE: tl.constexpr):
+        """x[t + shift] (REVERSE; else x[t - shift]) at steps t (BLOCK_L,) of one row, float32, zeros past the row:
+        what the tap K - 1 - shift reads."""
+        if REVERSE:
+            src = steps + shift
+        else:
+            src = steps - shift
+        mask = ((src >= 0) & (src < L))[:, None] & dmask[None, :]
+        return tl.load(x_row + src[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _conv_pre(x_row, w_ptr, b_ptr, steps, L, d, dmask, sx_l, sx_d, sw_d, sw_k, K: tl.constexpr,
                   HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
                   BLOCK_D: tl.constexpr):
@@ -765,15 +776,10 @@ if triton is not None:
         if HAS_BIAS:
             acc += _round(tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32), DTYPE)[None, :]
         for shift in tl.static_range(K):
-            if REVERSE:
-                src = steps + shift
-            else:
-                src = steps - shift
-            mask = ((src >= 0) & (src < L))[:, None] & dmask[None, :]
-            x = tl.load(x_row + src[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
+            x = _conv_tap(x_row, steps, shift, L, d, dmask, sx_l, sx_d, REVERSE)
             w = _round(tl.load(w_ptr + d * sw_d + (K - 1 - shift) * sw_k, mask=dmask, other=0.0).to(tl.float32),
                        DTYPE)
-            acc = _round(acc + x.to(tl.float32) * w[None, :], DTYPE)
+            acc = _round(acc + x * w[None, :], DTYPE)
         return acc
 
     @triton.jit
@@ -836,14 +842,8 @@ if triton is not None:
             dx += g * w[None, :]
             if j == 0:  # the tile's own steps: the sums for the weights and the bias
                 for shift in tl.static_range(K):
-                    if REVERSE:
-                        steps = t + shift
-                    else:
-                        steps = t - shift
-                    mask = ((steps >= 0) & (steps < L))[:, None] & dmask[None, :]
-                    x = tl.load(x_row + steps[:, None] * sx_l + d[None, :] * sx_d, mask=mask, other=0.0)
-                    _store_or_add(partial + (K - 1 - shift) * d_inner, tl.sum(g * x.to(tl.float32), axis=0), dmask,
-                                  SHARED)
+                    x = _conv_tap(x_row, t, shift, L, d, dmask, sx_l, sx_d, REVERSE)
+                    _store_or_add(partial + (K - 1 - shift) * d_inner, tl.sum(g * x, axis=0), dmask, SHARED)
                 _store_or_add(partial + K * d_inner, tl.sum(g, axis=0), dmask, SHARED)
         tl.store(dx_ptr + (n * L + t[:, None]) * d_inner + d[None, :], dx.to(DTYPE),
                  mask=(t < L)[:, None] & dmask[None, :])

@@ -358,12 +358,18 @@ class R2LMDiffusionOutput(ModelOutput):
 MASK_RATE_RANGE = (1e-3, 1.0)  # the objective's per-block mask rate: t ~ U(1e-3, 1]
 
 
+def is_mask_rate_range(rate_range):
+    """Whether (low, high) bounds mask rates t ~ U(low, high]: 0 < low <= high <= 1 (NaN fails)."""
+    low, high = rate_range
+    return 0 < low <= high <= 1
+
+
 def draw_mask_rates(shape, generator=None, rate_range=MASK_RATE_RANGE):
     """Per-block mask rates t ~ U(low, high] for `rate_range` = (low, high) (DESIGN section 4: U(1e-3, 1]; a narrower
     range is a clipped schedule), drawn on the CPU from `generator`."""
-    low, high = rate_range
-    if not 0 < low <= high <= 1:
+    if not is_mask_rate_range(rate_range):
         raise ValueError(f"A mask-rate range needs 0 < low <= high <= 1, got {tuple(rate_range)}.")
+    low, high = rate_range
     return low + (high - low) * (1 - torch.rand(shape, generator=generator, device="cpu"))
 
 
