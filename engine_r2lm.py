@@ -349,9 +349,12 @@ class R2LMEngine:
         generated blocks. A view of `tokens`, which the graphs read."""
         return self.tokens[:, self.offset :]
 
-    def step(self, start, block_step):
+    def step(self, start, block_step, left=None):
         """One denoising step of the block at [start, start + B): forward, token choice and commit into the canvas.
-        Returns the block's logits (rows, B, V)."""
+        `left`: no row has more masked positions (None: any number). A causal step then computes logits for only
+        that many columns of each row, its masked ones first, `left` rounded up to a multiple of max(4, B / 4) (a
+        graph each): the LM head (in the 1.7B shape 0.31B of the 1.72B weights a column multiplies) and the token
+        choice shrink as the block fills. Returns the logits (rows, B or fewer, V) of the columns it computed."""
         B = self.B
         start += self.offset  # the engine's columns
         if not self.causal:
@@ -365,6 +368,9 @@ class R2LMEngine:
             if block_step == 0:
                 self.block_step.zero_()
             kind, keys = ("head" if B == 1 else "step"), self._key_len(start + B)
+        granule = max(4, B // 4)
+        live = None if left is None or not self.causal else -(-left // granule) * granule
+        self.live = live if live is not None and live < B else None
         self.forwards += kind != "head"
         return self._run(kind, keys)
 
@@ -408,10 +414,14 @@ class R2LMEngine:
                 hidden = hidden[:, B:]
         # Shifted logits: column c is predicted by the hidden state at c - 1.
         source = self.first_h[:, None] if B == 1 else torch.cat([self.first_h[:, None], hidden[:, : B - 1]], dim=1)
+        cols = (self.cache_len + (B if fused else 0) + torch.arange(B, device=dev)).expand(n, -1)
+        if self.live is not None:  # the columns that may still be masked, first and in order, then others
+            needed = (self.tokens.gather(1, cols) == self.model.config.mask_token_id) & (cols < self.limit)
+            keep = needed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, : self.live]
+            cols = cols.gather(1, keep)
+            source = source.gather(1, keep[..., None].expand(-1, -1, source.shape[-1]))
         logits = self.model.lm_head(source)
-        block_cols = self.cache_len + (B if fused else 0) + torch.arange(B, device=dev)
-        block_step = self.block_step if kind == "step" else 0
-        self._commit(block_cols, logits, block_step)
+        self._commit(cols, logits, self.block_step if kind == "step" else 0)
         if fused:
             self.cache_len += B
             self.block_step.fill_(1)
@@ -439,18 +449,16 @@ class R2LMEngine:
         valid = self.key_valid[:, : self.columns]
         hidden = self.forward(self.tokens[:, : self.columns], positions, None, None, valid[:, None, None],
                               self.prompt_end % B, valid=valid)
-        block_cols = self.cache_len + torch.arange(B, device=dev)
-        rows = (block_cols - 1)[None, :, None].expand(self.n, -1, hidden.shape[-1])  # column c from c - 1
-        logits = self.model.lm_head(hidden.gather(1, rows))
-        self._commit(block_cols, logits, self.block_step)
+        cols = (self.cache_len + torch.arange(B, device=dev)).expand(self.n, -1)
+        logits = self.model.lm_head(hidden.gather(1, (cols - 1)[..., None].expand(-1, -1, hidden.shape[-1])))
+        self._commit(cols, logits, self.block_step)
         self.block_step += 1
         return logits
 
-    def _commit(self, block_cols, logits, block_step):
-        index = block_cols.expand(self.n, -1)
-        block = self.commit(self.tokens.gather(1, index), block_cols < self.limit, block_cols - self.first_col, logits,
-                            block_step)
-        self.tokens.scatter_(1, index, block)
+    def _commit(self, cols, logits, block_step):
+        """The decoding policy on the columns `cols` (rows, s) of each row, which `logits` (rows, s, V) predict."""
+        block = self.commit(self.tokens.gather(1, cols), cols < self.limit, cols - self.first_col, logits, block_step)
+        self.tokens.scatter_(1, cols, block)
 
     def _step_mask(self, cols, key_len):
         """Additive mask (rows, 1, rep * queries, key_len) in the grouped query layout: the query at column c sees
@@ -522,7 +530,7 @@ class R2LMEngine:
         # What else shapes the graph: the canvas's width (bidirectional), the chunk (prefill), the decoding policy
         # (not for the prefill, which commits nothing: its graphs serve every policy).
         width = {"bidirectional": self.columns, "prefill": self.chunk}.get(kind)
-        key = (self.n, kind, key_len, self.B, width, None if kind == "prefill" else self.policy_key)
+        key = (self.n, kind, key_len, self.B, width, None if kind == "prefill" else (self.policy_key, self.live))
         if key not in self.graphs:
             self.graphs[key] = self._capture(fn)
         graph, logits = self.graphs[key]

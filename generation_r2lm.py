@@ -178,8 +178,10 @@ class _CachedRunner:
         self.cache = out.cache
         self.first_logits = self.model.lm_head(out.last_hidden_state[:, -1:])  # predicts the first column of block 0
 
-    def step(self, start, block_step):
-        """One denoising step of the block at [start, start + B): logits, token choice, commit. Returns the logits."""
+    def step(self, start, block_step, left=None):
+        """One denoising step of the block at [start, start + B): logits, token choice, commit. Returns the logits
+        (b, B, V). `left` (at most so many positions of a row are masked) is the engine's: this runner, the
+        reference, computes every column."""
         logits = self.logits(start, block_step == 0)
         wanted = torch.arange(start, start + self.B, device=self.canvas.device) < self.limit
         block = self.canvas[:, start : start + self.B]
@@ -238,10 +240,10 @@ def commit_tokens(block, wanted, columns, logits, processors, config, block_step
     """The decoding policy of one step, for every runner (the engine captures it in its CUDA graphs: no host sync, no
     branch on tensor values; every setting it reads is in `_policy_key`).
 
-    block (b, B): the current block's tokens; wanted (B,): False on columns past max_new_tokens (they stay masks);
-    columns (B,): the block's generated-column indices (0 = the first generated token); logits (b, B, V) predict the
-    block's columns; processors: `_logits_processors`; block_step: steps already taken in this block (int or 0-d
-    tensor). Returns the block with some masked positions committed: every one whose confidence exceeds `threshold`,
+    block (b, B): the current block's tokens, or some of its columns in order, every masked one among them (the
+    engine's `left`); wanted (B,) or (b, B): False on columns past max_new_tokens (they stay masks); columns (B,) or
+    (b, B): their generated-column indices (0 = the first generated token); logits (b, B, V) predict them;
+    processors: `_logits_processors`; block_step: steps already taken in this block (int or 0-d tensor). Returns the block with some masked positions committed: every one whose confidence exceeds `threshold`,
     and at least max(min_tokens_per_step, remaining / steps left) per row, ranked by the unmasking rule.
     """
     masked = (block == config.mask_token_id) & wanted
@@ -286,26 +288,27 @@ def choose_tokens(logits, columns, processors, config):
 def process_logits(logits, columns, processors):
     """The logits processors, as additions (-inf bans a token): `bias` everywhere, `begin` at the first generated
     column, `eos_ban` before `min_new` generated columns; then `remove_invalid_values`. logits (b, B, V), any float
-    dtype (float32 out);
-    columns (B,). Every branch here is on a setting, never on a tensor's values."""
+    dtype (float32 out); columns (B,) or (b, B). Every branch here is on a setting, never on a tensor's values."""
     logits = logits + processors["bias"]  # float32 bias: the sum is float32, with no separate cast of the logits
     if processors["begin"] is not None:
-        logits = logits + torch.where((columns == 0)[:, None], processors["begin"], 0.0)
+        logits = logits + torch.where((columns == 0)[..., None], processors["begin"], 0.0)
     if processors["min_new"]:
-        logits = logits + torch.where((columns < processors["min_new"])[:, None], processors["eos_ban"], 0.0)
+        logits = logits + torch.where((columns < processors["min_new"])[..., None], processors["eos_ban"], 0.0)
     if processors["remove_invalid"]:  # transformers' InfNanRemoveLogitsProcessor: nan -> 0, +inf -> the largest
         logits = logits.nan_to_num(nan=0.0, posinf=torch.finfo(logits.dtype).max, neginf=-math.inf)
     return logits
 
 
-def steps_needed(wanted, steps, min_tokens):
-    """Steps the quota rule takes to commit `wanted` positions when no threshold can fire (threshold 1): the loop
-    then needs no host synchronisation to know when a block is done."""
-    taken = 0
-    while wanted > 0 and taken < steps:
-        wanted -= min(wanted, max(min_tokens, -(-wanted // (steps - taken))))
-        taken += 1
-    return taken
+def quota_schedule(wanted, steps, min_tokens):
+    """The masked positions left before each step of a block of `wanted` positions when the quota rule alone commits
+    (threshold 1): its length is the steps the block takes, and at any threshold no more positions are left (the
+    threshold only commits more). The loop then needs no host sync to know when a block is done, and the engine
+    computes logits for no more columns than are left."""
+    left = []
+    while wanted > 0 and len(left) < steps:
+        left.append(wanted)
+        wanted -= min(wanted, max(min_tokens, -(-wanted // (steps - len(left) + 1))))
+    return left
 
 
 class R2LMGenerationMixin(GenerationMixin):
@@ -496,16 +499,19 @@ class R2LMGenerationMixin(GenerationMixin):
         if streamer is not None:
             streamer.put(input_ids.cpu())
         per_step = step_callback is not None or config.output_history or hasattr(streamer, "put_draft")
+        # The engine computes logits only for the columns that can still be masked, unless a step callback wants the
+        # whole block's or the policy draws random numbers per column (it must draw as the eager runner does).
+        compact = step_callback is None and not config.do_sample and config.unmasking != "random"
         for block in range(n_blocks):
             start = prompt_len + block * B
             stop = min(start + B, limit)
-            # With threshold 1 the quota rule alone fixes the steps a block takes: no host sync to find its end.
-            fixed = steps_needed(stop - start, config.max_steps_per_block, config.min_tokens_per_step) \
-                if config.threshold >= 1 else None
-            for block_step in range(config.max_steps_per_block if fixed is None else fixed):
-                if fixed is None and not bool((runner.canvas[:, start:stop] == config.mask_token_id).any()):
-                    break
-                logits = runner.step(start, block_step)
+            for block_step, left in enumerate(quota_schedule(stop - start, config.max_steps_per_block,
+                                                             config.min_tokens_per_step)):
+                if config.threshold < 1:  # the threshold may have committed more: the step's one host sync
+                    left = min(left, int((runner.canvas[:, start:stop] == config.mask_token_id).sum(1).max()))
+                    if not left:
+                        break
+                logits = runner.step(start, block_step, left if compact else None)
                 step += 1
                 if per_step:
                     self._per_step(runner, out, step, logits, step_callback, history, config, streamer, start)

@@ -62,6 +62,23 @@ def test_engine_matches_eager_and_oracle(rule, schedule):
     assert not (out.sequences[:, 9:] == MASK).any()
 
 
+@pytest.mark.parametrize("rule", ("confidence", "margin", "left_to_right"))
+@pytest.mark.parametrize("schedule", [dict(threshold=0.5), dict(threshold=1.0, min_tokens_per_step=3)],
+                         ids=["threshold", "fixed"])
+def test_engine_runs_the_head_on_masked_columns_only(rule, schedule):
+    """Blocks of 16, the last one cut (37 new tokens): later steps of the engine run the LM head on fewer columns of
+    each row (its masked ones first, then others), and decode exactly what the eager runner and the oracle decode."""
+    model = tiny_r2lm(peak=4)
+    ids, mask = left_padded((7, 4, 9, 5))
+    kwargs = dict(block_size=16, max_new_tokens=37, unmasking=rule, **schedule)
+    widths = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    decode(model, ids, mask, "engine", **kwargs)
+    hook.remove()
+    assert max(widths) == 16 and 4 in widths, widths
+    assert_same_decoding(model, ids, mask, **kwargs)
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8, temperature=1.3)])
 def test_sampled_engine_matches_eager(sampling):
     model = tiny_r2lm(peak=4)

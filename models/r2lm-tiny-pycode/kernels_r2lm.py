@@ -626,15 +626,15 @@ if triton is not None:
 
     @triton.jit
     def _token_choice_kernel(logits_ptr, bias_ptr, begin_ptr, eos_ban_ptr, columns_ptr, x0_ptr, log_z_ptr, prob_ptr,
-                             V, B, min_new, s_row, HAS_BEGIN: tl.constexpr, HAS_EOS_BAN: tl.constexpr,
+                             V, min_new, s_row, HAS_BEGIN: tl.constexpr, HAS_EOS_BAN: tl.constexpr,
                              REMOVE_INVALID: tl.constexpr, BLOCK: tl.constexpr):
-        """Row `program_id(0)` of logits (rows, V), the block column `row % B`: the processed logits (+ bias, + begin
-        at generated column 0, + eos_ban before column min_new, in that order, each sum rounded in float32; NaN -> 0
-        and +inf -> the largest float with REMOVE_INVALID), and from them in one pass over V: x0 = the first argmax,
-        log_z = logsumexp, prob = exp(max - log_z). Each lane keeps a running max, the index of its first occurrence
-        and a sum of exponentials relative to that max."""
+        """Row `program_id(0)` of logits (rows, V), at the generated column `columns[row]`: the processed logits (+ bias,
+        + begin at generated column 0, + eos_ban before column min_new, in that order, each sum rounded in float32;
+        NaN -> 0 and +inf -> the largest float with REMOVE_INVALID), and from them in one pass over V: x0 = the first
+        argmax, log_z = logsumexp, prob = exp(max - log_z). Each lane keeps a running max, the index of its first
+        occurrence and a sum of exponentials relative to that max."""
         row = tl.program_id(0)
-        column = tl.load(columns_ptr + row % B)
+        column = tl.load(columns_ptr + row)
         base = logits_ptr + row.to(tl.int64) * s_row
         lanes = tl.arange(0, BLOCK)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -728,18 +728,19 @@ def attention_inputs_triton(qkv, q_weight, k_weight, cos, sin, eps, heads, kv_he
 
 def token_choice_triton(logits, columns, processors):
     """The greedy token choice of `generation_r2lm.choose_tokens` in one pass over the vocabulary: logits (b, B, V)
-    with the processors' additions (`generation_r2lm.process_logits`, never written out), columns (B,) -> x0 (b, B)
-    the first argmax, log_z (b, B) the logsumexp, x0's probability (b, B), the last two float32."""
+    with the processors' additions (`generation_r2lm.process_logits`, never written out), columns (B,) or (b, B) ->
+    x0 (b, B) the first argmax, log_z (b, B) the logsumexp, x0's probability (b, B), the last two float32."""
     b, size, vocab = logits.shape
     rows = logits.reshape(-1, vocab)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    columns = columns.expand(b, size).reshape(-1)  # each row's generated column
     x0 = torch.empty(b, size, dtype=torch.long, device=logits.device)
     log_z, prob = (torch.empty(b, size, dtype=torch.float32, device=logits.device) for _ in range(2))
     begin, eos_ban = processors["begin"], processors["eos_ban"]
     with _launch_device(logits):
         _token_choice_kernel[(rows.shape[0],)](
-            rows, processors["bias"], begin, eos_ban, columns, x0, log_z, prob, vocab, size, processors["min_new"],
+            rows, processors["bias"], begin, eos_ban, columns, x0, log_z, prob, vocab, processors["min_new"],
             rows.stride(0), HAS_BEGIN=begin is not None, HAS_EOS_BAN=processors["min_new"] > 0,
             REMOVE_INVALID=bool(processors["remove_invalid"]), BLOCK=1024, num_warps=4,
         )
