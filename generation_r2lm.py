@@ -243,8 +243,9 @@ def commit_tokens(block, wanted, columns, logits, processors, config, block_step
     block (b, B): the current block's tokens, or some of its columns in order, every masked one among them (the
     engine's `left`); wanted (B,) or (b, B): False on columns past max_new_tokens (they stay masks); columns (B,) or
     (b, B): their generated-column indices (0 = the first generated token); logits (b, B, V) predict them;
-    processors: `_logits_processors`; block_step: steps already taken in this block (int or 0-d tensor). Returns the block with some masked positions committed: every one whose confidence exceeds `threshold`,
-    and at least max(min_tokens_per_step, remaining / steps left) per row, ranked by the unmasking rule.
+    processors: `_logits_processors`; block_step: steps already taken in this block (int or 0-d tensor). Returns the
+    block with some masked positions committed: every one whose confidence exceeds `threshold`, and at least
+    max(min_tokens_per_step, remaining / steps left) per row, ranked by the unmasking rule.
     """
     masked = (block == config.mask_token_id) & wanted
     size = block.shape[1]
