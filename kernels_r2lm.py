@@ -628,11 +628,11 @@ if triton is not None:
     def _token_choice_kernel(logits_ptr, bias_ptr, begin_ptr, eos_ban_ptr, columns_ptr, x0_ptr, log_z_ptr, prob_ptr,
                              V, min_new, s_row, HAS_BEGIN: tl.constexpr, HAS_EOS_BAN: tl.constexpr,
                              REMOVE_INVALID: tl.constexpr, BLOCK: tl.constexpr):
-        """Row `program_id(0)` of logits (rows, V), at the generated column `columns[row]`: the processed logits (+ bias,
-        + begin at generated column 0, + eos_ban before column min_new, in that order, each sum rounded in float32;
-        NaN -> 0 and +inf -> the largest float with REMOVE_INVALID), and from them in one pass over V: x0 = the first
-        argmax, log_z = logsumexp, prob = exp(max - log_z). Each lane keeps a running max, the index of its first
-        occurrence and a sum of exponentials relative to that max."""
+        """Row `program_id(0)` of logits (rows, V), at the generated column `columns[row]`: the processed logits
+        (+ bias, + begin at generated column 0, + eos_ban before column min_new, in that order, each sum rounded in
+        float32; NaN -> 0 and +inf -> the largest float with REMOVE_INVALID), and from them in one pass over V:
+        x0 = the first argmax, log_z = logsumexp, prob = exp(max - log_z). Each lane keeps a running max, the index of
+        its first occurrence and a sum of exponentials relative to that max."""
         row = tl.program_id(0)
         column = tl.load(columns_ptr + row)
         base = logits_ptr + row.to(tl.int64) * s_row
