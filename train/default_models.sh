@@ -17,7 +17,7 @@
 # The variants share the GPU by time-slicing, so together they take about the sum of their solo step times (on one
 # H200, 2026-11-30, after the scan and conv backward kernels: r2lm 0.059 s, without sidecars 0.053 s per 64 x 256-token
 # step in bench/throughput.py --parts train; r2lm, ar, r2lm_deep, r2lm_wide and r2lm_clipped together: 900 steps in
-# 271-288 s, bench/results/variants_h200/).
+# 131 s (ar) to 288 s (r2lm_deep), bench/results/variants_h200/).
 # A 20-step solo calibration of each measures those times, and the step count is chosen so that training takes about
 # MINUTES; R2LM_TRAIN_STEPS=N gives the count instead (the default model: N=900), R2LM_TRAIN_VARIANTS a subset.
 #
