@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call (nvidia-h200, under 10 minutes): continues training the default model (models/r2lm-tiny-pycode) on
 # the code corpus for STEPS more steps (default 4000) while the AR judge is retrained as in train/default_models.sh,
-# then bench/decoding_table.py. Needs the corpus archive carried (CORPUS, default .corpus/corpus.tar.xz):
+# then bench/decoding_table.py; R2LM_MASK_RATE_RANGE="LOW HIGH" trains with that mask-rate schedule (as
+# train/default_models.sh). Needs the corpus archive carried (CORPUS, default .corpus/corpus.tar.xz):
 #   run(command="bash bench/continue_default_h200.sh", carry=[".corpus/corpus.tar.xz"], timeout_s=600)
 # $OUT gets continue_h200.log, decoding_table.{json,md}, models.tar.xz.part-* (the R2LM's and the judge's final
 # folders, xz: returned files are at most 16 MiB) and results.tar.xz (every run's logs, metrics and eval.json).
@@ -25,6 +26,7 @@ elapsed() { echo $(( $(date +%s) - start )); }
   steps=${STEPS:-4000}
   python3 -m train --model models/r2lm-tiny-pycode --tokens "$work/corpus/tokens" --seq-len 256 --batch-size 64 \
     --lr "${LR:-1.5e-3}" --weight-decay 0.1 --train-block-sizes 4 8 16 32 --max-steps "$steps" \
+    ${R2LM_MASK_RATE_RANGE:+--mask-rate-range $R2LM_MASK_RATE_RANGE} \
     --warmup-steps $(( steps / 20 )) --eval-block-size 32 --eval-rows 1024 --final-dtype bfloat16 \
     --max-shard-size 15MB --keep-checkpoints 1 --save-every "$steps" --eval-every $(( steps / 4 )) --log-every 50 \
     --output-dir "$work/runs/continue-r2lm" > "$work/runs/continue-r2lm.log" 2>&1

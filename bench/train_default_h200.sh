@@ -15,6 +15,7 @@
 #   STEPS=N         steps of every run (default: fitted to TRAIN_S seconds, default 300, from the measured step times
 #                   of the four default variants; give STEPS when VARIANTS names others)
 #   SEED=N          the runs' seed (default 0): a second seed of the same comparison
+#   R2LM_MASK_RATE_RANGE="LOW HIGH"  every diffusion variant's mask-rate schedule (train/default_models.sh)
 #   LMEVAL=1        also run the next-line task (evaluate_r2lm.code_task on the held-out files, first LIMIT
 #                   questions, default 200) for every variant: the diffusion bound (mc_num 32) and, for causal ones,
 #                   the exact likelihood; needs lm-eval and what the device image lacks of its needs as wheels in

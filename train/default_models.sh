@@ -29,7 +29,9 @@ mkdir -p "$out"
 common=(--tokens "$tokens" --tokenizer "$tokenizer" --seq-len 256 --batch-size 64 --lr 2e-3 --weight-decay 0.1
         --eval-block-size 32 --eval-rows 1024 --final-dtype bfloat16 --max-shard-size 15MB --keep-checkpoints 1
         ${R2LM_TRAIN_EXTRA:-})
-mixed="--train-block-sizes 4 8 16 32"  # one model for every block size: bench/decoding_table.py picks the default
+# One model for every block size (bench/decoding_table.py picks the default); R2LM_MASK_RATE_RANGE="LOW HIGH" gives every
+# diffusion variant that mask-rate schedule (the AR one masks nothing).
+mixed="${R2LM_MASK_RATE_RANGE:+--mask-rate-range $R2LM_MASK_RATE_RANGE} --train-block-sizes 4 8 16 32"
 declare -A variant=(
   [r2lm]="$mixed"
   [causal]="--sidecar-layers $mixed"
