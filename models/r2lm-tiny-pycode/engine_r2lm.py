@@ -369,8 +369,8 @@ class R2LMEngine:
                 self.block_step.zero_()
             kind, keys = ("head" if B == 1 else "step"), self._key_len(start + B)
         granule = max(4, B // 4)
-        live = None if left is None or not self.causal else -(-left // granule) * granule
-        self.live = live if live is not None and live < B else None
+        live = B if left is None or not self.causal else -(-left // granule) * granule
+        self.live = live if live < B else None  # None: every column
         self.forwards += kind != "head"
         return self._run(kind, keys)
 
