@@ -18,8 +18,8 @@ point every engine drops its buffers and graphs; the first call's seconds (buffe
 reported, the point is timed on the second call of its shape (CUDA events, then synchronize; the median of calls 2-4
 when a call takes under 1 s). Tokens/s = batch x G / seconds. Points run cheapest first (a cost model calibrated on
 what ran); one that would not fit in --budget is skipped and listed. Sections: grid (blocks of 32, k = 4), blocks
-(8, 16), engine_vs_eager (the default against cache_implementation="dynamic"), compile (CompileConfig() or none),
-latency (one engine block step at batch 1 against the weight-read floor), train (diffusion_loss backward and fused
+(4, 8, 16, 32 against AR through the same engine), engine_vs_eager (the default against
+cache_implementation="dynamic"), compile (CompileConfig() or none), latency (one engine block step at batch 1 against the weight-read floor), train (diffusion_loss backward and fused
 AdamW, the default model's shape). JSON and .md are rewritten (temporary file, then rename) after every point.
 """
 
@@ -57,6 +57,7 @@ MODEL_OF = {"r2lm": "r2lm", "causal_dllm": "causal", "bidirectional": "bidir", "
 # The Mamba dLLMs' scan: mamba-ssm's kernel takes whole sequences; "auto" would give them the PyTorch reference.
 DIFFUAPRIEL_SCAN = "mamba" if CUDA and selective_scan_fn is not None else "auto"
 PARTS = ("latency", "train", "grid", "blocks", "engine_vs_eager", "compile")
+BLOCKS = (4, 8, 16, 32)  # the blocks section's sizes (the grid's are 32)
 # The cost model (seconds, an H200): an engine step, each token a forward processes, an eager step, first-call extras.
 STEP_S, TOKEN_S, EAGER_STEP_S, COMPILE_S, HF_COMPILE_S = 2.5e-3, 8.5e-6, 0.06, 60.0, 90.0
 
@@ -126,8 +127,8 @@ def plan(args):
     if "grid" in parts:
         pts += [point(s, b, p, g, compile=c) for p, g in args.grid for b in args.batches for s in args.systems]
     if "blocks" in parts:
-        pts += [point(s, b, p0, g0, block=bk, compile=c) for bk in (8, 16) for b in args.block_batches
-                for s in CACHED if s in args.systems]
+        pts += [point(s, b, p0, g0, block=bk, compile=c) for bk in BLOCKS for b in args.block_batches
+                for s in (*CACHED, "ar_engine") if s in args.systems]
     if "engine_vs_eager" in parts:
         pts += [point("r2lm", b, p0, g0, **kw) for b in args.small_batches
                 for kw in ({"compile": c}, {"path": "dynamic"})]
@@ -365,7 +366,13 @@ def report_lines(res, args):
     lines += table(f"Block sizes, k = 4, prompt {p0} / {g0} new; tokens/s (first call's seconds)",
                    ["system", "block", *(f"batch {b}" for b in args.block_batches)],
                    [[s, bk, *(cell(res, point(s, b, p0, g0, block=bk, compile=c)) for b in args.block_batches)]
-                    for s in CACHED for bk in (8, 16, 32)])
+                    for s in CACHED for bk in BLOCKS] +
+                   [["ar_engine", 1, *(cell(res, point("ar_engine", b, p0, g0)) for b in args.block_batches)]])
+    lines += table(f"R2LM / AR through the same engine, by block size, k = 4, prompt {p0} / {g0} new",
+                   ["block", *(f"batch {b}" for b in args.block_batches)],
+                   [[bk, *(ratio(tps(res, point("r2lm", b, p0, g0, block=bk, compile=c)),
+                                 tps(res, point("ar_engine", b, p0, g0))) for b in args.block_batches)]
+                    for bk in BLOCKS])
     r2 = lambda b, **kw: point("r2lm", b, p0, g0, **kw)  # noqa: E731
     for title, columns, pair in (
             ("engine_vs_eager", ["generate's default (engine on CUDA)", "cache_implementation='dynamic'"],
@@ -433,7 +440,7 @@ def parse_args():
     args.deadline = time.time() + args.budget
     if args.tiny:
         args.grid, args.batches = [(16, 32), (64, 64)], [1, 2]
-    args.block_batches, args.small_batches = ((1, 2), (1, 2)) if args.tiny else ((1, 32, 128), (1, 32))
+    args.block_batches, args.small_batches = ((1, 2), (1, 2)) if args.tiny else ((1, 8, 32, 128), (1, 32))
     args.out.mkdir(parents=True, exist_ok=True)
     return args
 
