@@ -5,13 +5,14 @@
 #   run(command="bash bench/distill_default_h200.sh", carry=[".corpus_carry"], timeout_s=600)
 # A CPU dry run: OUT=/tmp/dry JUDGE_STEPS=3 SAMPLES=16 STEPS=3 PROMPTS=4 BATCH=4 EVAL_ROWS=4 bash bench/distill_default_h200.sh
 # Steps: unpack and tokenize the corpus; in the background, the AR judge (the AR baseline of
-# train/default_models.sh, JUDGE_STEPS steps, default 1250); `python -m train.distill` of models/r2lm-tiny-pycode
-# (SAMPLES prompts of 64 tokens, default 32768, 192 new tokens each, cut where they start to loop; MIX real code,
-# default 0.5); `python -m train --model models/r2lm-tiny-pycode --tokens` the distilled stream (STEPS, default 1500,
-# at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32), once for each
-# certainty weight in CERTAINTY (default "0"; --certainty-weight, side by side on the one GPU); bench/decoding_table.py
-# on each fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left, on the model before
-# (the same judge and prompts: a same-run comparison). $OUT gets distill_h200.log (every table too), results.tar.xz
+# train/default_models.sh, JUDGE_STEPS steps, default 1250); `python -m train.distill` of BASE (a model folder,
+# default models/r2lm-tiny-pycode; SAMPLES prompts of 64 tokens, default 32768, 192 new tokens each, cut where they
+# start to loop; MIX real code, default 0.5); `python -m train --model BASE --tokens` the distilled stream (STEPS,
+# default 1500, at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32), once for
+# each certainty weight in CERTAINTY (default "0"; --certainty-weight, side by side on the one GPU); ROUNDS (default
+# 1) rounds of both, each from the round before (one certainty weight then); bench/decoding_table.py on each
+# fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left, on BASE (the same judge and
+# prompts: a same-run comparison). $OUT gets distill_h200.log (every table too), results.tar.xz
 # (every run's log, metrics and eval.json; results/after-w{W}/ and results/before/ the tables as .md and .json) and,
 # with RETURN_MODEL=1, the folder of the fine-tuned model whose table chose the most tokens per forward, as
 # model.tar.part-* (15 MiB each): at most 8 files come back from a device call.
@@ -20,7 +21,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
 out=${OUT:-runs/distill_h200}
 work=/tmp/r2lm_distill
-base=models/r2lm-tiny-pycode
+base=${BASE:-models/r2lm-tiny-pycode}
+rounds=${ROUNDS:-1}
+weights=(${CERTAINTY:-0})
+if [ "$rounds" -gt 1 ] && [ ${#weights[@]} -gt 1 ]; then echo "ROUNDS > 1 takes one CERTAINTY weight"; exit 2; fi
 mkdir -p "$out" "$work/corpus" "$work/results"
 elapsed() { echo $(( $(date +%s) - start )); }
 save_results() {
@@ -40,34 +44,44 @@ save_results() {
     --max-steps "${JUDGE_STEPS:-1250}" --eval-every 100000 --output-dir "$work/runs/judge" \
     > "$work/results/judge.log" 2>&1 &
   judge=$!
-  python3 -m train.distill "$base" --tokens "$work/corpus/tokens" --out "$work/distilled" \
-    --samples "${SAMPLES:-32768}" --prompt-len 64 --new-tokens 192 --batch-size 512 --mix "${MIX:-0.5}" \
-    > "$work/results/distill.log" 2>&1 || { echo "distillation failed:"; tail -5 "$work/results/distill.log"; exit 1; }
-  tail -3 "$work/results/distill.log"
-  echo "== distilled at $(elapsed) s"
-  # at most PASSES (default 4) readings of the distilled stream: the 2026-11-30 run read 138k tokens 178 times
-  steps=$(python3 -c "import json, sys; t = json.load(open(sys.argv[1]))['train']['tokens']
+  model=$base
+  for round in $(seq "$rounds"); do  # the last round's runs are distilled-w{W}, earlier ones round{R}-w{W}
+    run=distilled
+    [ "$round" -lt "$rounds" ] && run=round$round
+    data=$work/distilled-$round
+    python3 -m train.distill "$model" --tokens "$work/corpus/tokens" --out "$data" \
+      --samples "${SAMPLES:-32768}" --prompt-len 64 --new-tokens 192 --batch-size 512 --mix "${MIX:-0.5}" \
+      > "$work/results/distill-$round.log" 2>&1 \
+      || { echo "distillation failed:"; tail -5 "$work/results/distill-$round.log"; exit 1; }
+    tail -3 "$work/results/distill-$round.log"
+    echo "== round $round: distilled at $(elapsed) s"
+    # at most PASSES (default 4) readings of the distilled stream: the 2026-11-30 run read 138k tokens 178 times
+    steps=$(python3 -c "import json, sys; t = json.load(open(sys.argv[1]))['train']['tokens']
 print(min(int(sys.argv[2]), max(50, int(sys.argv[3]) * t // (int(sys.argv[4]) * 256))))" \
-    "$work/distilled/meta.json" "${STEPS:-1500}" "${PASSES:-4}" "${BATCH:-64}")
-  echo "== fine-tuning for $steps steps at certainty weights ${CERTAINTY:-0} (side by side)"
-  tuned=()
-  for w in ${CERTAINTY:-0}; do
-    python3 -m train --model "$base" --tokens "$work/distilled" "${common[@]}" --certainty-weight "$w" \
-      --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "$steps" \
-      --eval-every 500 --output-dir "$work/runs/distilled-w$w" > "$work/results/finetune-w$w.log" 2>&1 &
-    tuned+=($!)
+      "$data/meta.json" "${STEPS:-1500}" "${PASSES:-4}" "${BATCH:-64}")
+    echo "== fine-tuning for $steps steps at certainty weights ${weights[*]} (side by side)"
+    tuned=()
+    for w in "${weights[@]}"; do
+      python3 -m train --model "$model" --tokens "$data" "${common[@]}" --certainty-weight "$w" \
+        --train-block-sizes 4 8 16 32 --lr "${LR:-5e-4}" --warmup-steps 50 --max-steps "$steps" \
+        --eval-every 500 --output-dir "$work/runs/$run-w$w" > "$work/results/finetune-$run-w$w.log" 2>&1 &
+      tuned+=($!)
+    done
+    for pid in "${tuned[@]}"; do
+      wait "$pid" || { echo "fine-tuning failed:"; tail -5 "$work"/results/finetune-"$run"-w*.log; exit 1; }
+    done
+    for w in "${weights[@]}"; do
+      echo "certainty weight $w:"; grep -E '"step"' "$work/runs/$run-w$w/metrics.jsonl" | grep nll | tail -1
+    done
+    echo "== round $round: fine-tuned at $(elapsed) s"
+    model=$work/runs/$run-w${weights[0]}/final
   done
-  for i in "${!tuned[@]}"; do wait "${tuned[$i]}" || { echo "fine-tuning failed:"; tail -5 "$work"/results/finetune-w*.log; exit 1; }; done
-  for w in ${CERTAINTY:-0}; do
-    echo "certainty weight $w:"; grep -E '"step"' "$work/runs/distilled-w$w/metrics.jsonl" | grep nll | tail -1
-  done
-  echo "== fine-tuned at $(elapsed) s"
   wait $judge || { echo "judge failed:"; tail -5 "$work/results/judge.log"; }
   echo "== judge ready at $(elapsed) s"
   save_results
   table=(--judge "$work/runs/judge/final" --heldout "$work/corpus/heldout" --prompts "${PROMPTS:-160}"
          --thresholds ${THRESHOLDS:-0.9 0.8 0.7 0.6 0.5})
-  for w in ${CERTAINTY:-0}; do
+  for w in "${weights[@]}"; do
     timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled-w$w/final" \
       "${table[@]}" --out "$work/results/after-w$w"
     echo "== table (certainty weight $w) at $(elapsed) s"

@@ -23,7 +23,10 @@
 #                   repository, the wheels and the corpus within 64 MiB (a smaller CORPUS). On 2026-11-30 a run
 #                   without pytz's wheel evaluated, then failed writing lm-eval's table (typepy imports pytz)
 #   RETURN_MODEL=0  do not return the R2LM's weights
-#   TABLE=0         skip bench/decoding_table.py (the time goes to the lm-eval task)
+#   TABLE=0         skip bench/decoding_table.py (the time goes to the lm-eval task, or to training)
+#   TRAIN_UNTIL=S   training stops S seconds into the call (default 480: time left for the table); the default
+#                   model's pretraining run (2026-11-30): VARIANTS=r2lm STEPS=7000 TABLE=0 TRAIN_UNTIL=575
+#                   R2LM_MASK_RATE_RANGE="0.3 0.8", then bench/distill_default_h200.sh with BASE, ROUNDS=2
 # Steps: install; unpack and tokenize the corpus (background) while bench/throughput.py --parts train times the
 # training step of each model; train/default_models.sh; bench/decoding_table.py on the held-out functions with every
 # diffusion baseline at the chosen setting; the lm-eval task. $OUT gets train_h200.log, decoding_table.{json,md}, the
@@ -75,7 +78,7 @@ save_results() {  # again after every step that adds some: a call that runs out 
   steps=${STEPS:-$(python3 bench/fit_steps.py "$work/results/throughput.json" "${TRAIN_S:-300}" "$(elapsed)")}
   echo "== training $variants for $steps steps, seed ${SEED:-0}"
   R2LM_TRAIN_STEPS=$steps R2LM_TRAIN_VARIANTS=$variants R2LM_TRAIN_EXTRA="--seed ${SEED:-0} ${R2LM_TRAIN_EXTRA:-}" \
-    timeout $(( 480 - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" models/r2lm-tiny-pycode \
+    timeout $(( ${TRAIN_UNTIL:-480} - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" models/r2lm-tiny-pycode \
     "$work/runs" 0
   echo "== trained at $(elapsed) s"
   if [ "${RETURN_MODEL:-1}" = 1 ]; then
