@@ -12,10 +12,11 @@
 # each certainty weight in CERTAINTY (default "0"; --certainty-weight, side by side on the one GPU); ROUNDS (default
 # 1) rounds of both, each from the round before (one certainty weight then); bench/decoding_table.py on each
 # fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left, on BASE (the same judge and
-# prompts: a same-run comparison). $OUT gets distill_h200.log (every table too), results.tar.xz
-# (every run's log, metrics and eval.json; results/after-w{W}/ and results/before/ the tables as .md and .json) and,
-# with RETURN_MODEL=1, the folder of the fine-tuned model whose table chose the most tokens per forward, as
-# model.tar.part-* (15 MiB each): at most 8 files come back from a device call.
+# prompts: a same-run comparison); TABLE=0: no judge and no tables (a round whose time goes to training). $OUT gets
+# distill_h200.log (every table too), results.tar.xz (every run's log, metrics and eval.json; results/after-w{W}/ and
+# results/before/ the tables as .md and .json) and, with RETURN_MODEL=1, the folder of the fine-tuned model whose
+# table chose the most tokens per forward (TABLE=0: the last round's) as model.tar.part-* (15 MiB each): at most 8
+# files come back from a device call.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
@@ -23,6 +24,7 @@ out=${OUT:-runs/distill_h200}
 work=/tmp/r2lm_distill
 base=${BASE:-models/r2lm-tiny-pycode}
 rounds=${ROUNDS:-1}
+tables=${TABLE:-1}
 weights=(${CERTAINTY:-0})
 if [ "$rounds" -gt 1 ] && [ ${#weights[@]} -gt 1 ]; then echo "ROUNDS > 1 takes one CERTAINTY weight"; exit 2; fi
 mkdir -p "$out" "$work/corpus" "$work/results"
@@ -40,10 +42,12 @@ save_results() {
   echo "== corpus ready at $(elapsed) s"
   common=(--tokenizer "$base" --seq-len 256 --batch-size "${BATCH:-64}" --eval-block-size 32
           --eval-rows "${EVAL_ROWS:-256}" --final-dtype bfloat16 --max-shard-size 15MB --keep-checkpoints 1 --log-every 50)
-  python3 -m train --tokens "$work/corpus/tokens" "${common[@]}" --sidecar-layers --block-size 1 --objective ar --lr 2e-3 \
-    --max-steps "${JUDGE_STEPS:-1250}" --eval-every 100000 --output-dir "$work/runs/judge" \
-    > "$work/results/judge.log" 2>&1 &
-  judge=$!
+  if [ "$tables" = 1 ]; then
+    python3 -m train --tokens "$work/corpus/tokens" "${common[@]}" --sidecar-layers --block-size 1 --objective ar \
+      --lr 2e-3 --max-steps "${JUDGE_STEPS:-1250}" --eval-every 100000 --output-dir "$work/runs/judge" \
+      > "$work/results/judge.log" 2>&1 &
+    judge=$!
+  fi
   model=$base
   for round in $(seq "$rounds"); do  # the last round's runs are distilled-w{W}, earlier ones round{R}-w{W}
     run=distilled
@@ -76,19 +80,23 @@ print(min(int(sys.argv[2]), max(50, int(sys.argv[3]) * t // (int(sys.argv[4]) * 
     echo "== round $round: fine-tuned at $(elapsed) s"
     model=$work/runs/$run-w${weights[0]}/final
   done
-  wait $judge || { echo "judge failed:"; tail -5 "$work/results/judge.log"; }
-  echo "== judge ready at $(elapsed) s"
-  save_results
-  table=(--judge "$work/runs/judge/final" --heldout "$work/corpus/heldout" --prompts "${PROMPTS:-160}"
-         --thresholds ${THRESHOLDS:-0.9 0.8 0.7 0.6 0.5})
-  for w in "${weights[@]}"; do
-    timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled-w$w/final" \
-      "${table[@]}" --out "$work/results/after-w$w"
-    echo "== table (certainty weight $w) at $(elapsed) s"
+  if [ "$tables" = 1 ]; then
+    wait $judge || { echo "judge failed:"; tail -5 "$work/results/judge.log"; }
+    echo "== judge ready at $(elapsed) s"
     save_results
-  done
+    table=(--judge "$work/runs/judge/final" --heldout "$work/corpus/heldout" --prompts "${PROMPTS:-160}"
+           --thresholds ${THRESHOLDS:-0.9 0.8 0.7 0.6 0.5})
+    for w in "${weights[@]}"; do
+      timeout $(( 560 - $(elapsed) )) python3 bench/decoding_table.py --model "$work/runs/distilled-w$w/final" \
+        "${table[@]}" --out "$work/results/after-w$w"
+      echo "== table (certainty weight $w) at $(elapsed) s"
+      save_results
+    done
+  fi
   if [ "${RETURN_MODEL:-0}" = 1 ]; then  # the variant whose table chose the most tokens per forward
-    best=$(python3 - "$work"/results/after-w*/decoding_table.json <<'EOF'
+    best=$model
+    if [ "$tables" = 1 ]; then
+      best=$(python3 - "$work"/results/after-w*/decoding_table.json <<'EOF'
 import json, sys
 def score(table):  # the chosen setting's tokens per forward, then the most within 20% of the reference's judge NLL
     bound = 1.2 * table["references"]["reference"]["judge_nll"]
@@ -98,14 +106,15 @@ def score(table):  # the chosen setting's tokens per forward, then the most with
 print(max((json.load(open(path)) for path in sys.argv[1:]), key=score)["model"])
 EOF
 )
+    fi
     echo "== returning $best"
     tar -cf "$work/model.tar" -C "$best" . && split -b 15M -d "$work/model.tar" "$out/model.tar.part-"
   fi
   left=$(( 570 - $(elapsed) ))
-  if [ $left -gt 60 ]; then
+  if [ "$tables" = 1 ] && [ $left -gt 60 ]; then
     timeout $(( left - 5 )) python3 bench/decoding_table.py --model "$base" "${table[@]}" --out "$work/results/before"
   else
-    echo "decoding table of the model before: skipped, $left s left"
+    echo "decoding table of the model before: skipped ($left s left, TABLE=$tables)"
   fi
   echo "== done at $(elapsed) s"
 } 2>&1 | tee "$out/distill_h200.log"
