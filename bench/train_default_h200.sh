@@ -24,9 +24,10 @@
 #                   without pytz's wheel evaluated, then failed writing lm-eval's table (typepy imports pytz)
 #   RETURN_MODEL=0  do not return the R2LM's weights
 #   TABLE=0         skip bench/decoding_table.py (the time goes to the lm-eval task, or to training)
-#   TRAIN_UNTIL=S   training stops S seconds into the call (default 480: time left for the table); the default
-#                   model's pretraining run (2026-11-30): VARIANTS=r2lm STEPS=7000 TABLE=0 TRAIN_UNTIL=575
-#                   R2LM_MASK_RATE_RANGE="0.3 0.8", then bench/distill_default_h200.sh with BASE, ROUNDS=2
+#   TRAIN_UNTIL=S   training stops S seconds into the call (default 480: time left for the table); the runs
+#                   checkpoint and stop 45 s before it, and a run without final/ returns its last checkpoint. The
+#                   default model's pretraining (2026-11-30, 463 s): VARIANTS=r2lm STEPS=6000 TABLE=0
+#                   TRAIN_UNTIL=585 R2LM_MASK_RATE_RANGE="0.3 0.8", then bench/distill_default_h200.sh with BASE
 # Steps: install; unpack and tokenize the corpus (background) while bench/throughput.py --parts train times the
 # training step of each model; train/default_models.sh; bench/decoding_table.py on the held-out functions with every
 # diffusion baseline at the chosen setting; the lm-eval task. $OUT gets train_h200.log, decoding_table.{json,md}, the
@@ -77,13 +78,22 @@ save_results() {  # again after every step that adds some: a call that runs out 
   echo "== corpus and step times ready at $(elapsed) s"
   steps=${STEPS:-$(python3 bench/fit_steps.py "$work/results/throughput.json" "${TRAIN_S:-300}" "$(elapsed)")}
   echo "== training $variants for $steps steps, seed ${SEED:-0}"
-  R2LM_TRAIN_STEPS=$steps R2LM_TRAIN_VARIANTS=$variants R2LM_TRAIN_EXTRA="--seed ${SEED:-0} ${R2LM_TRAIN_EXTRA:-}" \
+  # The runs checkpoint and stop 45 s before TRAIN_UNTIL (python -m train --time-limit-minutes): a run that would not
+  # finish still leaves its last checkpoint to return.
+  limit=$(python3 -c "import sys; print(max(1, int(sys.argv[1]) - int(sys.argv[2]) - 45) / 60)" "${TRAIN_UNTIL:-480}" "$(elapsed)")
+  R2LM_TRAIN_STEPS=$steps R2LM_TRAIN_VARIANTS=$variants \
+    R2LM_TRAIN_EXTRA="--seed ${SEED:-0} --time-limit-minutes $limit ${R2LM_TRAIN_EXTRA:-}" \
     timeout $(( ${TRAIN_UNTIL:-480} - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" models/r2lm-tiny-pycode \
     "$work/runs" 0
   echo "== trained at $(elapsed) s"
-  if [ "${RETURN_MODEL:-1}" = 1 ]; then
-    tar -cf "$work/r2lm_final.tar" -C "$work/runs/train-r2lm" final \
-      && split -b 15M -d "$work/r2lm_final.tar" "$out/r2lm_final.tar.part-"
+  if [ "${RETURN_MODEL:-1}" = 1 ]; then  # final/, else the last checkpoint (without its optimizer state)
+    folder=final
+    [ -d "$work/runs/train-r2lm/final" ] || folder=$(cd "$work/runs/train-r2lm" 2>/dev/null && ls -d checkpoint-* | tail -1)
+    echo "== returning train-r2lm/${folder:-nothing}"
+    if [ -n "$folder" ]; then
+      tar -cf "$work/r2lm_final.tar" -C "$work/runs/train-r2lm" --exclude=training_state "$folder" \
+        && split -b 15M -d "$work/r2lm_final.tar" "$out/r2lm_final.tar.part-"
+    fi
   fi
   baselines=()
   for name in $variants; do
