@@ -245,6 +245,9 @@ def test_mask_rate_range_bounds_every_training_draw(corpus, tokenizer_dir, tmp_p
     line = refused(capsys, "--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "ar", *TINY,
                    "--objective", "ar", "--mask-rate-range", "0.3", "0.8")
     assert "--mask-rate-range is for the diffusion objective" in line
+    line = refused(capsys, "--sft", tmp_path / "chat.jsonl", "--tokenizer", tokenizer_dir, "--output-dir",
+                   tmp_path / "sft", *TINY, "--mask-rate-range", "0.3", "0.8")
+    assert "--mask-rate-range is for training on raw text; --sft draws" in line
 
 
 def test_draw_mask_rates_draws_in_its_range_and_refuses_others():

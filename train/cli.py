@@ -175,6 +175,9 @@ def parse_args(argv):
         parser.error(f"--mask-rate-range LOW HIGH needs 0 < LOW <= HIGH <= 1, got {low:g} {high:g}.")
     if tuple(args.mask_rate_range) != MASK_RATE_RANGE and args.objective == "ar":
         parser.error("--mask-rate-range is for the diffusion objective; --objective ar masks nothing.")
+    if tuple(args.mask_rate_range) != MASK_RATE_RANGE and args.sft:
+        parser.error("--mask-rate-range is for training on raw text; --sft draws its rates per conversation from the "
+                     "objective's U(0.001, 1]: leave the option out.")
     if args.lora and not args.model:
         parser.error("--lora adapts an existing model: pass --model (an R2LM folder).")
     if args.lora and (args.freeze_backbone or args.freeze_backbone_steps):
