@@ -15,6 +15,9 @@
 #   STEPS=N         steps of every run (default: fitted to TRAIN_S seconds, default 300, from the measured step times
 #                   of the four default variants; give STEPS when VARIANTS names others)
 #   SEED=N          the runs' seed (default 0): a second seed of the same comparison
+#   WORK=DIR        scratch folder (default /tmp/r2lm_work): two seeds side by side on nvidia-h200-x2, one per GPU:
+#                     for s in 0 1; do CUDA_VISIBLE_DEVICES=$s SEED=$s WORK=/tmp/w$s OUT=$OUT/seed$s bash \
+#                       bench/train_default_h200.sh > /dev/null & sleep 20; done; wait
 #   R2LM_MASK_RATE_RANGE="LOW HIGH"  every diffusion variant's mask-rate schedule (train/default_models.sh)
 #   LMEVAL=1        also run the next-line task (evaluate_r2lm.code_task on the held-out files, first LIMIT
 #                   questions, default 200) for every variant: the diffusion bound (mc_num 32) and, for causal ones,
@@ -50,7 +53,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
 out=${OUT:-runs/h200}
-work=/tmp/r2lm_work
+work=${WORK:-/tmp/r2lm_work}
 variants=${VARIANTS:-r2lm causal bidirectional ar}
 mkdir -p "$out" "$work/corpus" "$work/results"
 elapsed() { echo $(( $(date +%s) - start )); }
