@@ -22,9 +22,10 @@ Quality, against the R2LM's own block-size-1 greedy continuation (the reference)
 - distinct 4-grams: distinct token 4-grams / 4-grams over all continuations (lower = more repetition).
 A setting is acceptable when its judge NLL is within --nll-tolerance (10%) of the reference and its distinct
 4-grams are no fewer than the reference's; the default is the acceptable setting of most tokens per forward (the
-smaller block on a tie). Speed: tokens/s of whole generate calls (median of calls 2-4 of its shape, CUDA events) on the
-first --speed-rows prompts at batch 1 and --speed-rows, for each block size at the chosen threshold and rule and the AR judge
-at block size 1. Results: DIR/decoding_table.json and .md (written atomically), and samples.
+smaller block on a tie). Speed: useful tokens/s of whole generate calls (median of calls 2-4 of its shape, CUDA
+events): the first --speed-single prompts one at a time (batch 1, summed) and the first --speed-rows in one batch, for
+each block size at the chosen threshold and rule and the AR judge at block size 1. Results: DIR/decoding_table.json
+and .md (written atomically), and samples.
 """
 
 import argparse
@@ -167,20 +168,25 @@ def quality(judge, tokenizer, prompts, continuations, forwards, pad_id, eos_id):
     )
 
 
-def timed_generate(model, prompts, settings, max_new, pad_id, eos_id):
-    """Useful tokens (up to each row's EOS) per second of a whole generate call: after a first call of its shape, the
-    median of three more (`throughput.timed`: CUDA events, then synchronize)."""
-    ids, mask = left_padded(prompts, pad_id)
+def timed_generate(model, groups, settings, max_new, pad_id, eos_id):
+    """Useful tokens (up to each row's EOS) per second of whole generate calls, one call per group of prompts (a
+    batch): after a first call of its shape, the median of three more (`throughput.timed`: CUDA events, then
+    synchronize); tokens and seconds summed over the groups. Batch 1 takes several prompts in turn: one prompt whose
+    first token is EOS would time a prefill, not decoding."""
+    seconds, tokens, calls = 0.0, 0, []
+    for group in groups:
+        ids, mask = left_padded(group, pad_id)
 
-    def call():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, **settings)
+        def call():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, **settings)
 
-    call()
-    runs = [timed(call) for _ in range(3)]
-    seconds = sorted(s for s, _ in runs)[1]
-    new = runs[-1][1][:, ids.shape[1]:].tolist()
-    tokens = sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in new)
-    return dict(seconds=seconds, calls_s=[s for s, _ in runs], tokens=tokens, tokens_per_s=tokens / seconds)
+        call()
+        runs = [timed(call) for _ in range(3)]
+        calls.append([s for s, _ in runs])
+        seconds += sorted(s for s, _ in runs)[1]
+        new = runs[-1][1][:, ids.shape[1]:].tolist()
+        tokens += sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in new)
+    return dict(seconds=seconds, calls_s=calls, tokens=tokens, tokens_per_s=tokens / seconds)
 
 
 def setting_key(settings):
@@ -215,7 +221,8 @@ def report(res):
                   "4-grams |", "|---|---:|---:|---:|---:|"]
         lines += [row_md(name, r) for name, r in res["baselines"].items()]
     if res.get("speed"):
-        lines += ["", "Speed of whole `generate` calls (useful tokens / s, median of calls 2-4):", "",
+        lines += ["", f"Speed of whole `generate` calls (useful tokens / s, median of calls 2-4; batch 1: "
+                  f"{res.get('speed_single', 1)} prompts in turn):", "",
                   "| system | " + " | ".join(f"batch {b}" for b in res["speed_batches"]) + " |",
                   "|---|" + "---:|" * len(res["speed_batches"])]
         for name, by_batch in res["speed"].items():
@@ -239,7 +246,8 @@ def main():
     ap.add_argument("--unmasking", nargs="+", default=["confidence", "left_to_right"],
                     help="rules that choose what a step commits when nothing passes the threshold")
     ap.add_argument("--nll-tolerance", type=float, default=0.10)
-    ap.add_argument("--speed-rows", type=int, default=64)
+    ap.add_argument("--speed-rows", type=int, default=64, help="the batch of the second speed column")
+    ap.add_argument("--speed-single", type=int, default=8, help="prompts timed one at a time for batch 1")
     ap.add_argument("--write-choice", action="store_true", help="write the choice into --model's configs")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -288,16 +296,16 @@ def main():
         name, folder = spec.split("=", 1)
         res["baselines"][name], _ = run(load(folder, dtype), settings)
         write(args.out, res)
-    res["speed_batches"] = [1, args.speed_rows]
+    res["speed_batches"], res["speed_single"] = [1, args.speed_rows], args.speed_single
     res["speed"] = {}
     rows = prompts[: args.speed_rows]
-    for block in args.block_sizes:
-        res["speed"]["r2lm " + setting_key({**settings, "block_size": block})] = {
-            str(b): timed_generate(model, rows[:b], {**settings, "block_size": block},
-                                   args.max_new_tokens, pad_id, eos_id) for b in res["speed_batches"]}
-    res["speed"]["ar (judge, block 1)"] = {
-        str(b): timed_generate(judge, rows[:b], dict(block_size=1, threshold=1.0), args.max_new_tokens, pad_id,
-                               eos_id) for b in res["speed_batches"]}
+    groups = {1: [[p] for p in rows[: args.speed_single]], args.speed_rows: [rows]}
+    systems = {"r2lm " + setting_key({**settings, "block_size": block}): (model, {**settings, "block_size": block})
+               for block in args.block_sizes}
+    systems["ar (judge, block 1)"] = judge, dict(block_size=1, threshold=1.0)
+    for name, (m, decoding) in systems.items():
+        res["speed"][name] = {str(b): timed_generate(m, groups[b], decoding, args.max_new_tokens, pad_id, eos_id)
+                              for b in res["speed_batches"]}
     write(args.out, res)
     if args.write_choice and chosen:
         folder = Path(args.model)
