@@ -11,9 +11,9 @@
 # default 1500, at most PASSES readings of the stream, default 4; LR, default 5e-4, block sizes 4 8 16 32), once for
 # each certainty weight in CERTAINTY (default "0"; --certainty-weight, side by side on the one GPU); ROUNDS (default
 # 1) rounds of both, each from the round before (one certainty weight then); bench/decoding_table.py on each
-# fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left, on BASE (the same judge and
-# prompts: a same-run comparison); TABLE=0: no judge and no tables (a round whose time goes to training). $OUT gets
-# distill_h200.log (every table too), results.tar.xz (every run's log, metrics and eval.json; results/after-w{W}/ and
+# fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left and BEFORE is not 0, on BASE
+# (the same judge and prompts: a same-run comparison); TABLE=0: no judge and no tables (a round whose time goes to
+# training). $OUT gets distill_h200.log (every table too), results.tar.xz (every run's log, metrics and eval.json; results/after-w{W}/ and
 # results/before/ the tables as .md and .json) and, with RETURN_MODEL=1, the folder of the fine-tuned model whose
 # table chose the most tokens per forward (TABLE=0: the last round's) as model.tar.part-* (15 MiB each): at most 8
 # files come back from a device call.
@@ -111,10 +111,10 @@ EOF
     tar -cf "$work/model.tar" -C "$best" . && split -b 15M -d "$work/model.tar" "$out/model.tar.part-"
   fi
   left=$(( 570 - $(elapsed) ))
-  if [ "$tables" = 1 ] && [ $left -gt 60 ]; then
+  if [ "$tables" = 1 ] && [ "${BEFORE:-1}" = 1 ] && [ $left -gt 60 ]; then
     timeout $(( left - 5 )) python3 bench/decoding_table.py --model "$base" "${table[@]}" --out "$work/results/before"
   else
-    echo "decoding table of the model before: skipped ($left s left, TABLE=$tables)"
+    echo "decoding table of the model before: skipped ($left s left, TABLE=$tables, BEFORE=${BEFORE:-1})"
   fi
   echo "== done at $(elapsed) s"
 } 2>&1 | tee "$out/distill_h200.log"
