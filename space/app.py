@@ -49,11 +49,11 @@ FRAME_S = 0.05  # at most ~20 canvas updates a second go to the page; the model 
 EXAMPLES = [  # prompt, max new tokens, block size, threshold, unmasking rule, temperature
     # Prompts end inside a line: byte-level BPE rarely saw a token boundary at a line's trailing whitespace.
     # The first is the default model's own setting (generation_config.json); the others trade along the table.
-    ["import os\n\n\ndef list_python_files(root):\n    result = []\n    for", 64, 8, 0.9, "left_to_right", 0.0],
-    ["def fib(n):\n    if", 48, 16, 0.9, "left_to_right", 0.0],
-    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 4, 0.8, "left_to_right",
-     0.0],
-    ["def is_prime(n):\n    if", 48, 8, 0.9, "left_to_right", 0.7],
+    ["import os\n\n\ndef list_python_files(root):\n    result = []\n    for", 64, 4, 0.7, "left_to_right", 0.0],
+    ["def fib(n):\n    if", 48, 8, 0.9, "left_to_right", 0.0],
+    ['def quote(s):\n    """Return a shell-escaped version of the string *s*."""\n    if', 64, 16, 0.9,
+     "left_to_right", 0.0],
+    ["def is_prime(n):\n    if", 48, 4, 0.7, "left_to_right", 0.7],
 ]
 
 
