@@ -4,12 +4,12 @@
         [--batch-size 256] [--mix 0.5] [--min-distinct 0.5] [--seed 0]
 
 A masked-diffusion model commits several tokens in one forward only where it is sure of each of them, and on real
-code, where many continuations are plausible, it rarely is: before distillation the default model committed 1.27
+code, where many continuations are plausible, it rarely is: before distillation a default model committed 1.27
 tokens per forward at the settings that keep its text within 10% of its own token-by-token quality. Fine-tuned
 (`python -m train --model MODEL --tokens OUT`, best with `--certainty-weight 2`) on what it writes itself greedily one
 token at a time (block size 1), it learns that its own choices follow from the prompt, so its confidence rises where
 its block-size-1 decoding would write the same tokens anyway: the idea of consistency distillation (CLLMs) and of
-dParallel's certainty forcing. Three rounds, each from the round before, took the default model to 2.51 tokens per
+dParallel's certainty forcing. Four rounds, each from the round before, took the default model to 2.80 tokens per
 forward within that bound (README, "Training and the default model").
 
 OUT (written atomically, `python -m train --tokens` reads it):
