@@ -18,6 +18,7 @@
 # table chose the most tokens per forward (TABLE=0: the last round's) as model.tar.part-* (15 MiB each): at most 8
 # files come back from a device call.
 set -u
+source "$(dirname "$0")/h200_steps.sh"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
 out=${OUT:-runs/distill_h200}
@@ -36,16 +37,13 @@ save_results() {
 {
   nvidia-smi --query-gpu=name,memory.used --format=csv
   python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
-  tar xJf "${CORPUS:-.corpus_carry/corpus.tar.xz}" -C "$work/corpus" \
-    && python3 -m train.corpus "$work/corpus" --tokens-only --tokenizer "$base" > "$work/results/corpus.log" 2>&1 \
-    || { echo "corpus failed:"; tail -5 "$work/results/corpus.log"; exit 1; }
+  unpack_corpus "${CORPUS:-.corpus_carry/corpus.tar.xz}" "$work/corpus" "$base" "$work/results/corpus.log" || exit 1
   echo "== corpus ready at $(elapsed) s"
   common=(--tokenizer "$base" --seq-len 256 --batch-size "${BATCH:-64}" --eval-block-size 32
           --eval-rows "${EVAL_ROWS:-256}" --final-dtype bfloat16 --max-shard-size 15MB --keep-checkpoints 1 --log-every 50)
   if [ "$tables" = 1 ]; then
-    python3 -m train --tokens "$work/corpus/tokens" "${common[@]}" --sidecar-layers --block-size 1 --objective ar \
-      --lr 2e-3 --max-steps "${JUDGE_STEPS:-1250}" --eval-every 100000 --output-dir "$work/runs/judge" \
-      > "$work/results/judge.log" 2>&1 &
+    train_judge "$work/runs/judge" "$work/results/judge.log" "${JUDGE_STEPS:-1250}" --tokens "$work/corpus/tokens" \
+      "${common[@]}" &
     judge=$!
   fi
   model=$base
