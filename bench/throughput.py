@@ -20,7 +20,8 @@ when a call takes under 1 s). Tokens/s = batch x G / seconds. Points run cheapes
 what ran); one that would not fit in --budget is skipped and listed. Sections: grid (blocks of 32, k = 4), blocks
 (4, 8, 16, 32 against AR through the same engine), engine_vs_eager (the default against
 cache_implementation="dynamic"), compile (CompileConfig() or none), latency (one engine block step at batch 1 against
-the weight-read floor), train (diffusion_loss backward and fused AdamW, the default model's shape). JSON and .md are rewritten (temporary file, then rename) after every point.
+the weight-read floor), train (diffusion_loss backward and fused AdamW, the default model's shape). JSON and .md are
+rewritten (temporary file, then rename) after every point.
 """
 
 import argparse
