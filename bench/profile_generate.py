@@ -1,18 +1,20 @@
 """Where a public `generate` spends its time: the CUDA kernels, and the GPU's idle gaps with what the host did then.
 
-    python bench/profile_generate.py --out DIR [--batch 1 32] [--compile]
+    python bench/profile_generate.py --out DIR [--batch 1 32] [--block-size 32 4 1] [--compile]
 
-Qwen3-1.7B shapes, random bf16 weights, prompt 128, 256 new tokens, blocks of 32, 4 tokens per forward (left to
-right). For each batch: a first call (capture, compilation), a timed second call (wall seconds, synchronised), then a
-third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_compiled}.txt: the wall time, the GPU's
+Qwen3-1.7B shapes, random bf16 weights, prompt 128, 256 new tokens, blocks of 32 (or each of --block-size; 1 is AR
+decoding through the engine), min(4, block) tokens per forward (left to right). For each batch and block size: a first call (capture, compilation), a timed second call (wall seconds, synchronised), then a
+third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_B<block>}{_compiled}.txt (no _B for
+blocks of 32): the wall time, the GPU's
 busy time (the union of its kernels' intervals), the idle time before the first graph launch (the host's setup; the
 prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with
-the host ops that began in them, and the 30 costliest kernels; and DIR/trace_b{batch}{_compiled}.json.gz
+the host ops that began in them, and the 30 costliest kernels; and DIR/trace_<same>.json.gz
 (chrome://tracing).
 """
 
 import argparse
 import gzip
+import itertools
 import json
 import time
 from pathlib import Path
@@ -63,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--block-size", type=int, nargs="+", default=[32])
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,10 +73,10 @@ def main():
     with torch.device("cuda"):  # R2LMConfig's defaults are Qwen3-1.7B's shape
         model = R2LMForDiffusionLM(R2LMConfig(mask_token_id=1000, max_position_embeddings=8192))
     model.to(torch.bfloat16).eval()
-    settings = dict(max_new_tokens=256, block_size=32, threshold=1.0, min_tokens_per_step=4,
-                    unmasking="left_to_right", eos_token_id=None, pad_token_id=0,
-                    compile_config=CompileConfig() if args.compile else None)
-    for batch in args.batch:
+    for batch, block in itertools.product(args.batch, args.block_size):
+        settings = dict(max_new_tokens=256, block_size=block, threshold=1.0, min_tokens_per_step=min(4, block),
+                        unmasking="left_to_right", eos_token_id=None, pad_token_id=0,
+                        compile_config=CompileConfig() if args.compile else None)
         ids = torch.randint(0, 1000, (batch, 128), device="cuda")
         model.generate(ids, **settings)  # the first call captures (and compiles)
         torch.cuda.synchronize()
@@ -85,7 +88,7 @@ def main():
         with torch.profiler.profile(activities=activities) as prof:
             model.generate(ids, **settings)
             torch.cuda.synchronize()
-        name = f"b{batch}{'_compiled' * args.compile}"
+        name = f"b{batch}{'' if block == 32 else f'_B{block}'}{'_compiled' * args.compile}"
         trace_path = args.out / f"trace_{name}.json"
         prof.export_chrome_trace(str(trace_path))
         trace = json.loads(trace_path.read_text())
@@ -93,7 +96,7 @@ def main():
             json.dump(trace, f)
         trace_path.unlink()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        report = f"batch {batch}, compile={args.compile}\n{gaps_report(trace, wall)}\n\n{table}"
+        report = f"batch {batch}, blocks of {block}, compile={args.compile}\n{gaps_report(trace, wall)}\n\n{table}"
         (args.out / f"profile_{name}.txt").write_text(report)
         print(report[:6000])
 
