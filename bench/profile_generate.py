@@ -3,13 +3,12 @@
     python bench/profile_generate.py --out DIR [--batch 1 32] [--block-size 32 4 1] [--compile]
 
 Qwen3-1.7B shapes, random bf16 weights, prompt 128, 256 new tokens, blocks of 32 (or each of --block-size; 1 is AR
-decoding through the engine), min(4, block) tokens per forward (left to right). For each batch and block size: a first call (capture, compilation), a timed second call (wall seconds, synchronised), then a
-third call under torch.profiler (CPU and CUDA). Writes DIR/profile_b{batch}{_B<block>}{_compiled}.txt (no _B for
-blocks of 32): the wall time, the GPU's
+decoding through the engine), min(4, block) tokens per forward (left to right). For each batch and block size: a first
+call (capture, compilation), a timed second call (wall seconds, synchronised), then a third call under torch.profiler
+(CPU and CUDA). Writes DIR/profile_b{batch}{_B<block>}{_compiled}.txt (no _B for blocks of 32): the wall time, the GPU's
 busy time (the union of its kernels' intervals), the idle time before the first graph launch (the host's setup; the
-prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with
-the host ops that began in them, and the 30 costliest kernels; and DIR/trace_<same>.json.gz
-(chrome://tracing).
+prompt's prefill chunks are the first graphs), between the launches and after the last one, the 15 longest gaps with the
+host ops that began in them, and the 30 costliest kernels; and DIR/trace_<same>.json.gz (chrome://tracing).
 """
 
 import argparse

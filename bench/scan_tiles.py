@@ -1,16 +1,18 @@
-"""The Triton scan's kernels on one GPU, on the shapes the models scan: the forward's two kernels (step by step, and
-tiled: each tile of steps at once) and which one `_scan_triton_forward` picks; the backward's tiles (channels x rows
-per program) on the shapes models train on, and which one `_bwd_tiles` picks. Times are medians of
-`triton.testing.do_bench` (CUDA events); bf16 inputs laid out as the models pass them (token-major, transposed).
+"""The Triton scan's kernels on one GPU, on the shapes the models scan: the forward's two kernels (step by step, loading
+1, 4, 8 or 16 steps' inputs at once, and tiled: each tile of steps at once) and which one `_scan_triton_forward` picks;
+the backward's tiles (channels x rows per program) on the shapes models train on, and which one `_bwd_tiles` picks.
+Times are medians of `triton.testing.do_bench` (CUDA events); bf16 inputs laid out as the models pass them (token-major,
+transposed).
 
     python bench/scan_tiles.py --out DIR
 
 Shapes (rows, channels, steps; d_state 16): R2LM's engine block step at batch 1, 32 and 128 (two rows per sequence,
-Qwen3-1.7B's sidecar width, blocks of 32); DiffuApriel's whole-sequence scans at 1.7B width (prompt 128 + 256 new at
-batch 1 and 8, 2048 + 1024 at batch 1); the default model's training rows (64 x 512 channels x 256 steps, forward with
-the backward's chunk states). Backward shapes (BACKWARD): a training batch of 64 x 256 tokens in both halves of the
-layout, blocks of 8 (the default model: 4096 rows of 8 steps, 768 channels; its 4x shape: 1536 channels), blocks of 32,
-and DiffuApriel's whole rows (128 x 768 x 256). Writes scan_tiles.{json,md} (temporary file, then rename).
+Qwen3-1.7B's sidecar width, blocks of 32), at batch 1 and 32 with blocks of 4, and AR decoding (rows of one step);
+DiffuApriel's whole-sequence scans at 1.7B width (prompt 128 + 256 new at batch 1 and 8, 2048 + 1024 at batch 1); the
+default model's training rows (64 x 512 channels x 256 steps, forward with the backward's chunk states). Backward shapes
+(BACKWARD): a training batch of 64 x 256 tokens in both halves of the layout, blocks of 8 (the default model: 4096 rows
+of 8 steps, 768 channels; its 4x shape: 1536 channels), blocks of 32, and DiffuApriel's whole rows (128 x 768 x 256).
+Writes scan_tiles.{json,md} (temporary file, then rename).
 """
 
 import argparse
@@ -25,10 +27,12 @@ from train.checkpoint import write_text_atomic
 
 
 SHAPES = {"engine b1": (2, 4096, 32), "engine b32": (64, 4096, 32), "engine b128": (256, 4096, 32),
+          "engine b1 blocks of 4": (2, 4096, 4), "engine b32 blocks of 4": (64, 4096, 4), "AR b32": (32, 4096, 1),
           "diffuapriel b1 384": (1, 4096, 384), "diffuapriel b8 384": (8, 4096, 384),
           "diffuapriel b1 3072": (1, 4096, 3072), "train 64 x 256": (64, 512, 256)}
 BACKWARD = {"default blocks of 8": (4096, 768, 8), "4x blocks of 8": (4096, 1536, 8),
             "default blocks of 32": (1024, 768, 32), "diffuapriel rows": (128, 768, 256)}
+PRELOADS = (1, 4, 8, 16)  # the step-by-step forward's steps loaded at once
 # (channels a tile, programs a row): a program takes the row's channel tiles in turn, or 1/4 or 1/16 of them
 BACKWARD_TILES = [(block_d, programs) for block_d in (2, 4, 8, 16, 32) for programs in (1, 4, 16)]
 
@@ -57,22 +61,25 @@ def main():
     lines = [f"# Triton scan forward, {res['device']} (torch {res['torch']}, Triton {res['triton']})", "",
              "Milliseconds (median), bf16, right to left, inputs token-major. Max error: relative to the float32 "
              "reference's largest |y|.", "",
-             "| shape (rows, channels, steps) | step by step | tiled | picked | max error |", "|---|---:|---:|---|---:|"]
+             "| shape (rows, channels, steps) | " + " | ".join(f"step by step, {k} at once" for k in PRELOADS)
+             + " | tiled | picked | max error |", "|---|" + "---:|" * (len(PRELOADS) + 1) + "---|---:|"]
     parts = args.parts.split(",")
     for name, shape in SHAPES.items() if "forward" in parts else ():
         x, grads = inputs(*shape), name.startswith("train")
         ref = kernels_r2lm.selective_scan_ref(*x, reverse=True).float()
         row = res["shapes"][name] = dict(shape=shape, errors=[])
-        for key, tiled in (("step_ms", False), ("tiled_ms", True)):
-            y = kernels_r2lm._scan_triton_forward(*x, True, tiled=tiled)[0].float()
+        variants = {**{f"step_{k}_ms": dict(tiled=False, steps=k) for k in PRELOADS}, "tiled_ms": dict(tiled=True)}
+        for key, choice in variants.items():
+            y = kernels_r2lm._scan_triton_forward(*x, True, **choice)[0].float()
             row["errors"].append(((y - ref).abs().max() / ref.abs().max()).item())
             row[key] = triton.testing.do_bench(
-                lambda: kernels_r2lm._scan_triton_forward(*x, True, chunk_states=grads, tiled=tiled),  # noqa: B023
+                lambda: kernels_r2lm._scan_triton_forward(*x, True, chunk_states=grads, **choice),  # noqa: B023
                 return_mode="median")
-        row["picked"] = "tiled" if kernels_r2lm._forward_is_tiled(x[0]) else "step by step"
+        row["picked"] = "tiled" if kernels_r2lm._forward_is_tiled(x[0]) else \
+            f"step by step, {kernels_r2lm._step_kernel_tiles(x[0])[1]} at once"
         print(name, row, flush=True)
-        lines.append(f"| {name} {tuple(shape)} | {row['step_ms']:.4f} | {row['tiled_ms']:.4f} | {row['picked']} | "
-                     f"{max(row['errors']):.1e} |")
+        lines.append(f"| {name} {tuple(shape)} | " + " | ".join(f"{row[key]:.4f}" for key in variants)
+                     + f" | {row['picked']} | {max(row['errors']):.1e} |")
     lines += ["", "## Backward", "",
               "Milliseconds (median) of the backward kernel, bf16, right to left, by channels a tile x programs a row; "
               "'picked' is `_bwd_tiles`' choice; max error: the picked tile's largest gradient error relative to the "

@@ -5,7 +5,9 @@ bf16 weights built on the GPU (DESIGN section 5: what users reach is what we mea
         [--parts latency,train,grid,blocks,engine_vs_eager,compile] [--compile] [--resume JSON] [--tiny]
 
 Systems, sharing one backbone's weight tensors: r2lm (7 sidecars, gates at 0.5); causal_dllm (no sidecar);
-bidirectional (the engine recomputes the canvas each step); ar_engine (the R2LM at block_size=1: AR decoding); ar_hf
+bidirectional (the engine recomputes the canvas each step); ar_engine (the backbone without sidecars, the causal
+dLLM's model, at block_size=1: AR decoding of the Qwen3 through the same engine); ar_r2lm (the R2LM itself at
+block_size=1, sidecars included: slower than ar_engine, never the AR that ratios are taken against); ar_hf
 (Qwen3ForCausalLM.generate, greedy, no EOS; static cache, compiled by transformers, at batch 1, else dynamic). With
 their own random weights, at the bidirectional dLLM's parameter count (the Qwen3 backbone's; R2LMConfig.matched_to:
 16 layers x ffn 5760 and 17 x 6400 at 1.7B shapes): diffuapriel (every layer a bidirectional Mamba mixer) and
@@ -50,11 +52,11 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
             num_key_value_heads=2, head_dim=16, max_position_embeddings=8192)
 MASK = 1000  # below both vocabularies; prompts draw from [0, MASK)
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
-SYSTEMS = ("r2lm", "causal_dllm", "bidirectional", "diffuapriel", "diffuapriel_h", "ar_engine", "ar_hf")
+SYSTEMS = ("r2lm", "causal_dllm", "bidirectional", "diffuapriel", "diffuapriel_h", "ar_engine", "ar_r2lm", "ar_hf")
 CACHED = ("r2lm", "causal_dllm")  # blocks: the bidirectional baseline runs G / k steps of the canvas at any size
 RECOMPUTED = ("bidirectional", "diffuapriel", "diffuapriel_h")  # the whole canvas in every step
 MODEL_OF = {"r2lm": "r2lm", "causal_dllm": "causal", "bidirectional": "bidir", "diffuapriel": "diffuapriel",
-            "diffuapriel_h": "diffuapriel_h", "ar_engine": "r2lm", "ar_hf": "qwen"}
+            "diffuapriel_h": "diffuapriel_h", "ar_engine": "causal", "ar_r2lm": "r2lm", "ar_hf": "qwen"}
 # The Mamba dLLMs' scan: mamba-ssm's kernel takes whole sequences; "auto" would give them the PyTorch reference.
 DIFFUAPRIEL_SCAN = "mamba" if CUDA and selective_scan_fn is not None else "auto"
 PARTS = ("latency", "train", "grid", "blocks", "engine_vs_eager", "compile")
@@ -129,7 +131,7 @@ def plan(args):
         pts += [point(s, b, p, g, compile=c) for p, g in args.grid for b in args.batches for s in args.systems]
     if "blocks" in parts:
         pts += [point(s, b, p0, g0, block=bk, compile=c) for bk in BLOCKS for b in args.block_batches
-                for s in (*CACHED, "ar_engine") if s in args.systems]
+                for s in (*CACHED, "ar_engine", "ar_r2lm") if s in args.systems]
     if "engine_vs_eager" in parts:
         pts += [point("r2lm", b, p0, g0, **kw) for b in args.small_batches
                 for kw in ({"compile": c}, {"path": "dynamic"})]
@@ -368,7 +370,8 @@ def report_lines(res, args):
                    ["system", "block", *(f"batch {b}" for b in args.block_batches)],
                    [[s, bk, *(cell(res, point(s, b, p0, g0, block=bk, compile=c)) for b in args.block_batches)]
                     for s in CACHED for bk in BLOCKS] +
-                   [["ar_engine", 1, *(cell(res, point("ar_engine", b, p0, g0)) for b in args.block_batches)]])
+                   [[s, 1, *(cell(res, point(s, b, p0, g0)) for b in args.block_batches)]
+                    for s in ("ar_engine", "ar_r2lm")])
     lines += table(f"R2LM / AR through the same engine, by block size, k = 4, prompt {p0} / {g0} new",
                    ["block", *(f"batch {b}" for b in args.block_batches)],
                    [[bk, *(ratio(tps(res, point("r2lm", b, p0, g0, block=bk, compile=c)),

@@ -69,7 +69,8 @@ def assert_scans_close(inputs, dy, reverse, case, **tolerance):
 @contextlib.contextmanager
 def scan_launch(name, **choice):
     """Every Triton scan's launcher `name` (kernels_r2lm._scan_triton_forward or _backward) called with `choice`: the
-    forward's kernel (tiled=False: step by step, True: tiled), the backward's tiles (tiles=(BLOCK_D, tiles a
+    forward's kernel (tiled=False: step by step, `steps` steps' inputs loaded at once; True: tiled), the backward's
+    tiles (tiles=(BLOCK_D, tiles a
     program))."""
     launch = getattr(kernels_r2lm, name)
     setattr(kernels_r2lm, name, functools.partial(launch, **choice))
@@ -79,8 +80,12 @@ def scan_launch(name, **choice):
         setattr(kernels_r2lm, name, launch)
 
 
-def forward_kernel(tiled):
-    return scan_launch("_scan_triton_forward", tiled=tiled)
+# The forward's kernels: step by step loading one step's inputs at a time, or 4 (rows part padding: 5 steps), and tiled.
+FORWARDS = (dict(tiled=False, steps=1), dict(tiled=False, steps=4), dict(tiled=True))
+
+
+def forward_kernel(choice):
+    return scan_launch("_scan_triton_forward", **choice)
 
 
 @contextlib.contextmanager
@@ -94,14 +99,14 @@ def partials_budget(size):
 
 
 def check_triton_scan(reverse):
-    """In Triton's interpreter, through both forward kernels: rows of 1 step, of 5 (padded to 8), of 8 and of 40 (the
-    tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
+    """In Triton's interpreter, through each forward of FORWARDS: rows of 1 step, of 5 (padded to 8), of 8 and of 40
+    (the tiled forward's tiles of _FWD_STEPS steps: two, the second part padding), d_state 16 and 5 (padded to 8), 20
     channels (a tile of channels part padding); then backward programs of several channel tiles, and rows sharing the
     backward's partial sums."""
-    for tiled, length, d_state in itertools.product((False, True), (1, 5, 8, _FWD_STEPS + 8), (16, 5)):
+    for choice, length, d_state in itertools.product(FORWARDS, (1, 5, 8, _FWD_STEPS + 8), (16, 5)):
         inputs, dy = scan_inputs(length=length, d_state=d_state)
-        with forward_kernel(tiled):
-            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, tiled={tiled}", rtol=1e-9,
+        with forward_kernel(choice):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {choice}", rtol=1e-9,
                                atol=1e-10)
     # Backward programs of several channel tiles, one after another: tiles of 4 channels, two a program (20 channels:
     # the last program's second tile past the channels), and of 16, two a program (the second part padding); rows of
@@ -117,21 +122,21 @@ def check_triton_scan(reverse):
             assert_scans_close(inputs, dy, reverse, f"L={length}, shared partials", rtol=1e-9, atol=1e-10)
     # Without gradients the forward stores no chunk states (the whole-sequence scans of DiffuApriel at inference).
     inputs, _ = scan_inputs(d_inner=4, length=_BWD_CHUNK + 3, d_state=5)
-    for tiled in (False, True):
-        with torch.no_grad(), forward_kernel(tiled):
+    for choice in FORWARDS:
+        with torch.no_grad(), forward_kernel(choice):
             torch.testing.assert_close(selective_scan_triton(*inputs, reverse=reverse),
                                        selective_scan_ref(*inputs, reverse=reverse), rtol=1e-9, atol=1e-10)
 
 
 def check_triton_scan_long_rows(reverse):
-    """In Triton's interpreter, through both forward kernels, rows the backward takes in chunks of _BWD_CHUNK steps:
+    """In Triton's interpreter, through each forward of FORWARDS, rows the backward takes in chunks of _BWD_CHUNK steps:
     one step past a chunk, exactly two chunks, and 300 steps (three, the last partial); d_state 16 and 5, 2 rows (they
     add to the same dA, dD, dbias) and 3 channels (a tile part padding)."""
     cases = ((_BWD_CHUNK + 1, 16), (_BWD_CHUNK + 1, 5), (2 * _BWD_CHUNK, 5), (300, 16), (300, 5))
-    for tiled, (length, d_state) in itertools.product((False, True), cases):
+    for choice, (length, d_state) in itertools.product(FORWARDS, cases):
         inputs, dy = scan_inputs(d_inner=3, length=length, d_state=d_state)
-        with forward_kernel(tiled):
-            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, tiled={tiled}", rtol=1e-9,
+        with forward_kernel(choice):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {choice}", rtol=1e-9,
                                atol=1e-10)
 
 
@@ -163,14 +168,14 @@ def test_triton_scan_trains_on_long_rows(reverse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_compiled_triton_scan_matches_reference(reverse, dtype):
-    """The compiled kernels (both forwards) on R2LM's block size (32 steps), on one backward chunk and on rows of
-    three (the last partial, with a padded d_state); float32 against the float32 reference (both sum in float32, in
-    different orders, over up to 300 steps)."""
+    """The compiled kernels (each forward of FORWARDS) on R2LM's block size (32 steps), on one backward chunk and on
+    rows of three (the last partial, with a padded d_state); float32 against the float32 reference (both sum in float32,
+    in different orders, over up to 300 steps)."""
     tolerance = dict(rtol=6e-4, atol=2e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
-    for tiled, (length, d_state) in itertools.product((False, True), ((32, 16), (_BWD_CHUNK, 5), (300, 5))):
+    for choice, (length, d_state) in itertools.product(FORWARDS, ((32, 16), (_BWD_CHUNK, 5), (300, 5))):
         inputs, dy = scan_inputs(batch=3, d_inner=300, length=length, d_state=d_state, dtype=dtype, device="cuda")
-        with forward_kernel(tiled):
-            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}, tiled={tiled}",
+        with forward_kernel(choice):
+            assert_scans_close(inputs, dy, reverse, f"L={length}, d_state={d_state}, {dtype}, {choice}",
                                **tolerance)
 
 
@@ -561,7 +566,13 @@ def test_engine_kernels_compile_for_the_gpu(dtype):
 
     for indexed in (True, False):
         compile_ptx(kernels_r2lm._attention_inputs_kernel,
-                    dict(HEADS=16, KV_HEADS=8, HD=128, HALF=64, INDEXED=indexed), 1, cols_ptr="*i64")
+                    dict(HEADS=16, KV_HEADS=8, HD=128, HALF=64, G=kernels_r2lm._ATTENTION_HEADS, INDEXED=indexed), 4,
+                    cols_ptr="*i64")
+    for (L, steps), states in itertools.product(((1, 1), (4, 4), (32, 8), (300, 8)), (True, False)):
+        compile_ptx(kernels_r2lm._scan_fwd_kernel,
+                    dict(L=L, N=16, NP=16, SP=steps, BLOCK_D=64, REVERSE=True, ACC=triton.language.float32,
+                         CHUNK=kernels_r2lm._bwd_chunk(L), STATES=states), 4, A_ptr="*fp32", D_ptr="*fp32",
+                    bias_ptr="*fp32", states_ptr="*fp32")
     compile_ptx(kernels_r2lm._rms_norm_kernel, dict(BLOCK=2048), 8)
     compile_ptx(kernels_r2lm._add_rms_norm_kernel, dict(BLOCK=2048), 8)
     compile_ptx(kernels_r2lm._silu_mul_kernel, dict(BLOCK=1024), 4)
