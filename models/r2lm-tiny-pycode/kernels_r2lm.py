@@ -87,11 +87,7 @@ _PARTIALS_BYTES = 512 * 2**20
 # about _FWD_TILE elements (on an H200, of 16 to 64 steps and 1024 to 4096 elements, the fastest on a 3072-step row
 # at batch 1, or within 1%), 16 elements a thread.
 _FWD_STEPS, _FWD_TILE = 32, 2048
-# The step-by-step forward's programs of 16 channels (few programs: latency-bound) load their inputs this many steps
-# at once; programs of 64 channels one step at a time. On an H200 (bench/results/scan_tiles_h200.md, 1 / 4 / 8 / 16
-# steps at once): an engine step of blocks of 32 at batch 1, 2 rows x 4096 channels, 27 / 18 / 33 / 66 us; a training
-# row of 256 steps, 64 rows x 512 channels, 0.51 / 0.31 / 0.87 / 1.86 ms; with 64-channel programs (64 rows x 4096
-# channels) rows of 4 steps 26 / 58 / 223 us and of 32 steps 0.16 / 0.42 / 1.04 ms.
+# The step-by-step forward loads the inputs of this many steps (1 or 4) before it runs the first of them.
 _FWD_PRELOAD = 4
 
 
@@ -160,6 +156,33 @@ if triton is not None:
             tl.store(states_ptr + (slot * d_inner + d[:, None]) * N + n[None, :], state, mask=mask)
 
     @triton.jit
+    def _scan_step_inputs(u_row, dt_row, z_row, B_row, C_row, su_l, sdt_l, sz_l, sB_l, sC_l, p, dmask, nmask, L,
+                          REVERSE: tl.constexpr, ACC: tl.constexpr):
+        """The inputs of scan position p (time step t = p, or L - 1 - p right to left) as ACC, zeros past the row:
+        t, u, dt, z (BLOCK_D,), B_t, C_t (NP,). *_row: the row's pointers at its channels (or states)."""
+        if REVERSE:
+            t = L - 1 - p
+        else:
+            t = p
+        m, mn = dmask & (p < L), nmask & (p < L)
+        return (t, tl.load(u_row + t * su_l, mask=m, other=0.0).to(ACC),
+                tl.load(dt_row + t * sdt_l, mask=m, other=0.0).to(ACC),
+                tl.load(z_row + t * sz_l, mask=m, other=0.0).to(ACC),
+                tl.load(B_row + t * sB_l, mask=mn, other=0.0).to(ACC),
+                tl.load(C_row + t * sC_l, mask=mn, other=0.0).to(ACC))
+
+    @triton.jit
+    def _scan_step(state, u, dt, z, Bt, Ct, A, D, bias, y_row, sy_l, t, p, dmask, L):
+        """One step: h_t = exp(dt A) h_{t-1} + dt B_t u_t, y_t = (C_t . h_t + D u_t) silu(z_t), y_t stored (at a
+        real position p < L). Returns the new state."""
+        dt = _softplus(dt + bias)
+        state = tl.exp(dt[:, None] * A) * state + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(state * Ct[None, :], axis=1) + D * u
+        y = y * z * _sigmoid(z)
+        tl.store(y_row + t * sy_l, y.to(y_row.dtype.element_ty), mask=dmask & (p < L))
+        return state
+
+    @triton.jit
     def _scan_fwd_kernel(
         u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
         d_inner,
@@ -169,11 +192,11 @@ if triton is not None:
         REVERSE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, STATES: tl.constexpr,
     ):
         """One program: row `program_id(0)`, BLOCK_D channels; the (BLOCK_D, NP) state steps through the row in
-        registers (NP: d_state padded to a power of two, the padding masked), one step at a time, its inputs loaded
-        SP steps at once (in scan order; the last part padding): a program waits on memory once per SP steps, not per
-        step. STATES: also store, in the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of
-        every CHUNK-step chunk of the row (in scan order) but the last: the state each later chunk of the backward
-        starts from."""
+        registers (NP: d_state padded to a power of two, the padding masked), one step at a time. SP (1 or 4): the
+        inputs of SP steps are loaded before the first of them runs, so that a program waits on memory once per SP
+        steps (the steps past the row's end, at its end, change only a state nothing reads). STATES: also store, in
+        the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
+        row (in scan order) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
@@ -182,31 +205,33 @@ if triton is not None:
         A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)
         D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
         bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        u_row, dt_row = u_ptr + row * su_b + d * su_d, dt_ptr + row * sdt_b + d * sdt_d
+        z_row, y_row = z_ptr + row * sz_b + d * sz_d, y_ptr + row * sy_b + d * sy_d
+        B_row, C_row = B_ptr + row * sB_b + n * sB_n, C_ptr + row * sC_b + n * sC_n
         state = tl.zeros((BLOCK_D, NP), dtype=ACC)
-        for start in range(0, L, SP):
-            s, p, t, _ = _scan_steps(start, L, SP, REVERSE)
-            m = dmask[:, None] & (p < L)[None, :]
-            mB = nmask[:, None] & (p < L)[None, :]
-            us = _load_tile(u_ptr + row * su_b, su_d, su_l, d, t, m, ACC)  # (BLOCK_D, SP)
-            dts = _load_tile(dt_ptr + row * sdt_b, sdt_d, sdt_l, d, t, m, ACC)
-            zs = _load_tile(z_ptr + row * sz_b, sz_d, sz_l, d, t, m, ACC)
-            Bs = _load_tile(B_ptr + row * sB_b, sB_n, sB_l, n, t, mB, ACC)  # (NP, SP)
-            Cs = _load_tile(C_ptr + row * sC_b, sC_n, sC_l, n, t, mB, ACC)
-            ys = tl.zeros((BLOCK_D, SP), dtype=ACC)
-            for j in tl.static_range(SP):  # step start + j: its column of each tile (a sum of one value and zeros)
-                at = (s == j)[None, :]
-                u = tl.sum(tl.where(at, us, 0.0), axis=1)
-                dt = _softplus(tl.sum(tl.where(at, dts, 0.0), axis=1) + bias)
-                z = tl.sum(tl.where(at, zs, 0.0), axis=1)
-                Bt = tl.sum(tl.where(at, Bs, 0.0), axis=1)  # (NP,)
-                Ct = tl.sum(tl.where(at, Cs, 0.0), axis=1)
-                # h_t = exp(dt A) h_{t-1} + dt B_t u_t ;  y_t = C_t . h_t + D u_t, gated by silu(z_t)
-                state = tl.exp(dt[:, None] * A) * state + (dt * u)[:, None] * Bt[None, :]
-                y = tl.sum(state * Ct[None, :], axis=1) + D * u
-                ys = tl.where(at, (y * z * _sigmoid(z))[:, None], ys)
+        for p in range(0, L, SP):
+            t0, u0, dt0, z0, B0, C0 = _scan_step_inputs(u_row, dt_row, z_row, B_row, C_row, su_l, sdt_l, sz_l, sB_l,
+                                                        sC_l, p, dmask, nmask, L, REVERSE, ACC)
+            if SP == 4:
+                t1, u1, dt1, z1, B1, C1 = _scan_step_inputs(u_row, dt_row, z_row, B_row, C_row, su_l, sdt_l, sz_l,
+                                                            sB_l, sC_l, p + 1, dmask, nmask, L, REVERSE, ACC)
+                t2, u2, dt2, z2, B2, C2 = _scan_step_inputs(u_row, dt_row, z_row, B_row, C_row, su_l, sdt_l, sz_l,
+                                                            sB_l, sC_l, p + 2, dmask, nmask, L, REVERSE, ACC)
+                t3, u3, dt3, z3, B3, C3 = _scan_step_inputs(u_row, dt_row, z_row, B_row, C_row, su_l, sdt_l, sz_l,
+                                                            sB_l, sC_l, p + 3, dmask, nmask, L, REVERSE, ACC)
+            state = _scan_step(state, u0, dt0, z0, B0, C0, A, D, bias, y_row, sy_l, t0, p, dmask, L)
+            if STATES:
+                _store_chunk_state(states_ptr, state, row, p + 1, d, n, dnmask, d_inner, L, N, CHUNK)
+            if SP == 4:
+                state = _scan_step(state, u1, dt1, z1, B1, C1, A, D, bias, y_row, sy_l, t1, p + 1, dmask, L)
                 if STATES:
-                    _store_chunk_state(states_ptr, state, row, start + j + 1, d, n, dnmask, d_inner, L, N, CHUNK)
-            tl.store(y_ptr + row * sy_b + d[:, None] * sy_d + t[None, :] * sy_l, ys.to(y_ptr.dtype.element_ty), mask=m)
+                    _store_chunk_state(states_ptr, state, row, p + 2, d, n, dnmask, d_inner, L, N, CHUNK)
+                state = _scan_step(state, u2, dt2, z2, B2, C2, A, D, bias, y_row, sy_l, t2, p + 2, dmask, L)
+                if STATES:
+                    _store_chunk_state(states_ptr, state, row, p + 3, d, n, dnmask, d_inner, L, N, CHUNK)
+                state = _scan_step(state, u3, dt3, z3, B3, C3, A, D, bias, y_row, sy_l, t3, p + 3, dmask, L)
+                if STATES:
+                    _store_chunk_state(states_ptr, state, row, p + 4, d, n, dnmask, d_inner, L, N, CHUNK)
 
     @triton.jit
     def _scan_fwd_tiled_kernel(
@@ -393,9 +418,7 @@ def _forward_is_tiled(u):
 def _step_kernel_tiles(u):
     """The step-by-step forward's (channels a program, steps loaded at once) for u (batch, d_inner, L)."""
     batch, d_inner, L = u.shape
-    if batch * triton.cdiv(d_inner, 64) >= 4 * _sms(u):
-        return 64, 1
-    return 16, min(triton.next_power_of_2(L), _FWD_PRELOAD)
+    return 64 if batch * triton.cdiv(d_inner, 64) >= 4 * _sms(u) else 16, _FWD_PRELOAD if L > 1 else 1
 
 
 def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_states=False, tiled=None,
@@ -404,8 +427,8 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
     tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 64 channels, or
     16 when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels
-    per program took 31 us per sidecar there), and load `steps` steps' inputs at once (default: with 16 channels
-    _FWD_PRELOAD, or the row padded to a power of two when shorter; with 64, one)."""
+    per program took 31 us per sidecar there), and load `steps` (1 or 4) steps' inputs at once (default:
+    _FWD_PRELOAD, or 1 for rows of one step)."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)
