@@ -760,8 +760,8 @@ def silu_mul_triton(gate_up):
     return out
 
 
-# attention_inputs_triton's heads a program. On an H200 (Qwen3-1.7B's 32 heads of 128) one head a program took 8.2 us
-# for 32 rows x 8 columns, 2.7 us for 32 rows x 1.
+# attention_inputs_triton's heads a program. On an H200 (Qwen3-1.7B's 32 heads of 128, in a decoding step's graph) one
+# head a program took 8.2 us for 32 rows x 8 columns and 2.1 us for 1 row x 8, eight heads 3.5 and 2.5 us.
 _ATTENTION_HEADS = 8
 
 
