@@ -11,14 +11,11 @@
 # past the first 100 steps), train-{with,without}.metrics.jsonl and decoding_table.{json,md}.
 set -u
 source "$(dirname "$0")/h200_steps.sh"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
-start=$(date +%s)
 out=${OUT:-runs/default_speed_h200}
 work=/tmp/r2lm_speed
 model=${MODEL:-models/r2lm-tiny-pycode}
 batch=${BATCH:-64}
 mkdir -p "$out" "$work/corpus"
-elapsed() { echo $(( $(date +%s) - start )); }
 {
   nvidia-smi --query-gpu=name,memory.used --format=csv
   python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1

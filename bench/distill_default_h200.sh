@@ -13,14 +13,12 @@
 # 1) rounds of both, each from the round before (one certainty weight then); bench/decoding_table.py on each
 # fine-tuned model (THRESHOLDS, default "0.9 0.8 0.7 0.6 0.5"), then, when time is left and BEFORE is not 0, on BASE
 # (the same judge and prompts: a same-run comparison); TABLE=0: no judge and no tables (a round whose time goes to
-# training). $OUT gets distill_h200.log (every table too), results.tar.xz (every run's log, metrics and eval.json; results/after-w{W}/ and
-# results/before/ the tables as .md and .json) and, with RETURN_MODEL=1, the folder of the fine-tuned model whose
-# table chose the most tokens per forward (TABLE=0: the last round's) as model.tar.part-* (15 MiB each): at most 8
-# files come back from a device call.
+# training). $OUT gets distill_h200.log (every table too), results.tar.xz (every run's log, metrics and eval.json;
+# results/after-w{W}/ and results/before/ the tables as .md and .json) and, with RETURN_MODEL=1, the folder of the
+# fine-tuned model whose table chose the most tokens per forward (TABLE=0: the last round's) as model.tar.part-* (15 MiB
+# each): at most 8 files come back from a device call.
 set -u
 source "$(dirname "$0")/h200_steps.sh"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
-start=$(date +%s)
 out=${OUT:-runs/distill_h200}
 work=/tmp/r2lm_distill
 base=${BASE:-models/r2lm-tiny-pycode}
@@ -29,7 +27,6 @@ tables=${TABLE:-1}
 weights=(${CERTAINTY:-0})
 if [ "$rounds" -gt 1 ] && [ ${#weights[@]} -gt 1 ]; then echo "ROUNDS > 1 takes one CERTAINTY weight"; exit 2; fi
 mkdir -p "$out" "$work/corpus" "$work/results"
-elapsed() { echo $(( $(date +%s) - start )); }
 save_results() {
   tar -cJf "$out/.results.tar.xz" -C "$work" --exclude='*.safetensors' --exclude='checkpoint-*' --exclude='*.npy' \
     results runs && mv "$out/.results.tar.xz" "$out/results.tar.xz"

@@ -1,5 +1,9 @@
 #!/bin/bash
-# Steps shared by the device scripts bench/distill_default_h200.sh and bench/default_speed_h200.sh (sourced).
+# Steps shared by the device scripts bench/distill_default_h200.sh and bench/default_speed_h200.sh (sourced first):
+# offline, unbuffered Python; `elapsed`, the seconds since the script started.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
 
 # unpack_corpus ARCHIVE DIR TOKENIZER LOG: unpacks a corpus archive (python -m train.corpus's layout) into DIR and
 # tokenizes it into DIR/tokens; on failure prints the log's tail and returns 1.

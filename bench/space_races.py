@@ -6,13 +6,20 @@ races by speedup (ratio of tokens/s).
 """
 
 import argparse
-import sys
+import importlib.util
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "space"))
-import app  # noqa: E402  (space/app.py, the Space's module)
+APP_FILE = Path(__file__).resolve().parents[1] / "space" / "app.py"
+
+
+def load_app():
+    """space/app.py, the Space's module (space/ is a Space folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("r2lm_space_app", APP_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def race(decoder, prompt, max_new, block_size, threshold, unmasking, temperature):
@@ -32,6 +39,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    app = load_app()
     model, tokenizer = app.load_model(args.model or app.default_model_path())
     decoder = app.Decoder(model, tokenizer)
     for example in app.EXAMPLES:

@@ -83,15 +83,17 @@ save_results() {  # again after every step that adds some: a call that runs out 
   echo "== training $variants for $steps steps, seed ${SEED:-0}"
   # The runs checkpoint and stop 45 s before TRAIN_UNTIL (python -m train --time-limit-minutes): a run that would not
   # finish still leaves its last checkpoint to return.
-  limit=$(python3 -c "import sys; print(max(1, int(sys.argv[1]) - int(sys.argv[2]) - 45) / 60)" "${TRAIN_UNTIL:-480}" "$(elapsed)")
+  limit=$(python3 -c "import sys; print(max(1, int(sys.argv[1]) - int(sys.argv[2]) - 45) / 60)" \
+    "${TRAIN_UNTIL:-480}" "$(elapsed)")
   R2LM_TRAIN_STEPS=$steps R2LM_TRAIN_VARIANTS=$variants \
     R2LM_TRAIN_EXTRA="--seed ${SEED:-0} --time-limit-minutes $limit ${R2LM_TRAIN_EXTRA:-}" \
-    timeout $(( ${TRAIN_UNTIL:-480} - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" models/r2lm-tiny-pycode \
-    "$work/runs" 0
+    timeout $(( ${TRAIN_UNTIL:-480} - $(elapsed) )) bash train/default_models.sh "$work/corpus/tokens" \
+    models/r2lm-tiny-pycode "$work/runs" 0
   echo "== trained at $(elapsed) s"
   if [ "${RETURN_MODEL:-1}" = 1 ]; then  # final/, else the last checkpoint (without its optimizer state)
     folder=final
-    [ -d "$work/runs/train-r2lm/final" ] || folder=$(cd "$work/runs/train-r2lm" 2>/dev/null && ls -d checkpoint-* | tail -1)
+    [ -d "$work/runs/train-r2lm/final" ] \
+      || folder=$(cd "$work/runs/train-r2lm" 2>/dev/null && ls -d checkpoint-* | tail -1)
     echo "== returning train-r2lm/${folder:-nothing}"
     if [ -n "$folder" ]; then
       tar -cf "$work/r2lm_final.tar" -C "$work/runs/train-r2lm" --exclude=training_state "$folder" \
