@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .kernels_r2lm import (
-    FUSED_DTYPES, add_rms_norm_triton, attention_inputs_triton, rms_norm_triton, silu_mul_triton, triton,
+    FUSED_DTYPES, add_rms_norm_triton, attention_inputs_triton, attention_triton, rms_norm_triton, silu_mul_triton,
+    triton,
 )
 
 
@@ -113,13 +114,11 @@ def mlp_block(h, y, post_weight, gate_up_weight, down_weight, eps, add_rms_norm=
 mlp_block_triton = functools.partial(mlp_block, add_rms_norm=add_rms_norm_triton, silu_mul=silu_mul_triton)
 
 
-def split_key_attention(q, k, v, mask, chunk):
-    """softmax(q k^T / sqrt(hd) + mask) v for a few query rows over many keys, the second product per key chunk (then
-    summed): cuDNN's attention runs one thread block per kv head there (8 at batch 1), leaving the GPU idle.
-    q (b, h, r, hd); k, v (b, h, L, hd) with L a multiple of `chunk`; mask additive, broadcastable to (b, h, r, L)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
-    p = scores.float().softmax(-1).to(v.dtype).unflatten(-1, (-1, chunk)).transpose(2, 3)  # (b, h, n, r, chunk)
-    return torch.matmul(p, v.unflatten(2, (-1, chunk))).float().sum(2).to(v.dtype)
+def attention(q, k, v, mask, s):
+    """A cached step's attention: softmax(q k^T / sqrt(hd) + mask) v for q (b, kv_heads, rep * s, hd) in the grouped
+    layout, k, v (b, kv_heads, keys, hd) and the additive mask (b, 1, rep * s, keys) -> o_proj's input (b, s, heads
+    hd)."""
+    return grouped_to_tokens(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), s)
 
 
 OPS_KERNELS = ("auto", "triton", "torch", "compile")
@@ -133,8 +132,7 @@ class Ops:
     - "torch": the PyTorch functions, the reference (float64 runs through them whatever the switch);
     - "compile": the PyTorch functions compiled. Every shape gets its own static kernels (shape-generic kernels index
       through runtime divisions: on an H200 at batch 128 the SwiGLU product took 87 us for a 36 us memory pass),
-      except the cache's length (`mark_cache`). The dynamo settings apply to these functions only.
-    `split_key_attention` (matrix products and a softmax) has no Triton kernel."""
+      except the cache's length (`mark_cache`). The dynamo settings apply to these functions only."""
 
     def __init__(self, kernels="auto"):
         if kernels not in OPS_KERNELS:
@@ -147,7 +145,7 @@ class Ops:
         self._add_rms_norm = self._choose(add_rms_norm, add_rms_norm_triton)
         self.attention_inputs = self._choose(attention_inputs, attention_inputs_triton)
         self.mlp_block = self._choose(mlp_block, mlp_block_triton)
-        self.split_key_attention = self._choose(split_key_attention, None)
+        self.attention = self._choose(attention, attention_triton)
 
     def add_rms_norm(self, h, y, weight, eps):
         """(h + y, rms_norm(h + y)) in one kernel; (h, rms_norm(h)) when y is None."""
@@ -206,9 +204,6 @@ class R2LMEngine:
     there."""
 
     bucket = 256  # keys are read in whole buckets of columns: one graph per bucket as the cache grows
-    # From this many keys on, decode steps of a small batch use `split_key_attention` (on an H200, a batch-1 step
-    # over 2304 cached columns: 4.15 -> 3.04 ms; batch 8 unchanged).
-    split_keys_from = 1024
     # The prompt is prefilled in chunks of the smallest multiple of B from this many columns on: one graph per chunk
     # and key bucket, whatever the prompt's length (on an H200 an eager prefill cost ~2,500 launches, 45-90 ms).
     prefill_columns = 128
@@ -496,23 +491,21 @@ class R2LMEngine:
                                            self.eps, self.n_heads, self.n_kv, *cache)
             if write_cols is not None:
                 k, v = self.k_cache[i][:, :, :key_len], self.v_cache[i][:, :, :key_len]
-            o = F.linear(grouped_to_tokens(self._attention(q, k, v, mask, ops), ids.shape[1]), attn.o_proj.weight)
+            o = F.linear(self._attention(q, k, v, mask, ops, ids.shape[1]), attn.o_proj.weight)
             h, y = ops.mlp_block(h, o, layer.post_attention_layernorm.weight, w["gate_up"], layer.mlp.down_proj.weight,
                                  self.eps)
             if layer.sidecar is not None:
                 h, y = layer.sidecar(h + y, None, self.B, block_offset), None
         return ops.add_rms_norm(h, y, decoder.norm.weight, self.eps)[1]
 
-    def _attention(self, q, k, v, mask, ops):
-        """q in the grouped layout (rows, kv_heads, rep * s, hd); returns the output in the same layout."""
+    def _attention(self, q, k, v, mask, ops, s):
+        """q in the grouped layout (rows, kv_heads, rep * s, hd); returns o_proj's input (rows, s, heads hd)."""
         if mask.dtype == torch.bool:  # the bidirectional steps: per-head queries
             b, kv_heads, rows, hd = q.shape
             o = F.scaled_dot_product_attention(q.view(b, self.n_heads, -1, hd), k, v, attn_mask=mask,
                                                enable_gqa=True)
-            return o.view(q.shape)
-        if q.shape[0] * self.n_kv < 64 and k.shape[2] >= self.split_keys_from and k.shape[2] % self.bucket == 0:
-            return ops.split_key_attention(q, k, v, mask, self.bucket)  # few queries of a small batch, many keys
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return grouped_to_tokens(o.view(q.shape), s)
+        return ops.attention(q, k, v, mask, s)
 
     # -- graphs ------------------------------------------------------------------------------------------------
 

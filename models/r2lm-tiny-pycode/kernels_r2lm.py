@@ -808,6 +808,142 @@ def token_choice_triton(logits, columns, processors):
     return x0, log_z, prob
 
 
+# The engine's attention (`attention_triton`): keys in blocks of _ATTENTION_KEYS; where a step's (row, kv head, query
+# tile) programs are fewer than the GPU's SMs, each also takes only a part of the keys (parts of whole blocks, about
+# two programs an SM), and a second kernel combines the parts.
+_ATTENTION_KEYS = 64
+
+if triton is not None:
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr,
+        R, s, key_len, part_keys, scale,
+        sq_b, sq_h, sq_r, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_r, sm_l, so_p, so_b, so_t, so_e, sl_p,
+        KV_HEADS: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PARTS: tl.constexpr,
+    ):
+        """One program: query rows r (BLOCK_M of the R = rep * s rows of kv head h: query head h rep + r // s of token
+        r % s) of row b, (b, h) = divmod(program_id(0), KV_HEADS), over the keys of part program_id(2) (part_keys
+        each); online softmax in float32, the products in the inputs' dtype (half precision: p rounded to it, as
+        flash attention does) with float32 sums. HDP: hd padded to a power of two. PARTS: the part's unnormalised
+        output, its row maxima and sums go to o (parts, b, s, heads hd) float32, m and l (parts, b * kv_heads, R);
+        else its output, normalised, to o (b, s, heads hd), o_proj's input."""
+        bh = tl.program_id(0)
+        b, h = bh // KV_HEADS, bh % KV_HEADS
+        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HDP)
+        rmask, dmask = r < R, d < HD
+        b64 = b.to(tl.int64)  # a cache can hold more than 2^31 elements
+        q = tl.load(q_ptr + b64 * sq_b + h * sq_h + r[:, None] * sq_r + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HDP], tl.float32)
+        start = tl.program_id(2) * part_keys
+        end = tl.minimum(start + part_keys, key_len)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            k = tl.load(k_ptr + b64 * sk_b + h * sk_h + n[None, :] * sk_l + d[:, None],
+                        mask=dmask[:, None] & nmask[None, :], other=0.0)  # (HDP, BLOCK_N)
+            scores = tl.dot(q, k, input_precision="ieee") * scale
+            scores += tl.load(mask_ptr + b64 * sm_b + r[:, None] * sm_r + n[None, :] * sm_l,
+                              mask=rmask[:, None] & nmask[None, :], other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: exp(-inf - -inf) would be NaN
+            p = tl.exp(scores - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            v = tl.load(v_ptr + b64 * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        head = h * (R // s) + r // s
+        out = b64 * so_b + (r % s)[:, None] * so_t + (head[:, None] * HD + d[None, :]) * so_e
+        omask = rmask[:, None] & dmask[None, :]
+        if PARTS:
+            part = tl.program_id(2)
+            tl.store(o_ptr + part * so_p + out, acc, mask=omask)
+            tl.store(m_ptr + part * sl_p + bh * R + r, m_i, mask=rmask)
+            tl.store(l_ptr + part * sl_p + bh * R + r, l_i, mask=rmask)
+        else:
+            tl.store(o_ptr + out, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _attention_combine_kernel(
+        parts_ptr, m_ptr, l_ptr, o_ptr, parts, R, s, sp_p, sp_b, sp_t, sp_e, sl_p, so_b, so_t, so_e,
+        KV_HEADS: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """The output of `_attention_kernel`'s parts for the rows its program (program_id(0), program_id(1)) had:
+        sum_p exp(m_p - M) acc_p / sum_p exp(m_p - M) l_p, M the largest m_p (a part that saw only masked keys has
+        m_p = -inf and adds nothing)."""
+        bh = tl.program_id(0)
+        b, h = bh // KV_HEADS, bh % KV_HEADS
+        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HDP)
+        rmask, dmask = r < R, d < HD
+        head = h * (R // s) + r // s
+        offset = (r % s)[:, None] * sp_t + (head[:, None] * HD + d[None, :]) * sp_e
+        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for p in range(parts):
+            top = tl.maximum(top, tl.load(m_ptr + p * sl_p + bh * R + r, mask=rmask, other=float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        acc = tl.zeros([BLOCK_M, HDP], tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        for p in range(parts):
+            w = tl.exp(tl.load(m_ptr + p * sl_p + bh * R + r, mask=rmask, other=float("-inf")) - top)
+            total += w * tl.load(l_ptr + p * sl_p + bh * R + r, mask=rmask, other=0.0)
+            acc += w[:, None] * tl.load(parts_ptr + p * sp_p + b.to(tl.int64) * sp_b + offset,
+                                        mask=rmask[:, None] & dmask[None, :], other=0.0)
+        out = b.to(tl.int64) * so_b + (r % s)[:, None] * so_t + (head[:, None] * HD + d[None, :]) * so_e
+        tl.store(o_ptr + out, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _attention_tiles(b, kv_heads, R, keys, x):
+    """attention_triton's launch for b rows of kv_heads heads with R query rows each over `keys` keys, on x's GPU:
+    (query rows a program, query tiles, parts, keys a part). One part where the (row, kv head, query tile) programs
+    fill the SMs, else parts of whole key blocks, about two programs an SM."""
+    block_m = min(128, max(16, triton.next_power_of_2(R)))
+    tiles = triton.cdiv(R, block_m)
+    programs, blocks, sms = b * kv_heads * tiles, triton.cdiv(keys, _ATTENTION_KEYS), _sms(x)
+    per_part = triton.cdiv(blocks, min(blocks, max(1, 2 * sms // programs))) if programs < sms else blocks
+    return block_m, tiles, triton.cdiv(blocks, per_part), per_part * _ATTENTION_KEYS
+
+
+def attention_triton(q, k, v, mask, s):
+    """engine_r2lm.attention: softmax(q k^T / sqrt(hd) + mask) v for q (b, kv_heads, rep * s, hd) in the grouped
+    layout, k, v (b, kv_heads, keys, hd) (the last dimension contiguous: the cache's first columns) and the additive
+    mask (b, 1, rep * s, keys), written straight into o_proj's input (b, s, heads hd)."""
+    b, kv_heads, R, hd = q.shape
+    keys = k.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    o = q.new_empty(b, s, kv_heads * R // s * hd)
+    block_m, tiles, parts, part_keys = _attention_tiles(b, kv_heads, R, keys, q)
+    hdp = triton.next_power_of_2(hd)
+    mask = mask.expand(b, 1, R, keys)
+    dims = dict(KV_HEADS=kv_heads, HD=hd, HDP=hdp, BLOCK_M=block_m)
+    warps = 8 if block_m == 128 else 4
+    acc, m, l = o, None, None
+    if parts > 1:
+        acc = torch.empty(parts, *o.shape, dtype=torch.float32, device=q.device)
+        m, l = (torch.empty(parts, b * kv_heads, R, dtype=torch.float32, device=q.device) for _ in range(2))
+    with _launch_device(q):
+        _attention_kernel[(b * kv_heads, tiles, parts)](
+            q, k, v, mask, acc, m, l,
+            R, s, keys, part_keys, hd ** -0.5,
+            q.stride(0), q.stride(1), q.stride(2), *k.stride()[:3], *v.stride()[:3], mask.stride(0), mask.stride(2),
+            mask.stride(3), acc.stride(0) if parts > 1 else 0, *acc.stride()[-3:], b * kv_heads * R,
+            BLOCK_N=_ATTENTION_KEYS, PARTS=parts > 1, num_warps=warps, **dims,
+        )
+        if parts > 1:
+            _attention_combine_kernel[(b * kv_heads, tiles)](
+                acc, m, l, o, parts, R, s, *acc.stride(), b * kv_heads * R, *o.stride(), num_warps=warps, **dims,
+            )
+    return o
+
+
 # -- the sidecar's elementwise pieces (inference) -------------------------------------------------------------------
 # `modeling_r2lm` runs them for inference on CUDA, in place of its PyTorch functions (their reference); as above, in
 # float32, rounded where those round, without fused multiply-adds.
