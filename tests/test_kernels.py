@@ -25,8 +25,8 @@ from r2lm import engine_r2lm, kernels_r2lm, modeling_r2lm
 from r2lm.engine_r2lm import Ops, R2LMEngine
 from r2lm.kernels_r2lm import (
     _BWD_CHUNK, _FWD_STEPS, add_rms_norm_triton, attention_inputs_triton, attention_triton, conv_silu_triton,
-    gated_residual_triton, rms_norm_triton, scan_implementation, selective_scan_ref, selective_scan_triton, silu_mul_triton,
-    token_choice_triton, triton,
+    gated_residual_triton, rms_norm_triton, scan_implementation, selective_scan_ref, selective_scan_triton,
+    silu_mul_triton, token_choice_triton, triton,
 )
 
 
