@@ -14,13 +14,13 @@ the decoding policy of `generation_r2lm` (the same commit function, passed in) a
   tokens (attention skips it, the sidecars scan right to left);
 - rows bucketed to powers of two: a batch of 5 runs as 8 (3 idle rows), finished rows idle until the live ones fit
   half the rows, then move to the front; so a server sees a handful of graph sizes;
-- each Qwen3 layer as pieces around its matrix products: its input norm (with the previous layer's MLP residual
-  added in the same kernel), the attention's inputs, the attention over the cache (written straight into o_proj's
-  input), and the MLP block (q, k, v and gate, up stacked into one matrix each: the model's parameters become views
-  of it, so nothing is copied and training updates are seen). `Ops(kernels)` is the one switch for them: by default
-  ("auto") the Triton kernels of `kernels_r2lm` on CUDA in half or single precision (a few kernels per layer, nothing to compile; on the CPU and in float64 the
-  PyTorch functions here, which are their reference); with `compile=True` the PyTorch functions compiled instead
-  (static kernels per shape, seconds to compile each);
+- each Qwen3 layer as pieces around its matrix products: its input norm (with the previous layer's MLP residual added in
+  the same kernel), the attention's inputs, the attention over the cache (written straight into o_proj's input), and the
+  MLP block (q, k, v and gate, up stacked into one matrix each: the model's parameters become views of it, so nothing is
+  copied and training updates are seen). `Ops(kernels)` is the one switch for them: by default ("auto") the Triton
+  kernels of `kernels_r2lm` on CUDA in half or single precision (a few kernels per layer, nothing to compile; on the CPU
+  and in float64 the PyTorch functions here, which are their reference); with `compile=True` the PyTorch functions
+  compiled instead (static kernels per shape, seconds to compile each);
 - the sidecars are the model's own modules (time order: reverse conv taps, the Triton scan right to left), and so are
   the bidirectional Mamba mixers of DiffuApriel / DiffuApriel-H (`config.mixer_types[i] == "mamba"`), which decode as
   the bidirectional baseline does: the whole canvas each step, no cache.
