@@ -921,7 +921,7 @@ def attention_triton(q, k, v, mask, s):
         q = q.contiguous()
     o = q.new_empty(b, s, kv_heads * R // s * hd)
     block_m, tiles, parts, part_keys = _attention_tiles(b, kv_heads, R, keys, q)
-    hdp = triton.next_power_of_2(hd)
+    hdp = max(16, triton.next_power_of_2(hd))  # tl.dot multiplies over at least 16
     mask = mask.expand(b, 1, R, keys)
     dims = dict(KV_HEADS=kv_heads, HD=hd, HDP=hdp, BLOCK_M=block_m)
     warps = 8 if block_m == 128 else 4
