@@ -873,31 +873,31 @@ if triton is not None:
     @triton.jit
     def _attention_combine_kernel(
         parts_ptr, m_ptr, l_ptr, o_ptr, parts, R, s, sp_p, sp_b, sp_t, sp_e, sl_p, so_b, so_t, so_e,
-        KV_HEADS: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr, BLOCK_M: tl.constexpr,
+        KV_HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
-        """The output of `_attention_kernel`'s parts for the rows its program (program_id(0), program_id(1)) had:
-        sum_p exp(m_p - M) acc_p / sum_p exp(m_p - M) l_p, M the largest m_p (a part that saw only masked keys has
-        m_p = -inf and adds nothing)."""
+        """The output of `_attention_kernel`'s parts for BLOCK_M query rows (program_id(1)) and BLOCK_E elements of
+        the head (program_id(2)) of (row, kv head) program_id(0): sum_p exp(m_p - M) acc_p / sum_p exp(m_p - M) l_p,
+        M the largest m_p (a part that saw only masked keys has m_p = -inf and adds nothing)."""
         bh = tl.program_id(0)
         b, h = bh // KV_HEADS, bh % KV_HEADS
         r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, HDP)
-        rmask, dmask = r < R, d < HD
+        d = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+        rmask = r < R
+        mask = rmask[:, None] & (d < HD)[None, :]
         head = h * (R // s) + r // s
         offset = (r % s)[:, None] * sp_t + (head[:, None] * HD + d[None, :]) * sp_e
         top = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for p in range(parts):
             top = tl.maximum(top, tl.load(m_ptr + p * sl_p + bh * R + r, mask=rmask, other=float("-inf")))
         top = tl.where(top == float("-inf"), 0.0, top)
-        acc = tl.zeros([BLOCK_M, HDP], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         for p in range(parts):
             w = tl.exp(tl.load(m_ptr + p * sl_p + bh * R + r, mask=rmask, other=float("-inf")) - top)
             total += w * tl.load(l_ptr + p * sl_p + bh * R + r, mask=rmask, other=0.0)
-            acc += w[:, None] * tl.load(parts_ptr + p * sp_p + b.to(tl.int64) * sp_b + offset,
-                                        mask=rmask[:, None] & dmask[None, :], other=0.0)
+            acc += w[:, None] * tl.load(parts_ptr + p * sp_p + b.to(tl.int64) * sp_b + offset, mask=mask, other=0.0)
         out = b.to(tl.int64) * so_b + (r % s)[:, None] * so_t + (head[:, None] * HD + d[None, :]) * so_e
-        tl.store(o_ptr + out, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(o_ptr + out, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def _attention_tiles(b, kv_heads, R, keys, x):
@@ -937,9 +937,10 @@ def attention_triton(q, k, v, mask, s):
             mask.stride(3), acc.stride(0) if parts > 1 else 0, *acc.stride()[-3:], b * kv_heads * R,
             BLOCK_N=_ATTENTION_KEYS, PARTS=parts > 1, num_warps=warps, **dims,
         )
-        if parts > 1:
-            _attention_combine_kernel[(b * kv_heads, tiles)](
-                acc, m, l, o, parts, R, s, *acc.stride(), b * kv_heads * R, *o.stride(), num_warps=warps, **dims,
+        if parts > 1:  # small tiles: few rows and kv heads would leave the combining to a handful of programs
+            _attention_combine_kernel[(b * kv_heads, triton.cdiv(R, 16), triton.cdiv(hd, 32))](
+                acc, m, l, o, parts, R, s, *acc.stride(), b * kv_heads * R, *o.stride(), KV_HEADS=kv_heads, HD=hd,
+                BLOCK_M=16, BLOCK_E=32, num_warps=1,
             )
     return o
 
