@@ -591,9 +591,13 @@ class R2LMGenerationMixin(GenerationMixin):
 
     @staticmethod
     def _gather_rows(runner, out):
-        """Copies the rows still decoding from the runner's canvas into `out`."""
+        """Copies the rows still decoding from the runner's canvas into `out`. Until a row finishes, slot i holds row i
+        and a slice copies them; after, index tensors do, whose copy to the GPU waits for the steps queued before it
+        (a copy from pageable memory synchronises the stream)."""
         live = [(slot, row) for slot, row in enumerate(runner.slot_rows) if row >= 0]
-        if live:
+        if live == [(i, i) for i in range(len(live))]:
+            out[: len(live)] = runner.canvas[: len(live), : out.shape[1]]
+        elif live:
             slots, rows = (torch.tensor(t, device=out.device) for t in zip(*live))
             out[rows] = runner.canvas[slots, : out.shape[1]]
 
