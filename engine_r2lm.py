@@ -125,7 +125,8 @@ OPS_KERNELS = ("auto", "triton", "torch", "compile")
 
 
 class Ops:
-    """The elementwise pieces, through `kernels` (the one switch):
+    """The pieces around a layer's matrix products (norms, SiLU, attention inputs, the cached steps' attention), through
+    `kernels` (the one switch):
     - "auto": the Triton kernels (`*_triton`) on CUDA tensors in half or single precision, else the PyTorch functions;
     - "triton": the Triton kernels on any device (the CPU's through Triton's interpreter, TRITON_INTERPRET=1: tests),
       the PyTorch functions in float64;
