@@ -20,7 +20,8 @@ It also holds the decoding engine's fused elementwise kernels (`engine_r2lm.Ops`
 and the RMSNorm after it, SiLU(gate) * up, and the attention's inputs (per-head RMSNorm, rotary, the grouped query
 layout, keys and values into the static cache), each one kernel where PyTorch runs several. They compute in float32
 and round to the storage dtype wherever the engine's PyTorch functions round, so that they match them to the order of
-a sum; they have no backward (the engine decodes). The sidecar's two elementwise chains have such kernels too, one
+a sum; they have no backward (the engine decodes). And the engine's attention over its cache, flash decoding for the
+few queries of a step (`attention_triton`: the scores and softmax in float32, as flash attention rounds). The sidecar's two elementwise chains have such kernels too, one
 each, which `modeling_r2lm` runs for inference on CUDA: the depthwise conv with its SiLU, and the gated residual.
 """
 
