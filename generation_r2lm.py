@@ -128,7 +128,8 @@ class R2LMGenerationConfig(GenerationConfig):
         if not isinstance(self.min_tokens_per_step, int) or isinstance(self.min_tokens_per_step, bool) \
                 or self.min_tokens_per_step < 1:
             raise ValueError(f"`min_tokens_per_step` must be a positive integer, got {self.min_tokens_per_step!r}.")
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not 0 < self.threshold <= 1:
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
+                or not 0 < self.threshold <= 1:
             raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold!r}.")
         if self.unmasking not in UNMASKING_RULES:
             raise ValueError(f"`unmasking` must be one of {sorted(UNMASKING_RULES)}, got {self.unmasking!r}.")

@@ -16,13 +16,14 @@ and keeps its state in registers, where mamba-ssm's kernel launches one 32-threa
 length train through it (the Mamba mixers' whole sequences too); long rows with too few rows and channels to fill the
 GPU (a mixer's sequence at batch 1) go forward through a tiled kernel that scans each tile of steps at once.
 
-It also holds the decoding engine's fused elementwise kernels (`engine_r2lm.Ops`): Qwen3's RMSNorm, the residual add
-and the RMSNorm after it, SiLU(gate) * up, and the attention's inputs (per-head RMSNorm, rotary, the grouped query
-layout, keys and values into the static cache), each one kernel where PyTorch runs several. They compute in float32
-and round to the storage dtype wherever the engine's PyTorch functions round, so that they match them to the order of
-a sum; they have no backward (the engine decodes). And the engine's attention over its cache, flash decoding for the
-few queries of a step (`attention_triton`: the scores and softmax in float32, as flash attention rounds). The sidecar's two elementwise chains have such kernels too, one
-each, which `modeling_r2lm` runs for inference on CUDA: the depthwise conv with its SiLU, and the gated residual.
+It also holds the decoding engine's fused elementwise kernels (`engine_r2lm.Ops`): Qwen3's RMSNorm, the residual add and
+the RMSNorm after it, SiLU(gate) * up, and the attention's inputs (per-head RMSNorm, rotary, the grouped query layout,
+keys and values into the static cache), each one kernel where PyTorch runs several. They compute in float32 and round to
+the storage dtype wherever the engine's PyTorch functions round, so that they match them to the order of a sum; they
+have no backward (the engine decodes). And the engine's attention over its cache, flash decoding for the few queries of
+a step (`attention_triton`: the scores and softmax in float32, as flash attention rounds). The sidecar's two elementwise
+chains have such kernels too, one each, which `modeling_r2lm` runs for inference on CUDA: the depthwise conv with its
+SiLU, and the gated residual.
 """
 
 import contextlib
@@ -817,6 +818,13 @@ _ATTENTION_KEYS = 64
 if triton is not None:
 
     @triton.jit
+    def _token_offsets(b, h, r, d, R, s, s_b, s_t, s_e, HD: tl.constexpr):
+        """Offsets in o_proj's input (b, s, heads hd), strides s_*, of query rows r (query head h rep + r // s of token
+        r % s, rep = R / s) of kv head h in row b, elements d of the head."""
+        head = h * (R // s) + r // s
+        return b.to(tl.int64) * s_b + (r % s)[:, None] * s_t + (head[:, None] * HD + d[None, :]) * s_e
+
+    @triton.jit
     def _attention_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr,
         R, s, key_len, part_keys, scale,
@@ -860,8 +868,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
-        head = h * (R // s) + r // s
-        out = b64 * so_b + (r % s)[:, None] * so_t + (head[:, None] * HD + d[None, :]) * so_e
+        out = _token_offsets(b, h, r, d, R, s, so_b, so_t, so_e, HD)
         omask = rmask[:, None] & dmask[None, :]
         if PARTS:
             part = tl.program_id(2)
@@ -885,8 +892,7 @@ if triton is not None:
         d = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
         rmask = r < R
         mask = rmask[:, None] & (d < HD)[None, :]
-        head = h * (R // s) + r // s
-        offset = (r % s)[:, None] * sp_t + (head[:, None] * HD + d[None, :]) * sp_e
+        offset = _token_offsets(b, h, r, d, R, s, sp_b, sp_t, sp_e, HD)
         top = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for p in range(parts):
             top = tl.maximum(top, tl.load(m_ptr + p * sl_p + bh * R + r, mask=rmask, other=float("-inf")))
@@ -896,9 +902,9 @@ if triton is not None:
         for p in range(parts):
             w = tl.exp(tl.load(m_ptr + p * sl_p + bh * R + r, mask=rmask, other=float("-inf")) - top)
             total += w * tl.load(l_ptr + p * sl_p + bh * R + r, mask=rmask, other=0.0)
-            acc += w[:, None] * tl.load(parts_ptr + p * sp_p + b.to(tl.int64) * sp_b + offset, mask=mask, other=0.0)
-        out = b.to(tl.int64) * so_b + (r % s)[:, None] * so_t + (head[:, None] * HD + d[None, :]) * so_e
-        tl.store(o_ptr + out, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+            acc += w[:, None] * tl.load(parts_ptr + p * sp_p + offset, mask=mask, other=0.0)
+        tl.store(o_ptr + _token_offsets(b, h, r, d, R, s, so_b, so_t, so_e, HD),
+                 (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def _attention_tiles(b, kv_heads, R, keys, x):
