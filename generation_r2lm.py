@@ -504,6 +504,20 @@ class R2LMGenerationMixin(GenerationMixin):
         # The engine computes logits only for the columns that can still be masked, unless a step callback wants the
         # whole block's or the policy draws random numbers per column (it must draw as the eager runner does).
         compact = step_callback is None and not config.do_sample and config.unmasking != "random"
+        # Each block's stopped rows reach the host while the next block's first step runs, so that the GPU does not
+        # idle at block ends; a step queued after every row had stopped is dropped (not counted in nfe). Callbacks,
+        # history, drafts and streamers read each block at once.
+        defer = not per_step and streamer is None
+        pending = None  # a finished block's stopped rows, on their way to the host
+
+        def retire():
+            """Pads and drops the rows `pending` holds (the block's one host sync); True when no row is left."""
+            nonlocal pending
+            if pending is not None:
+                self._retire_rows(runner, out, config.pad_token_id, pending)
+                pending = None
+            return all(row < 0 for row in runner.slot_rows)
+
         for block in range(n_blocks):
             start = prompt_len + block * B
             stop = min(start + B, limit)
@@ -513,21 +527,28 @@ class R2LMGenerationMixin(GenerationMixin):
                     left = min(left, int((runner.canvas[:, start:stop] == config.mask_token_id).sum(1).max()))
                     if not left:
                         break
+                forwards = runner.forwards
                 logits = runner.step(start, block_step, left if compact else None)
                 step += 1
                 if per_step:
                     self._per_step(runner, out, step, logits, step_callback, history, config, streamer, start)
-            self._gather_rows(runner, out)
-            finished = self._finish_rows(out, end, start, stop, eos, criteria, config.pad_token_id)
-            if finished:
-                runner.drop([runner.slot_rows.index(row) for row in finished])
-            if streamer is not None:
-                self._stream_block(streamer, out, end, start, stop)
-            if all(row < 0 for row in runner.slot_rows):
+                if pending is not None and retire():
+                    runner.forwards = forwards
+                    break
+            if retire():
                 break
+            self._gather_rows(runner, out)
+            pending = self._finish_rows(out, end, start, stop, eos, criteria)
+            if not defer:
+                done = retire()
+                if streamer is not None:
+                    self._stream_block(streamer, out, end, start, stop)
+                if done:
+                    break
             if config.max_time is not None and time.monotonic() - started > config.max_time:
                 out[:, stop:] = config.pad_token_id  # checked at block ends: every row stops after this block
                 break
+        retire()
 
         if streamer is not None:
             streamer.end()
@@ -632,9 +653,10 @@ class R2LMGenerationMixin(GenerationMixin):
         return spec, kept[key]
 
     @staticmethod
-    def _finish_rows(out, end, start, stop, eos, criteria, pad_token_id):
+    def _finish_rows(out, end, start, stop, eos, criteria):
         """Finds the rows that stop in the columns [start, stop): at their first EOS (all rows at once), or where
-        another stopping criterion fires (column by column); sets their `end`, pads them after it and returns them."""
+        another stopping criterion fires (column by column), and sets their `end`. Returns each row's new end (-1:
+        none) on its way to the host (`_host_copy`)."""
         running = end == out.shape[1]
         stop_at = torch.full_like(end, out.shape[1])
         if eos is not None:
@@ -645,10 +667,18 @@ class R2LMGenerationMixin(GenerationMixin):
             stop_at = torch.where(fired, column + 1, stop_at)
         stopped = running & (stop_at < out.shape[1])
         end.copy_(torch.where(stopped, stop_at, end))
-        rows = stopped.nonzero().flatten().tolist()  # the block's one host sync
+        return _host_copy(torch.where(stopped, stop_at, -1))
+
+    @staticmethod
+    def _retire_rows(runner, out, pad_token_id, ends):
+        """The rows that stopped (`_finish_rows`' ends): padded after their end and dropped from the runner. The
+        block's one host sync."""
+        ends = _host_values(ends)
+        rows = [row for row, end in enumerate(ends) if end >= 0]
         for row in rows:
-            out[row, int(end[row]) :] = pad_token_id
-        return rows
+            out[row, ends[row] :] = pad_token_id
+        if rows:
+            runner.drop([runner.slot_rows.index(row) for row in rows])
 
     @staticmethod
     def _stream_block(streamer, out, end, start, stop):
@@ -657,6 +687,24 @@ class R2LMGenerationMixin(GenerationMixin):
         if stop > start:
             tokens = out[:, start:stop].cpu()
             streamer.put(tokens[0] if tokens.shape[0] == 1 else tokens)
+
+
+def _host_copy(values):
+    """`values` (a CUDA tensor) copied to the host without waiting for it: (pinned tensor, the copy's event); a CPU
+    tensor as it is. `_host_values` waits."""
+    if values.device.type != "cuda":
+        return values, None
+    host = values.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(values.device))
+    return host, event
+
+
+def _host_values(copy):
+    host, event = copy
+    if event is not None:
+        event.synchronize()
+    return host.tolist()
 
 
 def _policy_key(config, spec):

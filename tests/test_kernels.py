@@ -410,7 +410,7 @@ def check_token_choice(device="cpu"):
     CPU: they are what runs there): 3000 tokens (three tiles, the last partial), float32, bfloat16 and float16 logits;
     banned tokens and a sequence bias, tokens banned at the first generated column, EOS banned before column 2, NaN and
     +inf replaced (`remove_invalid_values`); ties (the first index wins, as in torch.argmax), a row whose maximum is
-    only in its last tile, and one whose tokens are all banned but one."""
+    only in its last tile, and one whose tokens are all banned but one; a program a row, and a program a tile."""
     from r2lm.generation_r2lm import R2LMGenerationConfig, _build_processors, choose_tokens
 
     g = torch.Generator().manual_seed(0)
@@ -428,15 +428,20 @@ def check_token_choice(device="cpu"):
         columns = torch.tensor([0, 1, 2, 3, 4])
         want = choose_tokens(logits, columns, _build_processors(spec, vocab, "cpu"), config)
         processors = _build_processors(spec, vocab, device)
-        if device == "cpu":  # choose_tokens takes the kernel on CUDA only: call it as it does
-            x0, log_z, x0_prob = token_choice_triton(logits, columns, processors)
-        else:
-            skipped, log_z, x0, x0_prob = choose_tokens(logits.to(device), columns.to(device), processors, config)
-            assert skipped is None, "choose_tokens did not take the one-pass kernel"
-        assert torch.equal(x0.cpu(), want[2]), f"x0, {dtype}"
-        # p(x0) = exp(logit - log_z): log_z's absolute rounding (|log_z| up to ~30 here) is p's relative one.
-        for name, have, expected, rtol in (("log_z", log_z, want[1], 2e-6), ("p(x0)", x0_prob, want[3], 1e-5)):
-            torch.testing.assert_close(have.cpu(), expected, rtol=rtol, atol=0, msg=lambda m: f"{name}, {dtype}: {m}")
+        for sms in (1, 1000):  # a program a row; and a part (tile) each, merged by the second kernel
+            with sms_count(sms):
+                if device == "cpu":  # choose_tokens takes the kernel on CUDA only: call it as it does
+                    x0, log_z, x0_prob = token_choice_triton(logits, columns, processors)
+                else:
+                    skipped, log_z, x0, x0_prob = choose_tokens(logits.to(device), columns.to(device), processors,
+                                                                config)
+                    assert skipped is None, "choose_tokens did not take the one-pass kernel"
+            case = f"{dtype}, {sms} SMs"
+            assert torch.equal(x0.cpu(), want[2]), f"x0, {case}"
+            # p(x0) = exp(logit - log_z): log_z's absolute rounding (|log_z| up to ~30 here) is p's relative one.
+            for name, have, expected, rtol in (("log_z", log_z, want[1], 2e-6), ("p(x0)", x0_prob, want[3], 1e-5)):
+                torch.testing.assert_close(have.cpu(), expected, rtol=rtol, atol=0,
+                                           msg=lambda m: f"{name}, {case}: {m}")  # noqa: B023
 
 
 def check_sidecar_kernels(device="cpu"):
@@ -644,7 +649,10 @@ def test_engine_kernels_compile_for_the_gpu(dtype):
         compile_ptx(kernels_r2lm._conv_silu_kernel, dict(K=4, HAS_BIAS=bias, REVERSE=reverse, BLOCK_L=8, BLOCK_D=128),
                     4)
     compile_ptx(kernels_r2lm._gated_residual_kernel, dict(BLOCK=2048), 8)
-    for flags in itertools.product((True, False), repeat=3):
-        constexprs = dict(zip(("HAS_BEGIN", "HAS_EOS_BAN", "REMOVE_INVALID"), flags), BLOCK=1024)
+    for *flags, parts in itertools.product((True, False), repeat=4):
+        constexprs = dict(zip(("HAS_BEGIN", "HAS_EOS_BAN", "REMOVE_INVALID"), flags), BLOCK=1024, PARTS=parts)
         compile_ptx(kernels_r2lm._token_choice_kernel, constexprs, 4, bias_ptr="*fp32", begin_ptr="*fp32",
-                    eos_ban_ptr="*fp32", columns_ptr="*i64", x0_ptr="*i64", log_z_ptr="*fp32", prob_ptr="*fp32")
+                    eos_ban_ptr="*fp32", columns_ptr="*i64", x0_ptr="*i32" if parts else "*i64", log_z_ptr="*fp32",
+                    prob_ptr="*fp32")
+    compile_ptx(kernels_r2lm._token_choice_combine_kernel, dict(BLOCK=16), 1, x0_parts_ptr="*i32", top_ptr="*fp32",
+                total_ptr="*fp32", x0_ptr="*i64", log_z_ptr="*fp32", prob_ptr="*fp32")
