@@ -75,7 +75,9 @@ _BWD_CHUNK = 128
 # The backward's register tiles, (BLOCK_D, d_state, chunk) padded to powers of two: as many channels as keep a tile
 # within _BWD_TILE elements, at least _BWD_CHANNELS; 16 elements a thread. On an H200 (bf16, d_state 16, 768 and 1536
 # channels: 4096 rows of 8 steps, 1024 of 32, 128 of 256; bench/results/scan_backward_h200.md) this was the fastest of
-# 2 to 32 channels on each shape; 8 channels were 1.5x slower on rows of 8 steps, 16 or more channels 3x.
+# 2 to 32 channels on each shape; 8 channels were 1.5x slower on rows of 8 steps, 16 or more channels 3x. The default
+# model's training rows (blocks of 4: 8192 rows of 4 steps, 768 channels) take 2.42 ms
+# (bench/results/scan_backward_l4_h200.md, which also has a step-by-step backward that was tried and not kept).
 _BWD_CHANNELS, _BWD_TILE, _BWD_THREAD_ELEMENTS = 2, 512, 16
 # A backward program takes all of a row's channel tiles one after another (summing dB and dC over them in registers),
 # or as few as leave _BWD_PROGRAMS_PER_SM programs per SM (on the shapes above: within 5% of the fastest split).
@@ -727,6 +729,7 @@ if triton is not None:
                 x = tl.where(x != x, 0.0, tl.where(x == float("inf"), 3.4028234663852886e38, x))
             x = tl.where(mask, x, float("-inf"))
             new = tl.maximum(best, x)
+            # exp(-inf - -inf) is NaN: a lane that has seen only -inf keeps a zero sum
             total = tl.where(new == float("-inf"), 0.0, total * tl.exp(best - new) + tl.exp(x - new))
             where = tl.where(x > best, i, where)
             best = new

@@ -10,8 +10,8 @@ Shapes (rows, channels, steps; d_state 16): R2LM's engine block step at batch 1,
 Qwen3-1.7B's sidecar width, blocks of 32), at batch 1 and 32 with blocks of 4, and AR decoding (rows of one step);
 DiffuApriel's whole-sequence scans at 1.7B width (prompt 128 + 256 new at batch 1 and 8, 2048 + 1024 at batch 1); the
 default model's training rows (64 x 512 channels x 256 steps, forward with the backward's chunk states). Backward shapes
-(BACKWARD): a training batch of 64 x 256 tokens in both halves of the layout, blocks of 8 (the default model: 4096 rows
-of 8 steps, 768 channels; its 4x shape: 1536 channels), blocks of 32, and DiffuApriel's whole rows (128 x 768 x 256).
+(BACKWARD): a training batch of 64 x 256 tokens in both halves of the layout, blocks of 4 (the default model: 8192 rows
+of 4 steps, 768 channels; its 4x shape: 1536 channels), of 8 and of 32, and DiffuApriel's whole rows (128 x 768 x 256).
 Writes scan_tiles.{json,md} (temporary file, then rename).
 """
 
@@ -30,8 +30,8 @@ SHAPES = {"engine b1": (2, 4096, 32), "engine b32": (64, 4096, 32), "engine b128
           "engine b1 blocks of 4": (2, 4096, 4), "engine b32 blocks of 4": (64, 4096, 4), "AR b32": (32, 4096, 1),
           "diffuapriel b1 384": (1, 4096, 384), "diffuapriel b8 384": (8, 4096, 384),
           "diffuapriel b1 3072": (1, 4096, 3072), "train 64 x 256": (64, 512, 256)}
-BACKWARD = {"default blocks of 8": (4096, 768, 8), "4x blocks of 8": (4096, 1536, 8),
-            "default blocks of 32": (1024, 768, 32), "diffuapriel rows": (128, 768, 256)}
+BACKWARD = {"default": (8192, 768, 4), "4x": (8192, 1536, 4), "blocks of 8": (4096, 768, 8),
+            "blocks of 32": (1024, 768, 32), "diffuapriel rows": (128, 768, 256)}
 PRELOADS = (1, 4)  # the step-by-step forward's steps loaded at once
 # (channels a tile, programs a row): a program takes the row's channel tiles in turn, or 1/4 or 1/16 of them
 BACKWARD_TILES = [(block_d, programs) for block_d in (2, 4, 8, 16, 32) for programs in (1, 4, 16)]

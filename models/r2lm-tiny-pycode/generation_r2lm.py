@@ -701,6 +701,7 @@ def _host_copy(values):
 
 
 def _host_values(copy):
+    """A `_host_copy`'s values as a list, once its copy is done."""
     host, event = copy
     if event is not None:
         event.synchronize()
