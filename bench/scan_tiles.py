@@ -115,9 +115,9 @@ def main():
         got = kernels_r2lm._scan_triton_backward(dy, *x, states, True)
         row["max_error"] = max(((g.float() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
         print(name, row, flush=True)
-        lines.append(f"| {name} {tuple(shape)} | " + " | ".join("-" if v != v else f"{v:.3f}" for v in row["ms"].values())
-                     + f" | {row['picked']} ({row['picked_ms']:.3f}) | {row['forward_ms']:.3f} | "
-                     f"{row['max_error']:.1e} |")
+        times = " | ".join("-" if v != v else f"{v:.3f}" for v in row["ms"].values())
+        lines.append(f"| {name} {tuple(shape)} | {times} | {row['picked']} ({row['picked_ms']:.3f}) | "
+                     f"{row['forward_ms']:.3f} | {row['max_error']:.1e} |")
     write_text_atomic(args.out / "scan_tiles.json", json.dumps(res, indent=1))
     write_text_atomic(args.out / "scan_tiles.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
