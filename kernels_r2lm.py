@@ -1008,8 +1008,14 @@ def attention_triton(q, k, v, mask, s):
 # `modeling_r2lm` runs them for inference on CUDA, in place of its PyTorch functions (their reference); as above, in
 # float32, rounded where those round, without fused multiply-adds.
 
-# The conv's tiles: up to _CONV_STEPS steps x as many channels as make _CONV_TILE elements (not tuned on a GPU).
+# The conv's tiles: up to _CONV_STEPS steps x as many channels as make _CONV_TILE elements, _row_warps' warps (not
+# tuned on a GPU). Its backward's: up to _CONV_BWD_STEPS steps x as many channels as make _CONV_BWD_TILE elements, on
+# one warp, so that a tile's sums over its steps stay in a thread's registers. On an H200 (bf16, 768 and 1536
+# channels; bench/results/conv_backward_h200.md) 4 steps x 64 channels on one warp was the fastest of 1 to 8 steps x 64
+# to 1024 channels on 1 to 8 warps on each shape: on the default model's training rows (8192 rows of 4 steps, 768
+# channels) 0.25 ms, where the forward's tiles (4 x 256 on 4 warps) took 1.23.
 _CONV_STEPS, _CONV_TILE = 8, 1024
+_CONV_BWD_STEPS, _CONV_BWD_TILE = 4, 256
 
 if triton is not None:
 
@@ -1136,10 +1142,11 @@ if triton is not None:
         tl.store(out_ptr + token * n + i, (h + _round(gate * y, DTYPE)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _conv_tiles(L, d_inner):
-    """The conv kernels' tiles (BLOCK_L steps, BLOCK_D channels)."""
-    block_l = min(triton.next_power_of_2(L), _CONV_STEPS)
-    return block_l, min(triton.next_power_of_2(d_inner), _CONV_TILE // block_l)
+def _conv_tiles(L, d_inner, steps=_CONV_STEPS, tile=_CONV_TILE):
+    """A conv kernel's tiles (BLOCK_L steps, BLOCK_D channels): up to `steps` steps x as many channels as make `tile`
+    elements (the forward's by default)."""
+    block_l = min(triton.next_power_of_2(L), steps)
+    return block_l, min(triton.next_power_of_2(d_inner), tile // block_l)
 
 
 def _conv_silu_forward(x, weight, bias, reverse):
@@ -1154,22 +1161,22 @@ def _conv_silu_forward(x, weight, bias, reverse):
     return out
 
 
-def _conv_silu_backward(dout, x, weight, bias, reverse):
+def _conv_silu_backward(dout, x, weight, bias, reverse, tiles=None):
     """(dx, dweight, dbias) of `conv_silu_triton`: dx (N, L, d_inner) contiguous in x's dtype, the others in their
-    parameter's dtype (dbias None without a bias)."""
+    parameter's dtype (dbias None without a bias). tiles: (BLOCK_L steps, BLOCK_D channels, warps), default
+    _CONV_BWD_STEPS x as many channels as make _CONV_BWD_TILE elements on one warp."""
     rows, L, d_inner = x.shape
     K = weight.shape[1]
     dout = dout.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_l, block_d = _conv_tiles(L, d_inner)
+    block_l, block_d, warps = tiles or (*_conv_tiles(L, d_inner, _CONV_BWD_STEPS, _CONV_BWD_TILE), 1)
     grid = (rows * triton.cdiv(L, block_l), triton.cdiv(d_inner, block_d))
     partials, shared = _partials(grid[0], (K + 1) * d_inner, torch.float32)
     partial = (torch.zeros if shared else torch.empty)(partials, K + 1, d_inner, dtype=torch.float32, device=x.device)
     with _launch_device(x):
         _conv_silu_bwd_kernel[grid](x, weight, bias, dout, dx, partial, L, d_inner, partials, *x.stride(),
                                     *weight.stride(), K=K, HAS_BIAS=bias is not None, REVERSE=reverse,
-                                    BLOCK_L=block_l, BLOCK_D=block_d, SHARED=shared,
-                                    num_warps=_row_warps(block_l * block_d))
+                                    BLOCK_L=block_l, BLOCK_D=block_d, SHARED=shared, num_warps=warps)
     sums = partial.sum(0)
     return dx, sums[:K].t().to(weight.dtype), None if bias is None else sums[K].to(bias.dtype)
 

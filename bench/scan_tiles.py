@@ -1,6 +1,7 @@
-"""The Triton scan's kernels on one GPU, on the shapes the models scan: the forward's two kernels (step by step, loading
-1 or 4 steps' inputs at once, and tiled: each tile of steps at once) and which one `_scan_triton_forward` picks;
-the backward's tiles (channels x rows per program) on the shapes models train on, and which one `_bwd_tiles` picks.
+"""The sidecar's Triton kernels on one GPU, on the shapes the models scan: the scan forward's two kernels (step by step,
+loading 1 or 4 steps' inputs at once, and tiled: each tile of steps at once) and which one `_scan_triton_forward`
+picks; the scan backward's tiles (channels x rows per program) on the shapes models train on, and which one
+`_bwd_tiles` picks; the conv+SiLU backward's tiles (steps x channels x warps) on the training shapes (CONV).
 Times are medians of `triton.testing.do_bench` (CUDA events); bf16 inputs laid out as the models pass them (token-major,
 transposed).
 
@@ -35,6 +36,10 @@ BACKWARD = {"default": (8192, 768, 4), "4x": (8192, 1536, 4), "blocks of 8": (40
 PRELOADS = (1, 4)  # the step-by-step forward's steps loaded at once
 # (channels a tile, programs a row): a program takes the row's channel tiles in turn, or 1/4 or 1/16 of them
 BACKWARD_TILES = [(block_d, programs) for block_d in (2, 4, 8, 16, 32) for programs in (1, 4, 16)]
+# The conv's backward on the training rows (rows, steps, channels), by (steps, channels, warps) a program: the forward's
+# tiles (4 x 256 on 4 warps at 4 steps), and one warp's tiles around the one it takes (4 x 64).
+CONV = {"default": (8192, 4, 768), "4x": (8192, 4, 1536), "blocks of 32": (1024, 32, 768)}
+CONV_TILES = [(4, 256, 4), (8, 128, 4), (1, 64, 1), (4, 64, 1), (8, 64, 1), (4, 128, 1), (4, 64, 2), (4, 512, 2)]
 
 
 def inputs(batch, d_inner, length, d_state=16):
@@ -52,7 +57,7 @@ def inputs(batch, d_inner, length, d_state=16):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parts", default="forward,backward", help="comma-separated: forward, backward")
+    ap.add_argument("--parts", default="forward,backward,conv", help="comma-separated: forward, backward, conv")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the Triton kernels are timed there)")
@@ -118,6 +123,33 @@ def main():
         times = " | ".join("-" if v != v else f"{v:.3f}" for v in row["ms"].values())
         lines.append(f"| {name} {tuple(shape)} | {times} | {row['picked']} ({row['picked_ms']:.3f}) | "
                      f"{row['forward_ms']:.3f} | {row['max_error']:.1e} |")
+    lines += ["", "## Conv+SiLU backward", "",
+              "Milliseconds (median) of `_conv_silu_backward` (the kernel and the sum of its partials), bf16, right to "
+              "left, by steps x channels x warps a program; 'picked': its default tiles. Every tile's dx is checked "
+              "equal to the picked tile's.", "",
+              "| shape (rows, steps, channels) | " + " | ".join("x".join(map(str, t)) for t in CONV_TILES)
+              + " | picked | forward |", "|---|" + "---:|" * (len(CONV_TILES) + 2)]
+    res["conv"] = {}
+    for name, (rows, L, d) in CONV.items() if "conv" in parts else ():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(rows, L, 2 * d, device="cuda", generator=g).bfloat16()[..., :d]  # in_proj's first half
+        weight, bias = torch.randn(d, 4, device="cuda", generator=g) * 0.3, torch.randn(d, device="cuda", generator=g)
+        dout = torch.randn(rows, L, d, device="cuda", generator=g).bfloat16()
+        picked = kernels_r2lm._conv_silu_backward(dout, x, weight, bias, True)[0]
+        row = res["conv"][name] = dict(shape=(rows, L, d), ms={})
+        for tiles in CONV_TILES:
+            if not torch.equal(kernels_r2lm._conv_silu_backward(dout, x, weight, bias, True, tiles)[0], picked):
+                raise AssertionError(f"conv backward {name}: tiles {tiles} give another dx")
+            row["ms"]["x".join(map(str, tiles))] = triton.testing.do_bench(
+                lambda: kernels_r2lm._conv_silu_backward(dout, x, weight, bias, True, tiles),  # noqa: B023
+                return_mode="median")
+        row["picked_ms"] = triton.testing.do_bench(
+            lambda: kernels_r2lm._conv_silu_backward(dout, x, weight, bias, True), return_mode="median")  # noqa: B023
+        row["forward_ms"] = triton.testing.do_bench(
+            lambda: kernels_r2lm._conv_silu_forward(x, weight, bias, True), return_mode="median")  # noqa: B023
+        print(name, row, flush=True)
+        lines.append(f"| {name} {(rows, L, d)} | " + " | ".join(f"{v:.3f}" for v in row["ms"].values())
+                     + f" | {row['picked_ms']:.3f} | {row['forward_ms']:.3f} |")
     write_text_atomic(args.out / "scan_tiles.json", json.dumps(res, indent=1))
     write_text_atomic(args.out / "scan_tiles.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -30,6 +30,7 @@ import argparse
 import datetime
 import gc
 import json
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -266,14 +267,23 @@ def train_step(config, batch, length, objective="diffusion"):
     return model, step
 
 
-def train_step_seconds(config, batch, length, steps, objective="diffusion"):
-    """Median seconds of one `train_step` and its model FLOPs; two untimed steps first."""
-    model, step = train_step(config, batch, length, objective)
+def train_step_seconds(runs, batch, length, steps, rounds=4):
+    """{name: (median seconds of one `train_step`, its model FLOPs)} for runs {name: (config, objective)}: every model
+    built first and stepped twice untimed, then `rounds` rounds that take the runs in turn, `steps` // rounds timed
+    steps each. So the runs share the GPU's state over the same minutes: timed one after another, the no-sidecar step
+    alone moved between 47.0 and 56.1 ms over a day's runs of this script on an H200, more than the sidecars' share."""
+    built = {name: train_step(config, batch, length, objective) for name, (config, objective) in runs.items()}
+    steppers = {name: step for name, (_, step) in built.items()}
+    times = {name: [] for name in runs}
     with torch.enable_grad():
-        for _ in range(2):
-            step()
-        seconds = sorted(timed(step)[0] for _ in range(steps))[steps // 2]
-    return seconds, model_flops(model, batch, length, objective)
+        for step in steppers.values():
+            for _ in range(2):
+                step()
+        for _ in range(rounds):
+            for name, step in steppers.items():
+                times[name] += [timed(step)[0] for _ in range(max(1, steps // rounds))]
+    return {name: (statistics.median(times[name]), model_flops(model, batch, length, runs[name][1]))
+            for name, (model, _) in built.items()}
 
 
 def model_flops(model, batch, length, objective):
@@ -301,8 +311,8 @@ def section_train(models, res, args):
     """Training steps at the default model's shape (models/r2lm-tiny-pycode/config.json) for the four models of its
     comparison (R2LM, the causal dLLM, the bidirectional dLLM, the AR baseline), at a 4x larger shape (hidden
     768, ffn 2048, 12 heads, 4 KV heads: four times the decoder's parameters) with and without sidecars, and on CUDA
-    the default shape with and without sidecars under flex attention. MFU: the step's model FLOPs (model_flops) over
-    the H200's dense bf16 peak, 989 TFLOP/s."""
+    the default shape with and without sidecars under flex attention, all timed in turn (`train_step_seconds`). MFU:
+    the step's model FLOPs (model_flops) over the H200's dense bf16 peak, 989 TFLOP/s."""
     batch, length = (4, 64) if args.tiny else (64, 256)
     fields = default_model_shape()
     larger = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
@@ -318,15 +328,14 @@ def section_train(models, res, args):
         flex = dict(attn_implementation="flex_attention")
         runs.update(with_sidecars_flex=(flex, "diffusion"), without_sidecars_flex=({**flex, "sidecar_layers": []},
                                                                                    "diffusion"))
-    out = dict(batch=batch, length=length, peak_flops=989e12)
-    for name, (changes, objective) in runs.items():
-        config = R2LMConfig(**{**fields, **changes})
-        seconds, flops = train_step_seconds(config, batch, length, 3 if args.tiny else 20, objective)
+    out = dict(batch=batch, length=length, peak_flops=989e12, rounds=4)
+    runs = {name: (R2LMConfig(**{**fields, **changes}), objective) for name, (changes, objective) in runs.items()}
+    for name, (seconds, flops) in train_step_seconds(runs, batch, length, 4 if args.tiny else 20,
+                                                     out["rounds"]).items():
+        config = runs[name][0]
         out[name] = dict(step_s=seconds, tokens_per_s=batch * length / seconds, sidecar_layers=config.sidecar_layers,
                          mfu=flops / seconds / out["peak_flops"],
                          scan=scan_implementation(config.sidecar_scan, torch.empty(1, 1, 32, device=DEVICE)))
-        res["train"] = out
-        save(res, args)
     out["sidecar_cost"] = out["with_sidecars"]["step_s"] / out["without_sidecars"]["step_s"] - 1
     out["sidecar_cost_4x"] = out["4x_with_sidecars"]["step_s"] / out["4x_without_sidecars"]["step_s"] - 1
     if "with_sidecars_flex" in out:
@@ -399,8 +408,9 @@ def summary_lines(res):
                   "{floor_ms_measured:.3g} ms (step {step_over_floor_measured:.2f}x).".format(**res["latency"])]
     if "sidecar_cost_4x" in res.get("train", {}):
         t = res["train"]
-        lines += ["", f"Training steps, {t['batch']} x {t['length']} tokens, bf16 autocast, fused AdamW (MFU: model "
-                  "FLOPs / 989 TFLOP/s):", "", "| model | tokens/s | step ms | MFU | scan |", "|---|---:|---:|---:|---|"]
+        lines += ["", f"Training steps, {t['batch']} x {t['length']} tokens, bf16 autocast, fused AdamW, the models "
+                  f"in turn over {t.get('rounds', 1)} rounds (MFU: model FLOPs / 989 TFLOP/s):", "",
+                  "| model | tokens/s | step ms | MFU | scan |", "|---|---:|---:|---:|---|"]
         lines += [f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {100 * r['mfu']:.1f}% | "
                   f"{r['scan'] if r['sidecar_layers'] else '-'} |" for name, r in t.items() if isinstance(r, dict)]
         lines += ["", f"Sidecar cost (with / without - 1): {100 * t['sidecar_cost']:.1f}% at the default shape, "

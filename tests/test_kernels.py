@@ -648,6 +648,9 @@ def test_engine_kernels_compile_for_the_gpu(dtype):
     for reverse, bias in itertools.product((True, False), repeat=2):
         compile_ptx(kernels_r2lm._conv_silu_kernel, dict(K=4, HAS_BIAS=bias, REVERSE=reverse, BLOCK_L=8, BLOCK_D=128),
                     4)
+        for shared in (True, False):
+            compile_ptx(kernels_r2lm._conv_silu_bwd_kernel, dict(K=4, HAS_BIAS=bias, REVERSE=reverse, BLOCK_L=4,
+                                                                 BLOCK_D=64, SHARED=shared), 1, dw_ptr="*fp32")
     compile_ptx(kernels_r2lm._gated_residual_kernel, dict(BLOCK=2048), 8)
     for *flags, parts in itertools.product((True, False), repeat=4):
         constexprs = dict(zip(("HAS_BEGIN", "HAS_EOS_BAN", "REMOVE_INVALID"), flags), BLOCK=1024, PARTS=parts)
