@@ -63,12 +63,14 @@ def main():
         ap.error("needs a CUDA GPU (the Triton kernels are timed there)")
     args.out.mkdir(parents=True, exist_ok=True)
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, shapes={})
-    lines = [f"# Triton scan forward, {res['device']} (torch {res['torch']}, Triton {res['triton']})", "",
-             "Milliseconds (median), bf16, right to left, inputs token-major. Max error: relative to the float32 "
-             "reference's largest |y|.", "",
-             "| shape (rows, channels, steps) | " + " | ".join(f"step by step, {k} at once" for k in PRELOADS)
-             + " | tiled | picked | max error |", "|---|" + "---:|" * (len(PRELOADS) + 1) + "---|---:|"]
     parts = args.parts.split(",")
+    lines = [f"# The sidecar's Triton kernels, {res['device']} (torch {res['torch']}, Triton {res['triton']})"]
+    if "forward" in parts:
+        lines += ["", "## Scan forward", "",
+                  "Milliseconds (median), bf16, right to left, inputs token-major. Max error: relative to the float32 "
+                  "reference's largest |y|.", "",
+                  "| shape (rows, channels, steps) | " + " | ".join(f"step by step, {k} at once" for k in PRELOADS)
+                  + " | tiled | picked | max error |", "|---|" + "---:|" * (len(PRELOADS) + 1) + "---|---:|"]
     # The clocks ramp up first: without this the first shapes' few-microsecond kernels timed 2-5x slow on one run.
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     triton.testing.do_bench(lambda: a @ a, warmup=1000, rep=1000)
@@ -88,12 +90,13 @@ def main():
         print(name, row, flush=True)
         lines.append(f"| {name} {tuple(shape)} | " + " | ".join(f"{row[key]:.4f}" for key in variants)
                      + f" | {row['picked']} | {max(row['errors']):.1e} |")
-    lines += ["", "## Backward", "",
-              "Milliseconds (median) of the backward kernel, bf16, right to left, by channels a tile x programs a row; "
-              "'picked' is `_bwd_tiles`' choice; max error: the picked tile's largest gradient error relative to the "
-              "float32 reference's largest value of that gradient.", "",
-              "| shape (rows, channels, steps) | " + " | ".join(f"{d}x{r}" for d, r in BACKWARD_TILES)
-              + " | picked | forward | max error |", "|---|" + "---:|" * (len(BACKWARD_TILES) + 3)]
+    if "backward" in parts:
+        lines += ["", "## Scan backward", "",
+                  "Milliseconds (median) of the backward kernel, bf16, right to left, by channels a tile x programs a "
+                  "row; 'picked' is `_bwd_tiles`' choice; max error: the picked tile's largest gradient error relative "
+                  "to the float32 reference's largest value of that gradient.", "",
+                  "| shape (rows, channels, steps) | " + " | ".join(f"{d}x{r}" for d, r in BACKWARD_TILES)
+                  + " | picked | forward | max error |", "|---|" + "---:|" * (len(BACKWARD_TILES) + 3)]
     res["backward"] = {}
     for name, shape in BACKWARD.items() if "backward" in parts else ():
         x, dy = inputs(*shape), torch.randn(shape[0], shape[2], shape[1], device="cuda").bfloat16().transpose(1, 2)
@@ -123,12 +126,13 @@ def main():
         times = " | ".join("-" if v != v else f"{v:.3f}" for v in row["ms"].values())
         lines.append(f"| {name} {tuple(shape)} | {times} | {row['picked']} ({row['picked_ms']:.3f}) | "
                      f"{row['forward_ms']:.3f} | {row['max_error']:.1e} |")
-    lines += ["", "## Conv+SiLU backward", "",
-              "Milliseconds (median) of `_conv_silu_backward` (the kernel and the sum of its partials), bf16, right to "
-              "left, by steps x channels x warps a program; 'picked': its default tiles. Every tile's dx is checked "
-              "equal to the picked tile's.", "",
-              "| shape (rows, steps, channels) | " + " | ".join("x".join(map(str, t)) for t in CONV_TILES)
-              + " | picked | forward |", "|---|" + "---:|" * (len(CONV_TILES) + 2)]
+    if "conv" in parts:
+        lines += ["", "## Conv+SiLU backward", "",
+                  "Milliseconds (median) of `_conv_silu_backward` (the kernel and the sum of its partials), bf16, "
+                  "right to left, by steps x channels x warps a program; 'picked': its default tiles. Every tile's dx "
+                  "is checked equal to the picked tile's.", "",
+                  "| shape (rows, steps, channels) | " + " | ".join("x".join(map(str, t)) for t in CONV_TILES)
+                  + " | picked | forward |", "|---|" + "---:|" * (len(CONV_TILES) + 2)]
     res["conv"] = {}
     for name, (rows, L, d) in CONV.items() if "conv" in parts else ():
         g = torch.Generator(device="cuda").manual_seed(0)
