@@ -423,19 +423,25 @@ def _forward_is_tiled(u):
 
 
 def _step_kernel_tiles(u):
-    """The step-by-step forward's (channels a program, steps loaded at once) for u (batch, d_inner, L)."""
+    """The step-by-step forward's (channels a program, warps, steps loaded at once) for u (batch, d_inner, L): 32
+    channels on one warp, or 16 on four where that leaves fewer than four programs per SM (a batch-1 block step)."""
     batch, d_inner, L = u.shape
-    return 64 if batch * triton.cdiv(d_inner, 64) >= 4 * _sms(u) else 16, _FWD_PRELOAD if L > 1 else 1
+    block_d, warps = (32, 1) if batch * triton.cdiv(d_inner, 32) >= 4 * _sms(u) else (16, 4)
+    return block_d, warps, _FWD_PRELOAD if L > 1 else 1
 
 
 def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_states=False, tiled=None,
                          steps=None):
     """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
-    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 64 channels, or
-    16 when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels
-    per program took 31 us per sidecar there), and load `steps` (1 or 4) steps' inputs at once (default:
-    _FWD_PRELOAD, or 1 for rows of one step)."""
+    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 32 channels on
+    one warp, or 16 on four warps when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096
+    channels; on an H200 64 channels per program took 31 us per sidecar there), and load `steps` (1 or 4) steps'
+    inputs at once (default: _FWD_PRELOAD, or 1 for rows of one step). On an H200 (Qwen3-1.7B's sidecar width, bf16)
+    32 channels on one warp took 17.8 us for an engine step of blocks of 4 at batch 32 (64 rows x 4 steps), 50.3 at
+    batch 128, 34.7 and 113.6 for blocks of 32 at batch 8 and 32, where the 64 channels on four warps used before took
+    23.5, 76.2, 45.4 and 150.8 (bench/results/scan_forward_tiles_h200.md); it was the fastest or within 6% of it of 8
+    to 128 channels on 1 to 8 warps on those shapes."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)
@@ -445,8 +451,8 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
         warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
         kernel, options = _scan_fwd_tiled_kernel, dict(LP=LP, num_warps=warps)
     else:
-        block_d, preload = _step_kernel_tiles(u)
-        kernel, options = _scan_fwd_kernel, dict(SP=steps or preload)
+        block_d, warps, preload = _step_kernel_tiles(u)
+        kernel, options = _scan_fwd_kernel, dict(SP=steps or preload, num_warps=warps)
     y = torch.empty_like(u)
     states = None
     if chunk_states and L > chunk:

@@ -86,7 +86,7 @@ def main():
                 lambda: kernels_r2lm._scan_triton_forward(*x, True, chunk_states=grads, **choice),  # noqa: B023
                 return_mode="median")
         row["picked"] = "tiled" if kernels_r2lm._forward_is_tiled(x[0]) else \
-            f"step by step, {kernels_r2lm._step_kernel_tiles(x[0])[1]} at once"
+            f"step by step, {kernels_r2lm._step_kernel_tiles(x[0])[2]} at once"
         print(name, row, flush=True)
         lines.append(f"| {name} {tuple(shape)} | " + " | ".join(f"{row[key]:.4f}" for key in variants)
                      + f" | {row['picked']} | {max(row['errors']):.1e} |")

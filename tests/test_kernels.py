@@ -629,9 +629,10 @@ def test_engine_kernels_compile_for_the_gpu(dtype):
                     dict(HEADS=16, KV_HEADS=8, HD=128, HALF=64, G=kernels_r2lm._ATTENTION_HEADS, INDEXED=indexed), 4,
                     cols_ptr="*i64")
     for (L, steps), states in itertools.product(((1, 1), (5, 4), (32, 4), (300, 4)), (True, False)):
+        block_d, warps = (32, 1) if states else (16, 4)  # the two tiles `_step_kernel_tiles` picks
         compile_ptx(kernels_r2lm._scan_fwd_kernel,
-                    dict(L=L, N=16, NP=16, SP=steps, BLOCK_D=64, REVERSE=True, ACC=triton.language.float32,
-                         CHUNK=kernels_r2lm._bwd_chunk(L), STATES=states), 4, A_ptr="*fp32", D_ptr="*fp32",
+                    dict(L=L, N=16, NP=16, SP=steps, BLOCK_D=block_d, REVERSE=True, ACC=triton.language.float32,
+                         CHUNK=kernels_r2lm._bwd_chunk(L), STATES=states), warps, A_ptr="*fp32", D_ptr="*fp32",
                     bias_ptr="*fp32", states_ptr="*fp32")
     for (block_m, hd), parts in itertools.product(((16, 128), (128, 128), (16, 8)), (True, False)):
         # heads of 8 (the tests' tiny models) padded to the 16 that tl.dot needs, as attention_triton pads them
