@@ -437,11 +437,12 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
     tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 32 channels on
     one warp, or 16 on four warps when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096
     channels; on an H200 64 channels per program took 31 us per sidecar there), and load `steps` (1 or 4) steps'
-    inputs at once (default: _FWD_PRELOAD, or 1 for rows of one step). On an H200 (Qwen3-1.7B's sidecar width, bf16)
-    32 channels on one warp took 17.8 us for an engine step of blocks of 4 at batch 32 (64 rows x 4 steps), 50.3 at
-    batch 128, 34.7 and 113.6 for blocks of 32 at batch 8 and 32, where the 64 channels on four warps used before took
-    23.5, 76.2, 45.4 and 150.8 (bench/results/scan_forward_tiles_h200.md); it was the fastest or within 6% of it of 8
-    to 128 channels on 1 to 8 warps on those shapes."""
+    inputs at once (default: _FWD_PRELOAD, or 1 for rows of one step). On an H200 (bf16;
+    bench/results/scan_forward_tiles_h200.md) 32 channels on one warp took 21.2 us for an engine step of blocks of 4
+    at batch 32 (Qwen3-1.7B's sidecar: 64 rows x 4096 channels x 4 steps), 49.6 at batch 128, 34.4 and 113.4 for
+    blocks of 32 at batch 8 and 32, 262 on the default model's training rows, where 64 channels on four warps took
+    22.7, 75.6, 45.2, 150.6 and 425; the fastest of 8 to 128 channels on 1 to 8 warps differed by shape, up to 21%
+    faster (16.7 us at batch 32 with blocks of 4)."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)

@@ -423,19 +423,26 @@ def _forward_is_tiled(u):
 
 
 def _step_kernel_tiles(u):
-    """The step-by-step forward's (channels a program, steps loaded at once) for u (batch, d_inner, L)."""
+    """The step-by-step forward's (channels a program, warps, steps loaded at once) for u (batch, d_inner, L): 32
+    channels on one warp, or 16 on four where that leaves fewer than four programs per SM (a batch-1 block step)."""
     batch, d_inner, L = u.shape
-    return 64 if batch * triton.cdiv(d_inner, 64) >= 4 * _sms(u) else 16, _FWD_PRELOAD if L > 1 else 1
+    block_d, warps = (32, 1) if batch * triton.cdiv(d_inner, 32) >= 4 * _sms(u) else (16, 4)
+    return block_d, warps, _FWD_PRELOAD if L > 1 else 1
 
 
 def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_states=False, tiled=None,
                          steps=None):
     """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
-    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 64 channels, or
-    16 when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096 channels; on an H200 64 channels
-    per program took 31 us per sidecar there), and load `steps` (1 or 4) steps' inputs at once (default:
-    _FWD_PRELOAD, or 1 for rows of one step)."""
+    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 32 channels on
+    one warp, or 16 on four warps when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096
+    channels; on an H200 64 channels per program took 31 us per sidecar there), and load `steps` (1 or 4) steps'
+    inputs at once (default: _FWD_PRELOAD, or 1 for rows of one step). On an H200 (bf16;
+    bench/results/scan_forward_tiles_h200.md) 32 channels on one warp took 21.2 us for an engine step of blocks of 4
+    at batch 32 (Qwen3-1.7B's sidecar: 64 rows x 4096 channels x 4 steps), 49.6 at batch 128, 34.4 and 113.4 for
+    blocks of 32 at batch 8 and 32, 262 on the default model's training rows, where 64 channels on four warps took
+    22.7, 75.6, 45.2, 150.6 and 425; the fastest of 8 to 128 channels on 1 to 8 warps differed by shape, up to 21%
+    faster (16.7 us at batch 32 with blocks of 4)."""
     batch, d_inner, L = u.shape
     d_state = A.shape[1]
     NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)
@@ -445,8 +452,8 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
         warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
         kernel, options = _scan_fwd_tiled_kernel, dict(LP=LP, num_warps=warps)
     else:
-        block_d, preload = _step_kernel_tiles(u)
-        kernel, options = _scan_fwd_kernel, dict(SP=steps or preload)
+        block_d, warps, preload = _step_kernel_tiles(u)
+        kernel, options = _scan_fwd_kernel, dict(SP=steps or preload, num_warps=warps)
     y = torch.empty_like(u)
     states = None
     if chunk_states and L > chunk:
@@ -1008,8 +1015,15 @@ def attention_triton(q, k, v, mask, s):
 # `modeling_r2lm` runs them for inference on CUDA, in place of its PyTorch functions (their reference); as above, in
 # float32, rounded where those round, without fused multiply-adds.
 
-# The conv's tiles: up to _CONV_STEPS steps x as many channels as make _CONV_TILE elements (not tuned on a GPU).
+# The conv's tiles: up to _CONV_STEPS steps x as many channels as make _CONV_TILE elements, _row_warps' warps (on an
+# H200 the fastest tile measured on rows of 4 steps, within 0.011 ms of it on rows of 32). Its backward's: up to
+# _CONV_BWD_STEPS steps x as many channels as make _CONV_BWD_TILE elements, on one warp, so that a tile's sums over
+# its steps stay in a thread's registers. On an H200 (bf16, rows of 4 steps x 768 and 1536 channels, of 32 x 768;
+# bench/results/train_step_h200_conv_bwd/) 4 steps x 64 channels on one warp was the fastest of 1 to 8 steps x 64 to
+# 1024 channels on 1 to 8 warps on each shape: on the default model's training rows (8192 rows of 4 steps, 768
+# channels) 0.29 ms with its partials' sum, where the forward's tiles (4 x 256 on 4 warps) took 1.28.
 _CONV_STEPS, _CONV_TILE = 8, 1024
+_CONV_BWD_STEPS, _CONV_BWD_TILE = 4, 256
 
 if triton is not None:
 
@@ -1136,10 +1150,11 @@ if triton is not None:
         tl.store(out_ptr + token * n + i, (h + _round(gate * y, DTYPE)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _conv_tiles(L, d_inner):
-    """The conv kernels' tiles (BLOCK_L steps, BLOCK_D channels)."""
-    block_l = min(triton.next_power_of_2(L), _CONV_STEPS)
-    return block_l, min(triton.next_power_of_2(d_inner), _CONV_TILE // block_l)
+def _conv_tiles(L, d_inner, steps=_CONV_STEPS, tile=_CONV_TILE):
+    """A conv kernel's tiles (BLOCK_L steps, BLOCK_D channels): up to `steps` steps x as many channels as make `tile`
+    elements (the forward's by default)."""
+    block_l = min(triton.next_power_of_2(L), steps)
+    return block_l, min(triton.next_power_of_2(d_inner), tile // block_l)
 
 
 def _conv_silu_forward(x, weight, bias, reverse):
@@ -1154,22 +1169,22 @@ def _conv_silu_forward(x, weight, bias, reverse):
     return out
 
 
-def _conv_silu_backward(dout, x, weight, bias, reverse):
+def _conv_silu_backward(dout, x, weight, bias, reverse, tiles=None):
     """(dx, dweight, dbias) of `conv_silu_triton`: dx (N, L, d_inner) contiguous in x's dtype, the others in their
-    parameter's dtype (dbias None without a bias)."""
+    parameter's dtype (dbias None without a bias). tiles: (BLOCK_L steps, BLOCK_D channels, warps), default
+    _CONV_BWD_STEPS x as many channels as make _CONV_BWD_TILE elements on one warp."""
     rows, L, d_inner = x.shape
     K = weight.shape[1]
     dout = dout.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_l, block_d = _conv_tiles(L, d_inner)
+    block_l, block_d, warps = tiles or (*_conv_tiles(L, d_inner, _CONV_BWD_STEPS, _CONV_BWD_TILE), 1)
     grid = (rows * triton.cdiv(L, block_l), triton.cdiv(d_inner, block_d))
     partials, shared = _partials(grid[0], (K + 1) * d_inner, torch.float32)
     partial = (torch.zeros if shared else torch.empty)(partials, K + 1, d_inner, dtype=torch.float32, device=x.device)
     with _launch_device(x):
         _conv_silu_bwd_kernel[grid](x, weight, bias, dout, dx, partial, L, d_inner, partials, *x.stride(),
                                     *weight.stride(), K=K, HAS_BIAS=bias is not None, REVERSE=reverse,
-                                    BLOCK_L=block_l, BLOCK_D=block_d, SHARED=shared,
-                                    num_warps=_row_warps(block_l * block_d))
+                                    BLOCK_L=block_l, BLOCK_D=block_d, SHARED=shared, num_warps=warps)
     sums = partial.sum(0)
     return dx, sums[:K].t().to(weight.dtype), None if bias is None else sums[K].to(bias.dtype)
 
