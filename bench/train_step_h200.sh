@@ -4,8 +4,8 @@
 # and backward), of the engine's CUDA graphs against eager decoding, and of flex-attention training against sdpa;
 # with SWEEP=1 bench/scan_tiles.py (the scan backward's and the conv backward's tiles, ~130 s); then
 # bench/profile_train_step.py (the step with and without sidecars, kernel by kernel) and `bench/throughput.py --parts
-# train` (tokens/s and MFU, sdpa and flex attention, the models timed in turn). $OUT (else runs/train_step_h200) gets train_step_h200.log, scan_tiles.{json,md} (SWEEP=1),
-# profile_train_step.txt and throughput.{json,md}.
+# train` (tokens/s and MFU, sdpa and flex attention, the models timed in turn). $OUT (else runs/train_step_h200) gets
+# train_step_h200.log, scan_tiles.{json,md} (SWEEP=1), profile_train_step.txt and throughput.{json,md}.
 #   run(command="bash bench/train_step_h200.sh", timeout_s=400)
 # A CPU dry run: TINY=1 OUT=/tmp/dry_step bash bench/train_step_h200.sh
 set -u
