@@ -565,21 +565,23 @@ class R2LMGenerationMixin(GenerationMixin):
             return _CachedRunner(self) if causal and config.use_cache else _RecomputeRunner(self)
         if config.cache_implementation is None and self.device.type != "cuda":
             return _CachedRunner(self) if causal else _RecomputeRunner(self)
-        placement = self._engine_placement()
+        params = list(self.parameters())  # one walk for every check below (2.3 ms for three at the 1.7B shape)
+        placement = self._engine_placement(params)
         if placement is not None and config.cache_implementation == "static":
             raise ValueError(f"cache_implementation='static' asks for R2LM's decoding engine, which cannot run this "
                              f"model ({placement}): leave cache_implementation unset to decode with the eager runner.")
-        reason = placement or self._engine_limits()
+        reason = placement or self._engine_limits(params)
         if reason is not None:
             logger.warning_once(f"R2LM's decoding engine is not used ({reason}): decoding with the eager runner.")
             return _CachedRunner(self) if causal else _RecomputeRunner(self)
         compile = config.compile_config is not None and not config.disable_compile
-        return R2LMEngine.for_model(self, compile=compile)
+        return R2LMEngine.for_model(self, params, compile=compile)
 
-    def _engine_placement(self):
-        """Why the engine cannot run where the weights are, or None: its steps read whole weight matrices on one
-        device, so weights sharded over processes or offloaded by a device_map are out of its reach."""
-        if (getattr(self, "tp_size", None) or 1) > 1 or any(hasattr(p, "placements") for p in self.parameters()):
+    def _engine_placement(self, params):
+        """Why the engine cannot run where the weights are (`params`, the model's parameters), or None: its steps read
+        whole weight matrices on one device, so weights sharded over processes or offloaded by a device_map are out of
+        its reach."""
+        if (getattr(self, "tp_size", None) or 1) > 1 or any(hasattr(p, "placements") for p in params):
             return "its weights are sharded over processes (tp_plan or FSDP)"  # `placements`: a DTensor's
         device_map = getattr(self, "hf_device_map", None) or {}
         offloaded = [name for name, device in device_map.items() if str(device) in ("cpu", "disk")]
@@ -589,15 +591,16 @@ class R2LMGenerationMixin(GenerationMixin):
 
     def _engine_unsupported(self):
         """Why the engine cannot run this model, or None: `_engine_placement`, then `_engine_limits`."""
-        return self._engine_placement() or self._engine_limits()
+        params = list(self.parameters())
+        return self._engine_placement(params) or self._engine_limits(params)
 
-    def _engine_limits(self):
-        """Why the engine cannot run this model wherever it is placed, or None. It reads the projections' weights
-        directly, so adapters, quantized layers and hooks would be skipped; and it keeps the whole model on one
-        device."""
+    def _engine_limits(self, params):
+        """Why the engine cannot run this model (`params`, its parameters) wherever it is placed, or None. It reads the
+        projections' weights directly, so adapters, quantized layers and hooks would be skipped; and it keeps the
+        whole model on one device."""
         if getattr(self.config, "attention_bias", False):
             return "attention_bias=True"
-        if len({p.device for p in self.parameters()}) > 1:
+        if len({p.device for p in params}) > 1:
             return "the model is spread over several devices"
         rope_type = self.config.rope_parameters.get("rope_type", "default")
         if "dynamic" in rope_type or rope_type == "longrope":

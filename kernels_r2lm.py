@@ -1,11 +1,12 @@
 """The sidecar's selective scan: the plain-PyTorch reference, a Triton short-row scan (forward and backward), and the
 one dispatch point between them and mamba-ssm's kernel.
 
-Every scan here takes mamba-ssm's `selective_scan_fn` arguments (with `delta_softplus=True`):
-u, delta, z: (batch, d_inner, L), any strides; A: (d_inner, d_state); B, C: (batch, d_state, L);
-D, delta_bias: (d_inner,). It returns y (batch, d_inner, L) in u's dtype, with
+Every scan here takes mamba-ssm's `selective_scan_fn` arguments (with `delta_softplus=True`), but A as the Mamba
+module's parameter A_log (A = -exp(A_log)): u, delta, z: (batch, d_inner, L), any strides; A_log: (d_inner, d_state);
+B, C: (batch, d_state, L); D, delta_bias: (d_inner,); the parameters in any float dtype (the scans compute in float32,
+or float64 for float64 inputs). It returns y (batch, d_inner, L) in u's dtype, with
 
-    delta_t = softplus(delta_t + delta_bias)
+    A = -exp(A_log),  delta_t = softplus(delta_t + delta_bias)
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        (h = 0 before the first step)
     y_t = (C_t . h_t + D u_t) * silu(z_t)
 
@@ -51,10 +52,11 @@ SCAN_IMPLEMENTATIONS = ("auto", "triton", "mamba", "torch")
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused elementwise kernels take
 
 
-def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, reverse=False):
+def selective_scan_ref(u, delta, A_log, B, C, D, z, delta_bias, reverse=False):
     """The selective scan in plain PyTorch, in float32 or wider (mamba-ssm's `selective_scan_ref`, plus `reverse`)."""
     dtype, compute = u.dtype, torch.promote_types(u.dtype, torch.float32)
-    u, delta, A, B, C, D, z, delta_bias = (t.to(compute) for t in (u, delta, A, B, C, D, z, delta_bias))
+    u, delta, A_log, B, C, D, z, delta_bias = (t.to(compute) for t in (u, delta, A_log, B, C, D, z, delta_bias))
+    A = -torch.exp(A_log)
     delta = F.softplus(delta + delta_bias[:, None])
     deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
     deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
@@ -140,17 +142,17 @@ if triton is not None:
             tl.store(ptr, value, mask=mask)
 
     @triton.jit
-    def _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, tile, N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-                      ACC: tl.constexpr):
+    def _channel_tile(A_log_ptr, D_ptr, bias_ptr, d_inner, tile, N: tl.constexpr, NP: tl.constexpr,
+                      BLOCK_D: tl.constexpr, ACC: tl.constexpr):
         """Channel tile `tile`'s channels d (BLOCK_D) and states n (NP, N of them real), their masks, and its
-        parameters as ACC: A (BLOCK_D, NP, 1), D and bias (BLOCK_D, 1)."""
+        parameters as ACC: A = -exp(A_log) (BLOCK_D, NP), D and bias (BLOCK_D,)."""
         d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, NP)
         dmask, nmask = d < d_inner, n < N
         dnmask = dmask[:, None] & nmask[None, :]
-        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)[:, :, None]
-        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None]
+        A = -tl.exp(_load_tile(A_log_ptr, N, 1, d, n, dnmask, ACC))
+        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
         return d, n, dmask, nmask, dnmask, A, D, bias
 
     @triton.jit
@@ -191,7 +193,7 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd_kernel(
-        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
+        u_ptr, dt_ptr, z_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
@@ -205,13 +207,8 @@ if triton is not None:
         the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
         row (in scan order) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        n = tl.arange(0, NP)
-        dmask, nmask = d < d_inner, n < N
-        dnmask = dmask[:, None] & nmask[None, :]
-        A = _load_tile(A_ptr, N, 1, d, n, dnmask, ACC)
-        D = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(ACC)
+        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_log_ptr, D_ptr, bias_ptr, d_inner, tl.program_id(1),
+                                                               N, NP, BLOCK_D, ACC)
         u_row, dt_row = u_ptr + row * su_b + d * su_d, dt_ptr + row * sdt_b + d * sdt_d
         z_row, y_row = z_ptr + row * sz_b + d * sz_d, y_ptr + row * sy_b + d * sy_d
         B_row, C_row = B_ptr + row * sB_b + n * sB_n, C_ptr + row * sC_b + n * sC_n
@@ -242,7 +239,7 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd_tiled_kernel(
-        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
+        u_ptr, dt_ptr, z_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
         d_inner,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
@@ -256,8 +253,9 @@ if triton is not None:
         the ACC buffer states (batch, chunks - 1, d_inner, N), the state at the end of every CHUNK-step chunk of the
         row (in scan order; LP divides CHUNK) but the last: the state each later chunk of the backward starts from."""
         row = tl.program_id(0)
-        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner, tl.program_id(1), N,
-                                                               NP, BLOCK_D, ACC)
+        d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_log_ptr, D_ptr, bias_ptr, d_inner, tl.program_id(1),
+                                                               N, NP, BLOCK_D, ACC)
+        A, D, bias = A[:, :, None], D[:, None], bias[:, None]
         state = tl.zeros((BLOCK_D, NP), dtype=ACC)
         for start in range(0, L, LP):
             s, p, t, _ = _scan_steps(start, L, LP, REVERSE)
@@ -283,8 +281,8 @@ if triton is not None:
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr, carry_ptr,
-        du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+        u_ptr, dt_ptr, z_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr, carry_ptr,
+        du_ptr, ddt_ptr, dz_ptr, dA_log_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
         d_inner, tiles, partials,
         su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
         sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l, sdu_b, sdu_d, sdu_l,
@@ -298,7 +296,7 @@ if triton is not None:
         state the forward stored in states (batch, chunks - 1, d_inner, N), and each channel's adjoint waits in carry
         (batch, d_inner, N) for the chunk before.
         du, ddt, dz share the strides sdu_*. dB, dC (batch, N, L): ACC buffers, each chunk's sum over the program's
-        channels added once (the row's other programs add theirs). dA (partials, d_inner, N), dD, dbias (partials,
+        channels added once (the row's other programs add theirs). dA_log (partials, d_inner, N), dD, dbias (partials,
         d_inner): ACC buffers of sums over rows' steps, row r's in partial r % partials, which the caller sums:
         stored by the one program of that row and channel when each row has its own (partials = batch), added when
         rows share them (SHARED: buffers of a row each would be too large). No other atomic adds: per (row, channel)
@@ -315,9 +313,10 @@ if triton is not None:
             dB = tl.zeros((NP, LP), dtype=ACC)  # this chunk's sums over the program's channels
             dC = tl.zeros((NP, LP), dtype=ACC)
             for c in range(tiles):
-                d, n, dmask, nmask, dnmask, A, D, bias = _channel_tile(A_ptr, D_ptr, bias_ptr, d_inner,
-                                                                       tl.program_id(1) * tiles + c, N, NP, BLOCK_D,
-                                                                       ACC)
+                d, n, dmask, nmask, dnmask, A2, D, bias = _channel_tile(A_log_ptr, D_ptr, bias_ptr, d_inner,
+                                                                        tl.program_id(1) * tiles + c, N, NP, BLOCK_D,
+                                                                        ACC)
+                A, D, bias = A2[:, :, None], D[:, None], bias[:, None]
                 m = dmask[:, None] & smask[None, :]
                 # The step after p exists: after the chunk's last step, the next chunk's first (its delta is in
                 # memory).
@@ -372,7 +371,7 @@ if triton is not None:
                 dB += tl.sum(lam * (delta * u)[:, None, :], axis=0)
                 dC += tl.sum(g[:, None, :] * h, axis=0)
                 # The row's sums over its steps, chunk by chunk (a later chunk of the row, in scan order, came first).
-                dA = tl.sum(lam_ah * delta[:, None, :], axis=2)
+                dA_log = tl.sum(lam_ah * delta[:, None, :], axis=2) * A2  # dA dA/dA_log, dA/dA_log = A
                 dD = tl.sum(g * u, axis=1)
                 dbias = tl.sum(ddt, axis=1)
                 part = row % partials
@@ -380,10 +379,10 @@ if triton is not None:
                 states = (part * d_inner + d[:, None]) * N + n[None, :]
                 if not SHARED:  # the row's own partial: its chunks after the first (in scan order) stored there
                     if k > 0:
-                        dA += tl.load(dA_ptr + states, mask=dnmask, other=0.0)
+                        dA_log += tl.load(dA_log_ptr + states, mask=dnmask, other=0.0)
                         dD += tl.load(dD_ptr + channels, mask=dmask, other=0.0)
                         dbias += tl.load(dbias_ptr + channels, mask=dmask, other=0.0)
-                _store_or_add(dA_ptr + states, dA, dnmask, SHARED)
+                _store_or_add(dA_log_ptr + states, dA_log, dnmask, SHARED)
                 _store_or_add(dD_ptr + channels, dD, dmask, SHARED)
                 _store_or_add(dbias_ptr + channels, dbias, dmask, SHARED)
             rows = row * N * L + n[:, None] * L + t[None, :]
@@ -430,7 +429,7 @@ def _step_kernel_tiles(u):
     return block_d, warps, _FWD_PRELOAD if L > 1 else 1
 
 
-def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_states=False, tiled=None,
+def _scan_triton_forward(u, delta, A_log, B, C, D, z, delta_bias, reverse, chunk_states=False, tiled=None,
                          steps=None):
     """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
@@ -444,7 +443,7 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
     22.7, 75.6, 45.2, 150.6 and 425; the fastest of 8 to 128 channels on 1 to 8 warps differed by shape, up to 21%
     faster (16.7 us at batch 32 with blocks of 4)."""
     batch, d_inner, L = u.shape
-    d_state = A.shape[1]
+    d_state = A_log.shape[1]
     NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)
     if _forward_is_tiled(u) if tiled is None else tiled:
         LP = min(_FWD_STEPS, chunk)  # both powers of two: LP divides chunk
@@ -462,7 +461,7 @@ def _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse, chunk_sta
     grid = (batch, triton.cdiv(d_inner, block_d))
     with _launch_device(u):
         kernel[grid](
-            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states,
+            u, delta, z, A_log.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states,
             d_inner,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *y.stride(),
             L=L, N=d_state, NP=NP, BLOCK_D=block_d, REVERSE=reverse, ACC=_accumulate_dtype(u.dtype), CHUNK=chunk,
@@ -489,12 +488,12 @@ def _bwd_tiles(batch, d_inner, d_state, L, x):
     return block_d, triton.cdiv(tiles, programs_per_row)
 
 
-def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, reverse, tiles=None):
-    """The gradients of the scan w.r.t. (u, delta, A, B, C, D, z, delta_bias), each in its input's dtype and shape
+def _scan_triton_backward(dy, u, delta, A_log, B, C, D, z, delta_bias, states, reverse, tiles=None):
+    """The gradients of the scan w.r.t. (u, delta, A_log, B, C, D, z, delta_bias), each in its input's dtype and shape
     (du, ddelta, dz token-major: (batch, L, d_inner) transposed, as the sidecar passes u, delta and z); states: the
     forward's chunk states. tiles: (BLOCK_D channels, channel tiles a program), default as _bwd_tiles says."""
     batch, d_inner, L = u.shape
-    d_state = A.shape[1]
+    d_state = A_log.shape[1]
     NP, LP = triton.next_power_of_2(d_state), _bwd_chunk(L)
     block_d, per_program = tiles or _bwd_tiles(batch, d_inner, d_state, L, u)
     num_warps = min(max(1, block_d * NP * LP // (32 * _BWD_THREAD_ELEMENTS)), 8)
@@ -505,28 +504,29 @@ def _scan_triton_backward(dy, u, delta, A, B, C, D, z, delta_bias, states, rever
     # Sums over rows (summed below), and the adjoint carried between chunks of a row.
     partials, shared = _partials(batch, d_inner * d_state, acc["dtype"])
     new = torch.zeros if shared else torch.empty
-    dA, dD, dbias = new(partials, d_inner, d_state, **acc), new(partials, d_inner, **acc), new(partials, d_inner, **acc)
+    dA_log = new(partials, d_inner, d_state, **acc)
+    dD, dbias = new(partials, d_inner, **acc), new(partials, d_inner, **acc)
     carry = None if states is None else torch.empty(batch, d_inner, d_state, **acc)
     grid = (batch, triton.cdiv(triton.cdiv(d_inner, block_d), per_program))
     with _launch_device(u):
         _scan_bwd_kernel[grid](
-            u, delta, z, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
-            carry, du, ddelta, dz, dA, dB, dC, dD, dbias,
+            u, delta, z, A_log.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
+            carry, du, ddelta, dz, dA_log, dB, dC, dD, dbias,
             d_inner, per_program, partials,
             *u.stride(), *delta.stride(), *z.stride(), *B.stride(), *C.stride(), *dy.stride(), *du.stride(),
             L=L, N=d_state, NP=NP, LP=LP, CHUNKS=triton.cdiv(L, LP), BLOCK_D=block_d, REVERSE=reverse,
             ACC=_accumulate_dtype(u.dtype), SHARED=shared, num_warps=num_warps,
         )
-    return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).to(D.dtype), dz,
+    return (du, ddelta, dA_log.sum(0).to(A_log.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).to(D.dtype), dz,
             dbias.sum(0).to(delta_bias.dtype))
 
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, reverse):
-        y, states = _scan_triton_forward(u, delta, A, B, C, D, z, delta_bias, reverse,
+    def forward(ctx, u, delta, A_log, B, C, D, z, delta_bias, reverse):
+        y, states = _scan_triton_forward(u, delta, A_log, B, C, D, z, delta_bias, reverse,
                                          chunk_states=any(ctx.needs_input_grad))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.save_for_backward(u, delta, A_log, B, C, D, z, delta_bias, states)
         ctx.reverse = reverse
         return y
 
@@ -536,15 +536,16 @@ class _TritonScan(torch.autograd.Function):
         return *_scan_triton_backward(dy, *ctx.saved_tensors, ctx.reverse), None
 
 
-def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=False):
+def selective_scan_triton(u, delta, A_log, B, C, D, z, delta_bias, reverse=False):
     """The Triton scan, differentiable, on rows of any length."""
-    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, reverse)
+    return _TritonScan.apply(u, delta, A_log, B, C, D, z, delta_bias, reverse)
 
 
-def _mamba_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False):
+def _mamba_scan(u, delta, A_log, B, C, D, z, delta_bias, reverse=False):
     """mamba-ssm's kernel; it only scans left to right, so a right-to-left scan flips its inputs and output (copies)."""
     if reverse:
         u, delta, B, C, z = (t.flip(-1) for t in (u, delta, B, C, z))
+    A, D, delta_bias = -torch.exp(A_log.float()), D.float(), delta_bias.float()  # its kernel takes float32
     y = selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
     return y.flip(-1) if reverse else y
 
@@ -571,9 +572,9 @@ def scan_implementation(requested, x):
     return requested
 
 
-def selective_scan(u, delta, A, B, C, D, z, delta_bias, reverse=False, implementation="auto"):
+def selective_scan(u, delta, A_log, B, C, D, z, delta_bias, reverse=False, implementation="auto"):
     """The selective scan through the implementation `scan_implementation` picks."""
-    return SCANS[scan_implementation(implementation, u)](u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
+    return SCANS[scan_implementation(implementation, u)](u, delta, A_log, B, C, D, z, delta_bias, reverse=reverse)
 
 
 # -- the decoding engine's elementwise pieces ------------------------------------------------------------------------

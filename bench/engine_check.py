@@ -149,10 +149,10 @@ def check_scan_gradients(shape):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     batch, d_inner, d_state, L = 2, 512, 16, 32
     rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, device=DEVICE, generator=g)  # noqa: E731
-    base = (rand(batch, d_inner, L), rand(batch, d_inner, L, scale=0.5), -torch.exp(rand(d_inner, d_state, scale=0.5)),
+    base = (rand(batch, d_inner, L), rand(batch, d_inner, L, scale=0.5), rand(d_inner, d_state, scale=0.5),
             rand(batch, d_state, L), rand(batch, d_state, L), rand(d_inner), rand(batch, d_inner, L),
             rand(d_inner, scale=0.5) - 1.0)
-    names, dy, out = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), rand(batch, d_inner, L), {}
+    names, dy, out = ("u", "delta", "A_log", "B", "C", "D", "z", "delta_bias"), rand(batch, d_inner, L), {}
     for reverse in (False, True):
         grads = {}
         for impl, fn in (("triton", selective_scan_triton), ("ref", selective_scan_ref)):

@@ -49,9 +49,9 @@ def inputs(batch, d_inner, length, d_state=16):
         return torch.randn(*shape, device="cuda", generator=g)
 
     u, delta, z = (randn(batch, length, d_inner).bfloat16().transpose(1, 2) for _ in range(3))
-    A = -torch.rand(d_inner, d_state, device="cuda", generator=g) - 0.5
+    A_log = torch.log(torch.rand(d_inner, d_state, device="cuda", generator=g) + 0.5)
     B, C = (randn(batch, length, d_state).bfloat16().transpose(1, 2) for _ in range(2))
-    return u, delta, A, B, C, randn(d_inner), z, randn(d_inner)
+    return u, delta, A_log, B, C, randn(d_inner), z, randn(d_inner)
 
 
 def main():

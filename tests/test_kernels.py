@@ -32,11 +32,11 @@ from r2lm.kernels_r2lm import (
 
 REPO = Path(__file__).resolve().parents[1]
 NO_TRITON = "triton is not installed (it comes with CUDA builds of torch)"
-GRADIENTS = ("y", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+GRADIENTS = ("y", "du", "ddelta", "dA_log", "dB", "dC", "dD", "dz", "ddelta_bias")
 
 
 def scan_inputs(batch=2, d_inner=20, length=8, d_state=16, dtype=torch.float64, device="cpu"):
-    """(u, delta, A, B, C, D, z, delta_bias) and an output gradient dy. u, delta, B and dy are token-major
+    """(u, delta, A_log, B, C, D, z, delta_bias) and an output gradient dy. u, delta, B and dy are token-major
     ((batch, L, .) transposed, the strides the sidecar passes). The first channel's bias puts delta + delta_bias above
     softplus's threshold 20, so both of its branches run."""
     g = torch.Generator().manual_seed(0)
@@ -47,10 +47,10 @@ def scan_inputs(batch=2, d_inner=20, length=8, d_state=16, dtype=torch.float64, 
     u, delta, dy = (randn(batch, length, d_inner).transpose(1, 2) for _ in range(3))
     B, C = randn(batch, length, d_state).transpose(1, 2), randn(batch, d_state, length)
     z = randn(batch, d_inner, length)
-    A = -2 * torch.rand(d_inner, d_state, generator=g, dtype=dtype)  # A = -exp(A_log) < 0
+    A_log = torch.log(0.05 + 2 * torch.rand(d_inner, d_state, generator=g, dtype=dtype))  # A = -exp(A_log) in (-2, 0)
     D, delta_bias = randn(d_inner), randn(d_inner)
     delta_bias[0] = 25.0
-    return [t.to(device) for t in (u, delta, A, B, C, D, z, delta_bias)], dy.to(device)
+    return [t.to(device) for t in (u, delta, A_log, B, C, D, z, delta_bias)], dy.to(device)
 
 
 def gradients(scan, inputs, dy, reverse):
@@ -210,9 +210,9 @@ def test_reverse_reference_is_the_forward_one_flipped():
     back (gradients included, through autograd)."""
     inputs, dy = scan_inputs(length=7, d_state=5)
 
-    def flipped(u, delta, A, B, C, D, z, delta_bias, reverse):
+    def flipped(u, delta, A_log, B, C, D, z, delta_bias, reverse):
         u, delta, B, C, z = (t.flip(-1) for t in (u, delta, B, C, z))
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias).flip(-1)
+        return selective_scan_ref(u, delta, A_log, B, C, D, z, delta_bias).flip(-1)
 
     expected = gradients(flipped, inputs, dy, reverse=True)
     for name, got, want in zip(GRADIENTS, gradients(selective_scan_ref, inputs, dy, reverse=True), expected):

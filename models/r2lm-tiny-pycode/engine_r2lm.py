@@ -222,23 +222,24 @@ class R2LMEngine:
         self.stacked = [self._stack(layer) for layer in model.model.layers]
         self.graphs, self._pool, self.buffers = {}, None, None
         # The graphs and compiled kernels hold the weights' addresses: a model moved or reloaded needs a new engine.
-        self.fingerprint = self._fingerprint(model)
+        self.fingerprint = self._fingerprint(model.parameters())
 
     def __reduce__(self):  # copies and pickles of the model get no engine (it holds graphs): they build their own
         return _no_engine, ()
 
     @classmethod
-    def for_model(cls, model, compile=False):
-        """The model's engine, built on first use and rebuilt only when its weights moved or `compile` changed."""
+    def for_model(cls, model, params, compile=False):
+        """The model's engine, built on first use and rebuilt only when its weights (`params`, the model's parameters)
+        moved or `compile` changed."""
         engine = getattr(model, "_r2lm_engine", None)
-        if engine is None or engine.compiled != compile or engine.fingerprint != cls._fingerprint(model):
+        if engine is None or engine.compiled != compile or engine.fingerprint != cls._fingerprint(params):
             engine = cls(model, compile)
             model._r2lm_engine = engine
         return engine
 
     @staticmethod
-    def _fingerprint(model):
-        return tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+    def _fingerprint(params):
+        return tuple((p.data_ptr(), p.dtype, p.device) for p in params)
 
     @staticmethod
     def _stack(layer):

@@ -189,12 +189,10 @@ class R2LMMamba(nn.Module):
                 u = u * keep.to(u.dtype)  # in u's dtype, so under autocast u stays bf16
             dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             delta = F.linear(dt, self.dt_proj.weight)  # (N, L, E); the bias goes in as delta_bias
-            compute = torch.promote_types(hidden_states.dtype, torch.float32)
-            A = -torch.exp(self.A_log.to(compute))  # (E, d_state)
+            # The parameters go in as stored: each scan computes in float32 or wider (A = -exp(A_log) inside it).
             y = selective_scan(
-                u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.to(compute),
-                z.transpose(1, 2), self.dt_proj.bias.to(compute), reverse=self.reverse,
-                implementation=self.config.sidecar_scan,
+                u.transpose(1, 2), delta.transpose(1, 2), self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D,
+                z.transpose(1, 2), self.dt_proj.bias, reverse=self.reverse, implementation=self.config.sidecar_scan,
             )  # (N, E, L)
         return self.out_proj(y.transpose(1, 2))
 
