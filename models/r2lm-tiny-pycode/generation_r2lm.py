@@ -565,7 +565,7 @@ class R2LMGenerationMixin(GenerationMixin):
             return _CachedRunner(self) if causal and config.use_cache else _RecomputeRunner(self)
         if config.cache_implementation is None and self.device.type != "cuda":
             return _CachedRunner(self) if causal else _RecomputeRunner(self)
-        params = list(self.parameters())  # one walk for every check below (2.3 ms for three at the 1.7B shape)
+        params = list(self.parameters())  # one walk for the checks below (three took 2.3 ms at the 1.7B shape, 2 cores)
         placement = self._engine_placement(params)
         if placement is not None and config.cache_implementation == "static":
             raise ValueError(f"cache_implementation='static' asks for R2LM's decoding engine, which cannot run this "

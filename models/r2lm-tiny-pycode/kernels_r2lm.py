@@ -371,7 +371,7 @@ if triton is not None:
                 dB += tl.sum(lam * (delta * u)[:, None, :], axis=0)
                 dC += tl.sum(g[:, None, :] * h, axis=0)
                 # The row's sums over its steps, chunk by chunk (a later chunk of the row, in scan order, came first).
-                dA_log = tl.sum(lam_ah * delta[:, None, :], axis=2) * A2  # dA dA/dA_log, dA/dA_log = A
+                dA_log = tl.sum(lam_ah * delta[:, None, :], axis=2) * A2  # dL/dA_log = dL/dA * A
                 dD = tl.sum(g * u, axis=1)
                 dbias = tl.sum(ddt, axis=1)
                 part = row % partials
