@@ -423,7 +423,13 @@ def _forward_is_tiled(u):
 
 def _step_kernel_tiles(u):
     """The step-by-step forward's (channels a program, warps, steps loaded at once) for u (batch, d_inner, L): 32
-    channels on one warp, or 16 on four where that leaves fewer than four programs per SM (a batch-1 block step)."""
+    channels on one warp, or 16 on four where that leaves fewer than four programs per SM (a batch-1 block step: 2 rows
+    x 4096 channels, where 64 channels a program took 31 us a sidecar on an H200). On an H200 (bf16;
+    bench/results/scan_forward_tiles_h200.md) 32 channels on one warp took 21.2 us for an engine step of blocks of 4
+    at batch 32 (Qwen3-1.7B's sidecar: 64 rows x 4096 channels x 4 steps), 49.6 at batch 128, 34.4 and 113.4 for
+    blocks of 32 at batch 8 and 32, 262 on the default model's training rows, where 64 channels on four warps took
+    22.7, 75.6, 45.2, 150.6 and 425; the fastest of 8 to 128 channels on 1 to 8 warps differed by shape, up to 21%
+    faster (16.7 us at batch 32 with blocks of 4)."""
     batch, d_inner, L = u.shape
     block_d, warps = (32, 1) if batch * triton.cdiv(d_inner, 32) >= 4 * _sms(u) else (16, 4)
     return block_d, warps, _FWD_PRELOAD if L > 1 else 1
@@ -433,15 +439,8 @@ def _scan_triton_forward(u, delta, A_log, B, C, D, z, delta_bias, reverse, chunk
                          steps=None):
     """y (batch, d_inner, L), laid out as u is, and with chunk_states the states the backward starts its chunks from
     (an ACC tensor (batch, chunks - 1, d_inner, d_state); None for rows of one chunk, or without chunk_states).
-    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel's programs take 32 channels on
-    one warp, or 16 on four warps when that leaves fewer than four per SM (a batch-1 block step: 2 rows x 4096
-    channels; on an H200 64 channels per program took 31 us per sidecar there), and load `steps` (1 or 4) steps'
-    inputs at once (default: _FWD_PRELOAD, or 1 for rows of one step). On an H200 (bf16;
-    bench/results/scan_forward_tiles_h200.md) 32 channels on one warp took 21.2 us for an engine step of blocks of 4
-    at batch 32 (Qwen3-1.7B's sidecar: 64 rows x 4096 channels x 4 steps), 49.6 at batch 128, 34.4 and 113.4 for
-    blocks of 32 at batch 8 and 32, 262 on the default model's training rows, where 64 channels on four warps took
-    22.7, 75.6, 45.2, 150.6 and 425; the fastest of 8 to 128 channels on 1 to 8 warps differed by shape, up to 21%
-    faster (16.7 us at batch 32 with blocks of 4)."""
+    tiled: which kernel (default: as _forward_is_tiled says). The step-by-step kernel takes `_step_kernel_tiles`'
+    programs and loads `steps` (1 or 4) steps' inputs at once (default: _FWD_PRELOAD, or 1 for rows of one step)."""
     batch, d_inner, L = u.shape
     d_state = A_log.shape[1]
     NP, chunk = triton.next_power_of_2(d_state), _bwd_chunk(L)
