@@ -1,5 +1,5 @@
 """The engine's matrix products at Qwen3-1.7B shapes on one GPU, cuBLAS against cublasLt, by rows (bf16, each product
-captured 20 times in a CUDA graph and replayed: no launch overhead).
+captured in a CUDA graph: `triton.testing.do_bench_cudagraph`'s median, no launch overhead).
 
     python bench/matmul_shapes.py
 
@@ -11,6 +11,7 @@ head over M rows. Prints the table.
 
 import torch
 import torch.nn.functional as F
+import triton
 
 
 # name: (out features, in features, products a step)
@@ -18,29 +19,6 @@ SHAPES = {"qkv": (4096, 2048, 28), "o_proj": (2048, 2048, 28), "gate_up": (12288
           "in_proj": (8192, 2048, 7), "out_proj": (2048, 4096, 7), "x_proj": (160, 4096, 7), "dt_proj": (4096, 128, 7),
           "lm_head": (151936, 2048, 1)}
 ROWS = (1, 8, 32, 64, 128, 256, 512)
-
-
-def graph_time(fn, reps=20, runs=25):
-    """Microseconds of one call of fn: `reps` calls captured in a CUDA graph, the median of `runs` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -55,7 +33,8 @@ def main():
             us = {}
             for library in total:
                 torch.backends.cuda.preferred_blas_library(library)
-                us[library] = graph_time(lambda: F.linear(x, weights[name]))  # noqa: B023
+                us[library] = 1e3 * triton.testing.do_bench_cudagraph(
+                    lambda: F.linear(x, weights[name]), return_mode="median")  # noqa: B023
                 total[library] += us[library] * count
             torch.backends.cuda.preferred_blas_library("cublas")
             cells.append(f"{name} {us['cublas']:.1f}/{us['cublaslt']:.1f}")

@@ -1,5 +1,6 @@
 """One sidecar's pieces in an engine step at Qwen3-1.7B shapes on one GPU (bf16, inference, blocks of 4): each
-captured 20 times in a CUDA graph and replayed (no launch overhead), with the kernels each launches.
+captured in a CUDA graph (`triton.testing.do_bench_cudagraph`'s median: no launch overhead), with the kernels it
+launches.
 
     python bench/sidecar_pieces.py
 
@@ -10,32 +11,10 @@ sidecar (`R2LMSidecar.forward`: the conv, the scan and the gated residual includ
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from r2lm import R2LMConfig
 from r2lm.modeling_r2lm import R2LMSidecar
-
-
-def graph_time(fn, reps=20, runs=30):
-    """Microseconds of one call of fn: `reps` calls captured in a CUDA graph, the median of `runs` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
 
 
 def kernels(fn):
@@ -70,7 +49,8 @@ def main():
             "whole sidecar": lambda: sidecar(h.view(1, M, -1), None, 4, 0),  # noqa: B023
         }
         for name, fn in pieces.items():
-            print(f"M={M:4d} {name:26s} {graph_time(fn):8.2f} us  {kernels(fn)}")
+            us = 1e3 * triton.testing.do_bench_cudagraph(fn, return_mode="median")
+            print(f"M={M:4d} {name:26s} {us:8.2f} us  {kernels(fn)}")
 
 
 if __name__ == "__main__":
