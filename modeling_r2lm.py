@@ -36,12 +36,15 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple, logging
 from transformers.utils.import_utils import is_tracing
 
 from .configuration_r2lm import R2LMConfig
 from .generation_r2lm import R2LMGenerationConfig, R2LMGenerationMixin
 from .kernels_r2lm import FUSED_DTYPES, conv_silu_triton, gated_residual_triton, selective_scan, triton
+
+
+logger = logging.get_logger(__name__)
 
 
 # transformers renamed the decoder layer's cache argument from `past_key_values` to `cache` in 5.2x.
@@ -780,11 +783,13 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         **kwargs,
     ) -> R2LMCausalLMOutput:
         """Shifted logits: `logits[:, p]` predicts the token at p + 1. `labels` (b, q) give the AR cross-entropy
-        through `self.loss_function` (transformers' `ForCausalLMLoss`: shifted inside, -100 ignored); the keyword
-        arguments `shift_labels` (labels already shifted: `shift_labels[:, p]` is the target of `logits[:, p]`),
-        `num_items_in_batch` (the loss is then summed and divided by it, as the Trainer asks under gradient
-        accumulation) and `ignore_index` go to it. `logits_to_keep=n` computes the last n columns' logits only.
-        `output_attentions`, `output_hidden_states` and `return_dict` default to the config's.
+        through `self.loss_function` (transformers' `ForCausalLMLoss`: shifted inside, -100 ignored); with them
+        `block_size` defaults to 1, each column its own block, where a sidecar sees nothing right of its column (in a
+        longer block it would show `logits[:, p]` the token at p + 1). The keyword arguments `shift_labels` (labels
+        already shifted: `shift_labels[:, p]` is the target of `logits[:, p]`), `num_items_in_batch` (the loss is then
+        summed and divided by it, as the Trainer asks under gradient accumulation) and `ignore_index` go to the loss.
+        `logits_to_keep=n` computes the last n columns' logits only. `output_attentions`, `output_hidden_states` and
+        `return_dict` default to the config's.
 
         With `mask_rates` the call is a diffusion batch (a collator's noised batch, e.g. under transformers'
         Trainer) and returns `diffusion_batch_loss`'s output: see there."""
@@ -800,6 +805,14 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
         wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
         if wants_loss and logits_to_keep:
             raise ValueError("`labels` needs the logits of every column: leave `logits_to_keep` at 0.")
+        if wants_loss and block_size is None:
+            block_size = 1  # the AR loss: in a block of several, the sidecars show a column the token it predicts
+        elif wants_loss and block_size > 1 and self.config.sidecar_layers:
+            logger.warning_once(
+                f"`labels` with block_size={block_size}: inside a block the sidecars show each column the token it "
+                "predicts, so this loss is not a next-token loss. Leave block_size unset for the AR loss (block_size="
+                "1), or train the diffusion objective (`diffusion_loss`, or `train.sft.R2LMDiffusionCollator` under "
+                "Trainer).")
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers >= 5.2x names it `cache`
         outputs = self.model(
             input_ids=input_ids,

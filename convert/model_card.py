@@ -25,11 +25,11 @@ BIBTEX = """@misc{r2lm2026bifocal,
   url           = {https://arxiv.org/abs/2606.27732}
 }"""
 
-SNIPPET = """from transformers import AutoModel, AutoTokenizer
+SNIPPET = """from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_id = "{model_id}"
 tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)  # no prompt for the config's code
-model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype="auto", device_map="auto")
+model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype="auto", device_map="auto")
 inputs = tokenizer(["def fibonacci(n):"], return_tensors="pt").to(model.device)
 out = model.generate(inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens={max_new_tokens})
 print(tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))"""

@@ -4,8 +4,8 @@
 
 The Qwen3 weights are copied unchanged; a reverse Mamba sidecar with its gate at zero follows each layer of
 `--sidecar-layers`; `<|mask|>` joins the tokenizer on an unused embedding row. The folder is written beside OUTPUT_DIR,
-loaded in a fresh process through `AutoModel.from_pretrained(..., trust_remote_code=True)` and compared with the
-source (same logits), and only then renamed to OUTPUT_DIR. What can be checked before that work is checked first
+loaded in a fresh process through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and compared with
+the source (same logits), and only then renamed to OUTPUT_DIR. What can be checked before that work is checked first
 (OUTPUT_DIR writable and not a mount point, --max-shard-size, a tokenizer in the source, readable shards); a problem the
 user can fix ends the command with one line and exit status 2 (see convert/cli.py).
 """
@@ -45,14 +45,10 @@ from convert.cli import ArgumentParser, UserError, check_output_folder, load_tok
 from convert.model_card import SETTINGS_FILE, build_model_card, package_version, source_card_license
 from convert.push_to_hub import check_can_push, push_folder
 from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
+from r2lm.configuration_r2lm import AUTO_MAP
 
 
 MASK_TOKEN = "<|mask|>"
-AUTO_MAP = {
-    "AutoConfig": "configuration_r2lm.R2LMConfig",
-    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
-    "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
-}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOLERANCE = 1e-4  # on float32 logits (verify_folder.py runs both models in float32)
 ROW_MULTIPLE = 64  # a resized embedding gets a multiple of 64 rows, like Qwen3's 151936
@@ -289,7 +285,8 @@ def write_folder(model, tokenizer, generation_config, folder: Path, max_shard_si
 
 def verify(folder: Path, source_folder: Path, dtype: str, n_tokens: int, length: int, work: Path) -> dict:
     """Loads `folder` in a fresh offline process and compares its logits with the source's (verify_folder.py)."""
-    log("verifying: AutoModel.from_pretrained(trust_remote_code=True) in a fresh process vs the Qwen3 source")
+    log("verifying: AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in a fresh process vs the Qwen3 "
+        "source")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "modules")}
     command = [sys.executable, str(VERIFY_SCRIPT), str(folder), str(source_folder), dtype, str(n_tokens), str(length)]
     proc = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True)

@@ -1,8 +1,8 @@
 """Logits of a converted R2LM folder and of its Qwen3 source on one fixed batch, in a fresh process.
 
 Run by `convert.qwen3_to_r2lm` as a script (`python verify_folder.py FOLDER SOURCE DTYPE N_TOKENS LENGTH`), so the
-converted folder is loaded the way users load it: `AutoModel.from_pretrained(..., trust_remote_code=True)`, with the
-code files it carries. Both models run in float32; the source is first cast to the converted checkpoint's dtype, so the
+converted folder is loaded the way users load it: `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`,
+with the code files it carries. Both models run in float32; the source is first cast to the converted checkpoint's dtype, so the
 comparison tests the conversion, not the rounding of low-precision kernels. Prints one JSON line.
 """
 
@@ -10,7 +10,7 @@ import json
 import sys
 
 import torch
-from transformers import AutoModel, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 
 def fixed_batch(n_tokens: int, length: int) -> torch.Tensor:
@@ -25,7 +25,7 @@ def main(folder: str, source: str, dtype: str, n_tokens: int, length: int) -> No
     source_model = Qwen3ForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).float().eval()
     reference = source_model(input_ids).logits
     del source_model  # one model in memory at a time
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     logits = model(input_ids).logits[..., : reference.shape[-1]]  # a resized vocabulary adds columns at the end
     result = {
         "max_abs_diff": (logits - reference).abs().max().item(),

@@ -104,15 +104,15 @@ def test_round_trip_in_a_fresh_process_without_the_repo(tiny_r2lm, tiny_qwen3, t
         folder, source = {str(tiny_r2lm.folder)!r}, {str(tiny_qwen3)!r}
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-        causal_lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        decoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
         ids = tokenizer("def area(r):\\n    return 3.14159 * r ** 2\\n", return_tensors="pt").input_ids
         with torch.no_grad():
             diff = (model(ids).logits - Qwen3ForCausalLM.from_pretrained(source)(ids).logits).abs().max().item()
         text = "x = <|mask|> + 1"
         print(json.dumps(dict(
             model_class=type(model).__module__ + "." + type(model).__name__,
-            causal_lm_class=type(causal_lm).__name__, config_mask=config.mask_token_id, diff=diff,
+            decoder_class=type(decoder).__name__, config_mask=config.mask_token_id, diff=diff,
             mask_token=tokenizer.mask_token, mask_id=tokenizer.mask_token_id, ids=tokenizer(text).input_ids,
             decoded=tokenizer.decode(tokenizer(text).input_ids),
             skipped=tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True),
@@ -124,7 +124,7 @@ def test_round_trip_in_a_fresh_process_without_the_repo(tiny_r2lm, tiny_qwen3, t
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["model_class"].startswith("transformers_modules.")
     assert out["model_class"].endswith("modeling_r2lm.R2LMForDiffusionLM")
-    assert out["causal_lm_class"] == "R2LMForDiffusionLM"
+    assert out["decoder_class"] == "R2LMModel"
     assert out["diff"] <= 1e-4
     assert out["mask_token"] == "<|mask|>" and out["mask_id"] == out["config_mask"] == TOKENIZER_SIZE
     assert out["ids"].count(TOKENIZER_SIZE) == 1  # one token, never split

@@ -25,7 +25,7 @@ from test_generation import MASK, TINY, left_padded  # noqa: E402
 
 
 MIXERS = ("mamba", "hybrid")  # DiffuApriel, DiffuApriel-H (attention at layer 3 of 4 by default)
-AUTO_MAP = {"AutoConfig": "configuration_r2lm.R2LMConfig", "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+AUTO_MAP = {"AutoConfig": "configuration_r2lm.R2LMConfig", "AutoModel": "modeling_r2lm.R2LMModel",
             "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM"}
 MAMBA_PARAMS = {"in_proj.weight": (128, 32), "conv1d.weight": (64, 1, 4), "conv1d.bias": (64,),
                 "x_proj.weight": (2 + 2 * 16, 64), "dt_proj.weight": (64, 2), "dt_proj.bias": (64,),

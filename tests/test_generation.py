@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM, StoppingCriteria, TextStreamer
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, StoppingCriteria, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from r2lm import R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
@@ -623,6 +623,30 @@ def test_max_length_counts_the_prompt():
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, max_length=ids.shape[1] + 2), want)
     with pytest.raises(ValueError, match=f"max_length={ids.shape[1]}` leaves nothing to generate"):
         model.generate(ids, attention_mask=mask, max_length=ids.shape[1])
+
+
+def test_a_plain_generation_config_takes_the_rest_from_the_models():
+    """transformers' order of settings: `generate(generation_config=GenerationConfig(...))` takes what the passed
+    config sets and the rest from `model.generation_config` (the diffusion fields and EOS included), so it decodes
+    what the same settings as keyword arguments decode; a `max_length` it sets counts the prompt, as does the model's
+    when it has no `max_new_tokens`; with no length anywhere `generate` says so."""
+    model = tiny_r2lm()
+    model.generation_config.update(threshold=0.5, unmasking="margin", min_tokens_per_step=2, eos_token_id=7,
+                                   pad_token_id=0)
+    ids, mask = left_padded()
+    want = generate(model, ids, mask, max_new_tokens=9)
+    defaults = generate(model, ids, mask, max_new_tokens=9, threshold=0.9, unmasking="confidence",
+                        min_tokens_per_step=1, eos_token_id=None)
+    assert want.nfe != defaults.nfe  # the model's settings matter here
+    got = generate(model, ids, mask, generation_config=GenerationConfig(max_new_tokens=9))
+    assert torch.equal(got.sequences, want.sequences) and got.nfe == want.nfe
+    got = model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_length=ids.shape[1] + 9))
+    assert torch.equal(got, want.sequences)
+    model.generation_config.max_new_tokens, model.generation_config.max_length = None, ids.shape[1] + 9
+    assert torch.equal(model.generate(ids, attention_mask=mask), want.sequences)
+    model.generation_config.max_length = None
+    with pytest.raises(ValueError, match="Neither `max_new_tokens` nor `max_length`"):
+        model.generate(ids, attention_mask=mask)
 
 
 def test_num_return_sequences_samples_each_prompt_that_many_times():

@@ -34,7 +34,7 @@ SIDECARS = [1, 3]
 MASK = 98
 AUTO_MAP = {
     "AutoConfig": "configuration_r2lm.R2LMConfig",
-    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+    "AutoModel": "modeling_r2lm.R2LMModel",
     "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
 }
 
@@ -80,8 +80,9 @@ def block_ends(length, block_size, block_offset):
 
 
 def test_remote_code_round_trip_offline(tmp_path):
-    """save_pretrained -> AutoModel / AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in a process that
-    cannot import this repo (run_isolated checks `import r2lm` fails), offline: the same logits."""
+    """save_pretrained -> AutoModelForCausalLM / AutoModel.from_pretrained(trust_remote_code=True) in a process that
+    cannot import this repo (run_isolated checks `import r2lm` fails), offline: the same logits, and from AutoModel
+    (the decoder, as for transformers' own architectures) the same final hidden states."""
     model = random_r2lm()
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(tmp_path / "model")
@@ -89,21 +90,23 @@ def test_remote_code_round_trip_offline(tmp_path):
         assert (tmp_path / "model" / name).is_file(), f"{name} not saved next to the weights"
     ids, mask = random_ids(2, 11), left_padded_mask(2, 11, [0, 3])
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, block_offset=1).logits
-    torch.save({"ids": ids, "mask": mask, "logits": logits}, tmp_path / "expected.pt")
+        out = model(ids, attention_mask=mask, block_offset=1, output_hidden_states=True)
+    expected = {"ids": ids, "mask": mask, "logits": out.logits, "hidden": out.hidden_states[-1]}
+    torch.save(expected, tmp_path / "expected.pt")
 
     proc = run_isolated(
         """
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
         expected = torch.load("expected.pt")
-        for auto in (AutoModel, AutoModelForCausalLM):
+        for auto, cls, output, key in ((AutoModelForCausalLM, "R2LMForDiffusionLM", "logits", "logits"),
+                                       (AutoModel, "R2LMModel", "last_hidden_state", "hidden")):
             model = auto.from_pretrained("model", trust_remote_code=True).eval()
-            assert type(model).__name__ == "R2LMForDiffusionLM", type(model)
+            assert type(model).__name__ == cls, type(model)
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             with torch.no_grad():
-                logits = model(expected["ids"], attention_mask=expected["mask"], block_offset=1).logits
-            torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
+                got = model(expected["ids"], attention_mask=expected["mask"], block_offset=1)[output]
+            torch.testing.assert_close(got, expected[key], rtol=0, atol=1e-5)
             print(auto.__name__, "ok")
         """,
         cwd=tmp_path,
@@ -233,6 +236,22 @@ def test_loss_honours_num_items_in_batch_and_shift_labels():
         torch.testing.assert_close(model(ids, shift_labels=shifted, block_size=4).loss, nll / 14)
         same_column = F.cross_entropy(logits.flatten(0, 1), ids.flatten())  # no second shift inside
         torch.testing.assert_close(model(ids, labels=ids, shift_labels=ids, block_size=4).loss, same_column)
+
+
+@torch.no_grad()
+def test_labels_without_a_block_size_give_a_next_token_loss():
+    """`model(ids, labels=ids)` (what transformers' Trainer calls with a causal-LM collator) is a next-token loss: the
+    logits it returns and scores do not change with the token a column predicts (in the model's blocks of 4 the
+    sidecars show it: column 4 sees column 5), and its value is the cross-entropy of block_size=1 logits."""
+    model = random_r2lm()
+    ids = random_ids(2, 12)
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % MASK
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(model(changed, labels=changed).logits[:, 4], out.logits[:, 4], rtol=0, atol=1e-6)
+    assert (model(changed, block_size=4).logits[:, 4] - model(ids, block_size=4).logits[:, 4]).abs().max() > 1e-3
+    logits = model(ids, block_size=1).logits
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
 
 
 @pytest.mark.parametrize("head", [False, True], ids=["R2LMModel", "R2LMForDiffusionLM"])

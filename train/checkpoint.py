@@ -13,15 +13,8 @@ from safetensors import SafetensorError, safe_open
 
 from convert.cli import UserError, one_line
 from r2lm import R2LMForDiffusionLM
+from r2lm.configuration_r2lm import AUTO_MAP
 
-
-# The same entries as convert/ writes: `AutoConfig` / `AutoModel` / `AutoModelForCausalLM.from_pretrained(...,
-# trust_remote_code=True)` find the code files copied beside the weights.
-AUTO_MAP = {
-    "AutoConfig": "configuration_r2lm.R2LMConfig",
-    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
-    "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
-}
 
 
 def temp_dir_path(final):

@@ -14,10 +14,11 @@ ATTENTION_MODES = ("causal", "bidirectional")
 # bidirectional Mamba in every layer, or DiffuApriel-H's hybrid (attention at `attention_layers`, Mamba elsewhere).
 MIXERS = ("attention", "mamba", "hybrid")  # each layer then reads "attention" or "mamba" from `config.mixer_types`
 
-# Saved in every config.json, so that a saved folder loads through the Auto classes with trust_remote_code=True.
+# Saved in every config.json, so that a saved folder loads through the Auto classes with trust_remote_code=True:
+# AutoModel gives the decoder (`last_hidden_state`), AutoModelForCausalLM the language model that generates.
 AUTO_MAP = {
     "AutoConfig": "configuration_r2lm.R2LMConfig",
-    "AutoModel": "modeling_r2lm.R2LMForDiffusionLM",
+    "AutoModel": "modeling_r2lm.R2LMModel",
     "AutoModelForCausalLM": "modeling_r2lm.R2LMForDiffusionLM",
 }
 

@@ -335,17 +335,25 @@ class R2LMGenerationMixin(GenerationMixin):
             )
 
     def _r2lm_generation_config(self, generation_config, kwargs, prompt_len):
-        """The effective settings: `generation_config` (or the model's), updated by `kwargs`; returns the rest.
-        `max_length` as an argument counts the prompt (transformers' convention): it sets max_new_tokens, unless
-        max_new_tokens is given too (which then wins, as in transformers)."""
+        """The effective settings, in transformers' order of priority: `kwargs`, then what `generation_config` sets
+        (a plain `GenerationConfig` too: its unset fields are None), then the model's `generation_config`; returns
+        the kwargs left over. `max_length` counts the prompt (transformers' convention): given (as an argument, or
+        by `generation_config` without max_new_tokens) it sets max_new_tokens, unless max_new_tokens is given too
+        (which then wins, as in transformers); the model's applies where no max_new_tokens is set."""
+        given = {} if generation_config is None else generation_config.to_dict()
+        given = {k: v for k, v in given.items() if v is not None}
         max_length = kwargs.pop("max_length", None)
-        base = generation_config if generation_config is not None else self.generation_config
-        config = R2LMGenerationConfig.from_dict(base.to_dict())
+        if max_length is None and "max_new_tokens" not in given and "max_new_tokens" not in kwargs:
+            max_length = given.get("max_length")
+        config = R2LMGenerationConfig.from_dict({**self.generation_config.to_dict(), **given})
         model_kwargs = config.update(**kwargs)
         if max_length is not None and "max_new_tokens" in kwargs:
             logger.warning_once(f"Both `max_new_tokens` ({kwargs['max_new_tokens']}) and `max_length` ({max_length}) "
                                 "are set: `max_new_tokens` takes precedence.")
-        elif max_length is not None:
+        elif max_length is not None or config.max_new_tokens is None:
+            max_length = max_length if max_length is not None else config.max_length
+            if max_length is None:
+                raise ValueError("Neither `max_new_tokens` nor `max_length` is set: pass `max_new_tokens`.")
             if max_length <= prompt_len:
                 raise ValueError(f"`max_length={max_length}` leaves nothing to generate after the prompt's "
                                  f"{prompt_len} columns (it counts the prompt): raise it or pass `max_new_tokens`.")
@@ -357,9 +365,11 @@ class R2LMGenerationMixin(GenerationMixin):
             config.mask_token_id = self.config.mask_token_id
         if config.mask_token_id is None:
             raise ValueError("No mask token: set `mask_token_id` in the model config or the generation config.")
-        if config.pad_token_id is None:
+        if config.pad_token_id is None and config.eos_token_id is not None:
             eos = config.eos_token_id
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+            logger.warning_once(f"Setting `pad_token_id` to `eos_token_id`:{config.pad_token_id} for open-end "
+                                "generation (rows that stop are filled with it).")
         config.validate()
         if config.cache_implementation not in (None, "static", "dynamic"):
             raise ValueError(f"`cache_implementation` must be 'static' (the engine), 'dynamic' (the eager cached "
