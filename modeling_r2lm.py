@@ -807,6 +807,11 @@ class R2LMForDiffusionLM(R2LMPreTrainedModel, R2LMGenerationMixin):
             raise ValueError("`labels` needs the logits of every column: leave `logits_to_keep` at 0.")
         if wants_loss and block_size is None:
             block_size = 1  # the AR loss: in a block of several, the sidecars show a column the token it predicts
+            if self.training and self.config.sidecar_layers:
+                logger.warning_once(
+                    "Training on `labels` alone is next-token (AR) training, each column its own block: the sidecars "
+                    "learn no right context. R2LM's block-diffusion objective: `train.sft.R2LMDiffusionCollator` "
+                    "(its batches carry `mask_rates`) or `diffusion_loss`.")
         elif wants_loss and block_size > 1 and self.config.sidecar_layers:
             logger.warning_once(
                 f"`labels` with block_size={block_size}: inside a block the sidecars show each column the token it "
