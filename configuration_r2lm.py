@@ -150,8 +150,9 @@ class R2LMConfig(PretrainedConfig):
         # `rope_scaling` kwarg (as written in Qwen3's config.json for YaRN) and `original_max_position_embeddings`.
         self.rope_parameters = dict(rope_parameters) if rope_parameters else None
         self.attention_bias = attention_bias
-        self.use_sliding_window = use_sliding_window
-        self.sliding_window = sliding_window if use_sliding_window else None
+        if use_sliding_window:  # accepted (a Qwen3 config.json sets it), not kept: R2LM has no sliding window
+            raise ValueError("`use_sliding_window=True` is not supported by R2LM; Qwen3 checkpoints use full attention.")
+        self.sliding_window = None
         self.max_window_layers = max_window_layers
         self.layer_types = layer_types or ["full_attention"] * num_hidden_layers
         self.attention_dropout = attention_dropout
@@ -288,8 +289,6 @@ class R2LMConfig(PretrainedConfig):
                 "`sidecar_layers` must be empty with attention='bidirectional': full attention already sees the "
                 "right context, and the bidirectional baseline has no sidecar."
             )
-        if self.use_sliding_window:
-            raise ValueError("`use_sliding_window=True` is not supported by R2LM; Qwen3 checkpoints use full attention.")
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) != {"full_attention"}:
             raise ValueError(
                 f"`layer_types` must list 'full_attention' for each of the {self.num_hidden_layers} layers, "

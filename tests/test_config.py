@@ -112,6 +112,7 @@ def test_from_qwen3_config_rejects_another_architecture():
         ({"mask_token_id": 99}, "mask_token_id"),
         ({"layer_types": ["full_attention"] * 3}, "layer_types"),
         ({"rope_parameters": {"rope_type": "bogus"}}, "rope_type"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
     ],
 )
 def test_invalid_value_raises_naming_the_field(overrides, field):

@@ -311,11 +311,15 @@ def test_rope_scaling_runs_past_the_pretraining_length_as_qwen3(rope):
 
 def test_from_pretrained_of_a_qwen3_folder_initialises_sidecars(tmp_path):
     """Loading a Qwen3 checkpoint into R2LM: the missing sidecars get mamba-ssm's init (A_log = log(1..d_state),
-    D = 1) and a zero gate, everything finite, and the model still gives Qwen3's logits."""
+    D = 1) and a zero gate, everything finite, and the model still gives Qwen3's logits. With
+    `output_loading_info=True` (transformers' convention) the sidecars are the missing keys, and only they."""
     qwen3 = tiny_qwen3()
     qwen3.save_pretrained(tmp_path)
     config = R2LMConfig.from_qwen3_config(qwen3.config, sidecar_layers=SIDECARS, mask_token_id=MASK)
-    model = R2LMForDiffusionLM.from_pretrained(tmp_path, config=config).eval()
+    model, info = R2LMForDiffusionLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    model.eval()
+    assert info["missing_keys"] and all(".sidecar." in key for key in info["missing_keys"]), info
+    assert {key.split(".sidecar.")[0] for key in info["missing_keys"]} == {f"model.layers.{i}" for i in SIDECARS}
     expected_A_log = torch.log(torch.arange(1, config.sidecar_d_state + 1, dtype=torch.float32))
     for layer in sidecar_layers(model):
         sidecar = layer.sidecar

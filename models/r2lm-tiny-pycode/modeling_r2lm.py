@@ -533,7 +533,8 @@ class R2LMPreTrainedModel(PreTrainedModel):
         """transformers' `from_pretrained`, then a check that tensor parallelism (`tp_plan`, `config.base_model_tp_plan`)
         gave each rank whole attention heads: transformers would shard a head across ranks and fail at the first
         forward with a reshape error."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         size, config = getattr(model, "tp_size", None) or 1, model.config
         if size > 1 and (config.num_attention_heads % size or config.num_key_value_heads % size):
             raise ValueError(
@@ -541,7 +542,7 @@ class R2LMPreTrainedModel(PreTrainedModel):
                 f"({config.num_key_value_heads}) must be multiples of the tensor-parallel size ({size}): run on a number "
                 "of processes (torchrun --nproc-per-node) that divides both, or load without tp_plan."
             )
-        return model
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module):
