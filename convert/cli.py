@@ -34,22 +34,31 @@ def one_line(text) -> str:
 
 
 def run_cli(prog: str, function, *args, **kwargs) -> int:
-    """Calls `function`; a `UserError` becomes `PROG: error: MESSAGE` on stderr and exit status 2, else status 0."""
+    """Calls `function`; a `UserError` becomes `PROG: error: MESSAGE` on stderr and exit status 2, Ctrl-C (a
+    KeyboardInterrupt, with what to do next as its message if any) `PROG: interrupted` and status 130, else 0."""
     try:
         function(*args, **kwargs)
     except UserError as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"{prog}: interrupted" + (f": {one_line(err)}" if str(err) else ""), file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
-def check_output_folder(folder, what: str, renamed_into_place: bool = False) -> None:
+def check_output_folder(folder, what: str, renamed_into_place: bool = False, overwrite: bool | None = None,
+                        not_empty_fix: str = "pass --overwrite to replace it") -> None:
     """Checks, before any work, that the output `folder` can be written: not a file, on a writable filesystem, with
     the permission to create files (a probe folder is made and removed). `renamed_into_place`: the output is written
-    beside `folder` and renamed onto it, so its parent must be writable and `folder` must not be a mount point."""
+    beside `folder` and renamed onto it, so its parent must be writable and `folder` must not be a mount point.
+    `overwrite=False`: a folder that holds anything is refused too, the message naming `not_empty_fix` (None: the
+    caller keeps what is there)."""
     folder = Path(folder).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} {folder} is a file: choose a folder path.")
+    if overwrite is False and folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"{what} {folder} exists and is not empty: {not_empty_fix}.")
     if renamed_into_place and os.path.ismount(folder):  # a rename onto a mount point fails (EBUSY)
         raise UserError(
             f"{what} {folder} is a mount point, which cannot be replaced by a rename: pass a folder inside it, such "

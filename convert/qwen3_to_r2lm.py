@@ -41,7 +41,7 @@ from transformers import GenerationConfig, Qwen3Config
 from transformers.initialization import no_init_weights
 
 import r2lm
-from convert.cli import ArgumentParser, UserError, check_output_folder, load_tokenizer, one_line
+from convert.cli import ArgumentParser, UserError, check_output_folder, load_tokenizer, one_line, run_cli
 from convert.model_card import SETTINGS_FILE, build_model_card, package_version, source_card_license
 from convert.push_to_hub import check_can_push, push_folder
 from r2lm import CODE_FILES, R2LMConfig, R2LMForDiffusionLM, R2LMGenerationConfig
@@ -93,9 +93,8 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    check_output_folder(output_dir, "OUTPUT_DIR", renamed_into_place=True)  # a file, read-only, a mount point
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserError(f"OUTPUT_DIR {output_dir} exists and is not empty: pass --overwrite to replace it.")
+    """A file, read-only, a mount point, or not empty without --overwrite: refused."""
+    check_output_folder(output_dir, "OUTPUT_DIR", renamed_into_place=True, overwrite=overwrite)
 
 
 def pid_running(pid: int) -> bool:
@@ -459,16 +458,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         with _TerminateAsExit():
-            return _convert_and_push(args)
-    except UserError as err:
-        print(f"r2lm-convert: error: {one_line(err)}", file=sys.stderr)
-        return 2
+            return run_cli("r2lm-convert", _convert_and_push, args)
     except VerificationError as err:
         print(f"r2lm-convert: verification failed: {err}", file=sys.stderr)
         return 1
 
 
-def _convert_and_push(args) -> int:
+def _convert_and_push(args) -> None:
     if args.push_to_hub:
         check_can_push(args.push_to_hub)  # fail before converting, not after
     output_dir = convert(
@@ -479,7 +475,6 @@ def _convert_and_push(args) -> int:
     )
     if args.push_to_hub:
         push_folder(output_dir, args.push_to_hub, private=args.private, revision=args.revision)
-    return 0
 
 
 if __name__ == "__main__":

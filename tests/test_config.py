@@ -95,6 +95,7 @@ def test_from_qwen3_config_rejects_another_architecture():
         ({"attention": "bidirectional", "sidecar_layers": [1]}, "sidecar_layers"),
         ({"block_size": 0}, "block_size"),
         ({"block_size": -4}, "block_size"),
+        ({"block_size": 129}, "block_size"),
         ({"hidden_size": 0}, "hidden_size"),
         ({"vocab_size": -1}, "vocab_size"),
         ({"num_hidden_layers": 0}, "num_hidden_layers"),

@@ -498,6 +498,7 @@ def test_generation_config_rejects_bad_values(tmp_path, field, value):
 ERRORS = {  # name: (keyword arguments for generate, a change to the prompt, what the message says)
     "max_new_tokens<1": (dict(max_new_tokens=0), None, "max_new_tokens"),
     "block_size<1": (dict(block_size=0), None, "block_size"),
+    "block-past-positions": (dict(block_size=10_000), None, "block_size=10000.*max_position_embeddings"),
     "threshold=0": (dict(threshold=0.0), None, "threshold"),
     "threshold>1": (dict(threshold=1.01), None, "threshold"),
     "unknown-rule": (dict(unmasking="fastest"), None, "unmasking"),

@@ -113,6 +113,38 @@ def test_packing_keeps_held_out_files_out_of_training(corpus, tokenizer_dir):
         assert f"marker{path.stem[3:]}_" in text
 
 
+def test_folder_writers_keep_a_non_empty_folder_without_overwrite(corpus, tokenizer_dir, tmp_path, capsys):
+    """`python -m train.data` (like train.tokenizer, train.distill and train.lora, through the same check) refuses an
+    OUT_DIR that holds anything, in one line, and leaves it as it was; `--overwrite` replaces it."""
+    from train.data import main as data_main
+
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    command = [str(out), "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--heldout-fraction", "0.25"]
+    assert data_main(command) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == f"python -m train.data: error: OUT_DIR {out} exists and is not empty: pass --overwrite to " \
+                            "replace it."
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert data_main([*command, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["heldout.npy", "meta.json", "train.npy"]
+
+
+def test_ctrl_c_is_one_line_naming_the_run_to_resume(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training (a KeyboardInterrupt out of the run) ends the command with one line and exit status
+    130, no traceback: the checkpoints stay, and the line gives the --resume command."""
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "run", interrupted)
+    out = tmp_path / "run"
+    assert main(["--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--output-dir", str(out), *TINY,
+                 "--max-steps", "1"]) == 130
+    assert capsys.readouterr().err == (f"python -m train: interrupted: the checkpoints written so far stay in {out}; "
+                                       f"`python -m train --resume {out}` continues from the latest\n")
+
+
 def test_prepared_tokens_train_like_text(corpus, tokenizer_dir, tmp_path):
     """`python -m train.data` writes the split once; `--tokens` trains from it (the GPU path)."""
     from transformers import AutoTokenizer
@@ -345,6 +377,9 @@ def test_bad_numbers_are_refused_before_any_work(option, value, expected, corpus
     "case, expected",
     [
         ("output_is_a_file", "--output-dir {tmp}/run is a file: choose a folder path"),
+        ("output_holds_a_run", "--output-dir {tmp}/run exists and is not empty: continue the run there with `--resume "
+                               "{tmp}/run`, or choose an empty folder"),
+        ("lora_options_without_lora", "--lora-r configures LoRA adapters: add --lora (without it every weight trains)"),
         ("missing_data", "--data '{tmp}/missing': no such file or folder"),
         ("one_file", "The data has 1 file(s): the held-out split is by file, so it needs at least 2"),
         ("tokenizer_folder_without_tokenizer", "--tokenizer {tmp} has no tokenizer (none of tokenizer.json"),
@@ -363,6 +398,11 @@ def test_user_errors_are_one_line(case, expected, corpus, tokenizer_dir, tmp_pat
     args = ["--data", corpus, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "run", *TINY, "--max-steps", "1"]
     if case == "output_is_a_file":
         (tmp_path / "run").write_text("a file")
+    elif case == "output_holds_a_run":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    elif case == "lora_options_without_lora":
+        args += ["--lora-r", "8"]
     elif case == "missing_data":
         args[1] = tmp_path / "missing"
     elif case == "one_file":

@@ -30,7 +30,11 @@ def train(argv):
             with contextlib.suppress(OSError):
                 os.rmdir(args.output_dir)
         raise
-    results = trainer.run()
+    try:
+        results = trainer.run()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the checkpoints written so far stay in {trainer.output_dir}; `{PROG} --resume "
+                                f"{trainer.output_dir}` continues from the latest") from None
     if results is not None and trainer.accelerator.is_main_process:
         print(json.dumps(results))
         print(f"final model: {trainer.output_dir / 'final'}")

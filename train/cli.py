@@ -178,6 +178,10 @@ def parse_args(argv):
     if tuple(args.mask_rate_range) != MASK_RATE_RANGE and args.sft:
         parser.error("--mask-rate-range is for training on raw text; --sft draws its rates per conversation from the "
                      "objective's U(0.001, 1]: leave the option out.")
+    lora_options = sorted(given_options(parser, argv) & {"lora_r", "lora_alpha", "lora_targets", "lora_sidecars"})
+    if lora_options and not args.lora:
+        parser.error(f"--{lora_options[0].replace('_', '-')} configures LoRA adapters: add --lora (without it every "
+                     "weight trains).")
     if args.lora and not args.model:
         parser.error("--lora adapts an existing model: pass --model (an R2LM folder).")
     if args.lora and (args.freeze_backbone or args.freeze_backbone_steps):

@@ -173,13 +173,14 @@ def main(argv=None):
     parser.add_argument("out_dir", type=Path, help="folder to write (train.npy, heldout.npy, meta.json)")
     add_data_arguments(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (e.g. written by train.tokenizer)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     return run_cli(parser.prog, prepare, args)
 
 
 def prepare(args):
     """`python -m train.data`: the checks first (OUT_DIR writable, a tokenizer), then `prepare_tokens`."""
-    check_output_folder(args.out_dir, "OUT_DIR", renamed_into_place=True)
+    check_output_folder(args.out_dir, "OUT_DIR", renamed_into_place=True, overwrite=args.overwrite)
     tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
     meta = prepare_tokens(args.out_dir, args.data, tokenizer, args.heldout_fraction, args.include, args.exclude)
     for side in ("train", "heldout"):

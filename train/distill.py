@@ -89,7 +89,7 @@ def continuations(model, prompts, new_tokens, batch_size, eos_token_id):
 
 def distill(args):
     """`python -m train.distill`: checks, the continuations, then OUT written atomically."""
-    check_output_folder(args.out, "--out", renamed_into_place=True)
+    check_output_folder(args.out, "--out", renamed_into_place=True, overwrite=args.overwrite)
     if not 0 <= args.mix < 1:
         raise UserError(f"--mix {args.mix} is not a fraction in [0, 1): the share of real code in the stream.")
     if not 0 <= args.min_distinct <= 1:
@@ -153,6 +153,7 @@ def main(argv=None):
     parser.add_argument("model", help="the model folder whose continuations are the data")
     parser.add_argument("--tokens", required=True, help="its training data, a folder of `python -m train.data`")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (train.npy, heldout.npy, meta.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=192)

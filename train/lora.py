@@ -157,6 +157,7 @@ def main(argv=None):
     parser.add_argument("out", type=Path, help="the merged R2LM folder to write")
     parser.add_argument("--model", help="the base R2LM folder (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     args = parser.parse_args(argv)
     return run_cli(parser.prog, merge_command, args)
 
@@ -164,7 +165,7 @@ def main(argv=None):
 def merge_command(args):
     from .checkpoint import atomic_dir, load_model
 
-    check_output_folder(args.out, "OUT", renamed_into_place=True)
+    check_output_folder(args.out, "OUT", renamed_into_place=True, overwrite=args.overwrite)
     base = args.model or read_adapter_config(args.adapter).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{args.adapter} does not name its base model: pass --model.")

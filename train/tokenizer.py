@@ -51,6 +51,7 @@ def main(argv=None):
     parser.add_argument("out_dir", type=Path, help="tokenizer folder to write")
     add_data_arguments(parser)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     if args.vocab_size < 258:
         parser.error(f"--vocab-size must be at least 258 (256 bytes, 2 special tokens), got {args.vocab_size}.")
@@ -59,7 +60,7 @@ def main(argv=None):
 
 def write_tokenizer(args):
     """`python -m train.tokenizer`: checks OUT_DIR, trains on the training side of the split, writes atomically."""
-    check_output_folder(args.out_dir, "OUT_DIR", renamed_into_place=True)
+    check_output_folder(args.out_dir, "OUT_DIR", renamed_into_place=True, overwrite=args.overwrite)
     split = split_by_file(find_files(args.data, args.include, args.exclude), args.heldout_fraction)
     tokenizer = train_tokenizer(split.train, args.vocab_size)
     with atomic_dir(args.out_dir) as tmp:

@@ -264,8 +264,10 @@ class Trainer:
             raise UserError("--attn-implementation flex_attention trains on CUDA only (torch's flex attention has no "
                             f"backward on the {acc.device.type}): leave it out here.")
         self.output_dir = Path(args.output_dir)
-        if acc.is_main_process:
-            check_output_folder(self.output_dir, "--output-dir")  # before any work, not at the first checkpoint
+        if acc.is_main_process:  # before any work, not at the first checkpoint; a new run only in an empty folder
+            check_output_folder(self.output_dir, "--output-dir", overwrite=False if resume_from is None else None,
+                                not_empty_fix=f"continue the run there with `--resume {self.output_dir}`, or choose "
+                                "an empty folder")
         set_seed(args.seed)
         if resume_from is not None:
             check_world_size(resume_from, acc.num_processes)

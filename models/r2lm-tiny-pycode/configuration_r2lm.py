@@ -271,6 +271,10 @@ class R2LMConfig(PretrainedConfig):
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.block_size > self.max_position_embeddings:
+            raise ValueError(f"`block_size` ({self.block_size}) must not exceed max_position_embeddings "
+                             f"({self.max_position_embeddings}): a block is decoded whole, every column of it in "
+                             "each step.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "

@@ -371,6 +371,10 @@ class R2LMGenerationMixin(GenerationMixin):
             logger.warning_once(f"Setting `pad_token_id` to `eos_token_id`:{config.pad_token_id} for open-end "
                                 "generation (rows that stop are filled with it).")
         config.validate()
+        if config.block_size > self.config.max_position_embeddings:
+            raise ValueError(f"`block_size={config.block_size}` exceeds the model's max_position_embeddings "
+                             f"({self.config.max_position_embeddings}): every step computes the whole block. Pass a "
+                             "smaller block_size.")
         if config.cache_implementation not in (None, "static", "dynamic"):
             raise ValueError(f"`cache_implementation` must be 'static' (the engine), 'dynamic' (the eager cached "
                              f"runner) or None (the engine on CUDA), got {config.cache_implementation!r}.")
