@@ -320,3 +320,13 @@ def test_command_line_prints_one_line_and_exits_2(folder, monkeypatch, capsys):
     assert err.startswith("python -m evaluate_r2lm: error: r2lm: mc_num must be a positive integer")
     assert err.count("\n") == 1
     assert get_model("hf").__name__ == "HFLM"  # registering r2lm hid no built-in model
+
+
+def test_an_unknown_task_is_one_line(folder, capsys):
+    """lm-eval's own "Tasks not found" (raised from its task index, a ValueError) is one line naming the fix, status
+    2: no traceback from inside lm-eval."""
+    assert cli.main(["--model", "r2lm", "--model_args", f"pretrained={folder}", "--tasks", "no_such_task",
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m evaluate_r2lm: error: Tasks not found: no_such_task")
+    assert "`lm_eval ls tasks`" in err and "--include_path" in err and err.count("\n") == 1
