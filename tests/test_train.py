@@ -182,8 +182,9 @@ def test_a_few_steps_lower_the_loss(corpus, tokenizer_dir, tmp_path):
     assert f"| masked-token NLL, mask rate 0.5 | {final['nll@0.5']:.4f} |" in card.text
 
 
-def test_resume_repeats_the_uninterrupted_run(corpus, tokenizer_dir, tmp_path):
-    """N steps straight == N/2 steps, checkpoint, resume, N/2 steps: the same losses and the same weights."""
+def test_resume_repeats_the_uninterrupted_run(corpus, tokenizer_dir, tmp_path, capsys):
+    """N steps straight == N/2 steps, checkpoint, resume, N/2 steps: the same losses and the same weights; resuming
+    the finished run again says so and leaves its final/ as it was."""
     common = ("--max-steps", "8", "--eval-every", "4", "--save-every", "100")
     straight = train(corpus, tokenizer_dir, tmp_path / "straight", *common)
     train(corpus, tokenizer_dir, tmp_path / "split", *common, "--stop-after-steps", "4")
@@ -197,6 +198,11 @@ def test_resume_repeats_the_uninterrupted_run(corpus, tokenizer_dir, tmp_path):
         assert a.get("eval", {}).get("nll@0.5") == pytest.approx(b.get("eval", {}).get("nll@0.5"), abs=1e-6)
     weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "moved")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    final = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "moved" / "final").iterdir()}
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "moved")]) == 0
+    assert "the run is complete (step 8 of --max-steps 8): nothing to do" in capsys.readouterr().out
+    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "moved" / "final").iterdir()} == final
 
 
 def test_freeze_backbone_trains_only_the_sidecars(corpus, tokenizer_dir, tmp_path):

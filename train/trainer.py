@@ -495,8 +495,13 @@ class Trainer:
 
     def run(self):
         """Trains to --max-steps and exports output_dir/final; returns the last evaluation, or None when it stopped
-        early (time or step limit) after a checkpoint."""
+        early (time or step limit) after a checkpoint, or when a resumed run had no step left (final/ kept)."""
         args, progress = self.args, self.progress
+        if progress.step >= args.max_steps:
+            if self.accelerator.is_main_process:
+                print(f"the run is complete (step {progress.step} of --max-steps {args.max_steps}): nothing to do; "
+                      f"its model is {self.output_dir / 'final'}")
+            return None
         start, first_step, meter, results = time.time(), progress.step, Meter(progress.tokens), None
         bar = tqdm(total=args.max_steps, initial=progress.step, disable=not self.accelerator.is_main_process,
                    dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
