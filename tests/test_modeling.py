@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 import torch.nn.functional as F
 from torch.export import Dim
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
@@ -254,8 +255,14 @@ def test_labels_without_a_block_size_give_a_next_token_loss():
     torch.testing.assert_close(out.loss, F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
 
 
+# torch 2.11's export refuses the dynamic length: "Not all values of length ... satisfy the generated guard
+# min(8*L, 16*L) == 8*L" (a guard it cannot prove on L in [2, 64]); torch 2.13 exports it (measured on both).
+OLD_EXPORT = pytest.mark.xfail(Version(torch.__version__).release < (2, 13), strict=True,
+                               reason="torch < 2.13 cannot export a dynamic sequence length (a guard it cannot prove)")
+
+
 @pytest.mark.parametrize("head", [False, True], ids=["R2LMModel", "R2LMForDiffusionLM"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-length"])
+@pytest.mark.parametrize("dynamic", [False, pytest.param(True, marks=OLD_EXPORT)], ids=["static", "dynamic-length"])
 def test_torch_export_matches_eager(head, dynamic):
     """torch.export of both classes (use_cache=False, as for Qwen3: a DynamicCache is no graph output) matches eager:
     static shapes without a mask (sdpa's is_causal path), and a dynamic length with a left-padded mask, run at lengths
