@@ -256,7 +256,9 @@ def test_labels_without_a_block_size_give_a_next_token_loss():
 
 
 # torch 2.11's export refuses the dynamic length: "Not all values of length ... satisfy the generated guard
-# min(8*L, 16*L) == 8*L" (a guard it cannot prove on L in [2, 64]); torch 2.13 exports it (measured on both).
+# min(8*L, 16*L) == 8*L", a guard it cannot prove on L in [2, 64], added by the reshape in transformers' sdpa
+# `repeat_kv` (integrations/sdpa_attention.py, which Qwen3's attention calls; traced on the H200 with transformers
+# 5.17); torch 2.13 exports it (measured on both).
 OLD_EXPORT = pytest.mark.xfail(Version(torch.__version__).release < (2, 13), strict=True,
                                reason="torch < 2.13 cannot export a dynamic sequence length (a guard it cannot prove)")
 
