@@ -313,10 +313,10 @@ if triton is not None:
             dB = tl.zeros((NP, LP), dtype=ACC)  # this chunk's sums over the program's channels
             dC = tl.zeros((NP, LP), dtype=ACC)
             for c in range(tiles):
-                d, n, dmask, nmask, dnmask, A2, D, bias = _channel_tile(A_log_ptr, D_ptr, bias_ptr, d_inner,
-                                                                        tl.program_id(1) * tiles + c, N, NP, BLOCK_D,
-                                                                        ACC)
-                A, D, bias = A2[:, :, None], D[:, None], bias[:, None]
+                d, n, dmask, nmask, dnmask, A_dn, D, bias = _channel_tile(A_log_ptr, D_ptr, bias_ptr, d_inner,
+                                                                          tl.program_id(1) * tiles + c, N, NP,
+                                                                          BLOCK_D, ACC)
+                A, D, bias = A_dn[:, :, None], D[:, None], bias[:, None]  # A_dn: (BLOCK_D, NP)
                 m = dmask[:, None] & smask[None, :]
                 # The step after p exists: after the chunk's last step, the next chunk's first (its delta is in
                 # memory).
@@ -371,7 +371,7 @@ if triton is not None:
                 dB += tl.sum(lam * (delta * u)[:, None, :], axis=0)
                 dC += tl.sum(g[:, None, :] * h, axis=0)
                 # The row's sums over its steps, chunk by chunk (a later chunk of the row, in scan order, came first).
-                dA_log = tl.sum(lam_ah * delta[:, None, :], axis=2) * A2  # dL/dA_log = dL/dA * A
+                dA_log = tl.sum(lam_ah * delta[:, None, :], axis=2) * A_dn  # dL/dA_log = dL/dA * A
                 dD = tl.sum(g * u, axis=1)
                 dbias = tl.sum(ddt, axis=1)
                 part = row % partials

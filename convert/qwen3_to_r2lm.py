@@ -92,11 +92,6 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
         ) from None
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """A file, read-only, a mount point, or not empty without --overwrite: refused."""
-    check_output_folder(output_dir, "OUTPUT_DIR", renamed_into_place=True, overwrite=overwrite)
-
-
 def pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -366,7 +361,8 @@ def convert(source: str, output_dir, *, block_size=None, sidecar_layers=None, si
     """
     output_dir = Path(output_dir).expanduser().absolute()
     max_shard_size = parse_shard_size(max_shard_size)
-    check_output_dir(output_dir, overwrite)  # before a possibly long download
+    # before a possibly long download: a file, read-only, a mount point, or not empty without --overwrite
+    check_output_folder(output_dir, "OUTPUT_DIR", renamed_into_place=True, overwrite=overwrite)
     work = make_work_dir(output_dir)
     try:
         folder, hub_id = resolve_source(source)
